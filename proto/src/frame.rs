@@ -1,0 +1,864 @@
+//! Framing, without I/O: the 12-byte prefix, frame encoding, a reader that
+//! splits a received byte stream into frames and ties passed fds to the frame
+//! they belong to, and an outgoing queue that batches frames for sendmsg.
+//!
+//! Nothing here touches a socket. Readers are fed what recvmsg returned;
+//! queues are flushed through a caller-supplied send function. The fd type is
+//! generic so tests can use plain integers.
+//!
+//! # How fds are tied to frames
+//!
+//! The sender passes a frame's fds with the sendmsg whose data begins with
+//! that frame's prefix. On a stream socket the kernel attaches them to the
+//! first skb of that data and a recvmsg that picks them up stops right after
+//! that skb, so the recvmsg returning the fds covers the stream range
+//! `[start, end)` that contains the frame's first byte. The reader keeps
+//! each set with its range and, when a frame is complete, requires:
+//!
+//! * a frame declaring `n > 0` fds: the oldest unclaimed set exists, its
+//!   range contains the frame's first byte, and it holds exactly `n` fds;
+//! * every set is claimed by the time the stream has moved past its range.
+//!
+//! Anything else (a count that lies, fds spread over two frames, a second set
+//! for one frame, fds sent with no frame) is a [`FrameError`].
+
+use std::collections::VecDeque;
+use std::io;
+
+use prost::Message;
+
+use crate::v1::Header;
+
+/// Bytes in the fixed frame prefix.
+pub const PREFIX_LEN: usize = 12;
+
+/// The kernel's limit on fds per sendmsg (`SCM_MAX_FD`); no frame can carry more.
+pub const HARD_MAX_FDS_PER_FRAME: u16 = 253;
+
+/// The fixed part at the start of every frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FramePrefix {
+    /// Length of the protobuf `Header`.
+    pub header_len: u32,
+    /// Length of the body that follows the header.
+    pub body_len: u32,
+    /// Number of fds passed with this frame.
+    pub fd_count: u16,
+}
+
+impl FramePrefix {
+    /// Parses a prefix. Fails only when the reserved field is not zero.
+    pub fn parse(bytes: &[u8; PREFIX_LEN]) -> Result<Self, FrameError> {
+        let reserved = u16::from_le_bytes([bytes[10], bytes[11]]);
+        if reserved != 0 {
+            return Err(FrameError::ReservedNotZero(reserved));
+        }
+        Ok(Self {
+            header_len: u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+            body_len: u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
+            fd_count: u16::from_le_bytes([bytes[8], bytes[9]]),
+        })
+    }
+
+    /// The prefix as it goes on the wire.
+    pub fn to_bytes(self) -> [u8; PREFIX_LEN] {
+        let mut out = [0u8; PREFIX_LEN];
+        out[0..4].copy_from_slice(&self.header_len.to_le_bytes());
+        out[4..8].copy_from_slice(&self.body_len.to_le_bytes());
+        out[8..10].copy_from_slice(&self.fd_count.to_le_bytes());
+        out
+    }
+
+    /// Total frame length, prefix included.
+    pub fn frame_len(self) -> u64 {
+        PREFIX_LEN as u64 + u64::from(self.header_len) + u64::from(self.body_len)
+    }
+
+    /// Checks the prefix against `limits`, before any buffer is sized for it.
+    pub fn check(self, limits: &FrameLimits) -> Result<(), FrameError> {
+        if self.header_len == 0 {
+            return Err(FrameError::EmptyHeader);
+        }
+        if self.header_len > limits.max_header_bytes {
+            return Err(FrameError::HeaderTooLarge {
+                len: self.header_len,
+                max: limits.max_header_bytes,
+            });
+        }
+        if self.frame_len() > u64::from(limits.max_frame_bytes) {
+            return Err(FrameError::FrameTooLarge {
+                len: self.frame_len(),
+                max: limits.max_frame_bytes,
+            });
+        }
+        if self.fd_count > HARD_MAX_FDS_PER_FRAME {
+            return Err(FrameError::TooManyFds {
+                count: self.fd_count,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Size limits a [`FrameReader`] enforces before buffering a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLimits {
+    /// Largest acceptable frame, prefix, header and body together.
+    pub max_frame_bytes: u32,
+    /// Largest acceptable header.
+    pub max_header_bytes: u32,
+}
+
+impl Default for FrameLimits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 8 << 20,
+            max_header_bytes: 64 << 10,
+        }
+    }
+}
+
+/// Why a byte stream is not a valid sequence of frames. Every variant is a
+/// protocol violation: the connection cannot be resynchronised.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The prefix's reserved field is not zero.
+    #[error("frame prefix reserved field is {0:#x}, not 0")]
+    ReservedNotZero(u16),
+    /// Every frame needs a header.
+    #[error("frame has an empty header")]
+    EmptyHeader,
+    /// The header is longer than `max_header_bytes`.
+    #[error("frame header of {len} bytes exceeds max_header_bytes ({max})")]
+    HeaderTooLarge {
+        /// Declared header length.
+        len: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// The frame is longer than `max_frame_bytes`.
+    #[error("frame of {len} bytes exceeds max_frame_bytes ({max})")]
+    FrameTooLarge {
+        /// Declared frame length.
+        len: u64,
+        /// The limit.
+        max: u32,
+    },
+    /// More fds than the kernel can pass in one message.
+    #[error("frame declares {count} fds, more than the kernel's 253")]
+    TooManyFds {
+        /// Declared fd count.
+        count: u16,
+    },
+    /// The frame's fd count does not match the fds that came with it.
+    #[error("frame declares {declared} fds but {arrived} arrived with it")]
+    FdCountMismatch {
+        /// What the prefix says.
+        declared: u16,
+        /// What the kernel delivered with the frame's first bytes.
+        arrived: usize,
+    },
+    /// Fds arrived with bytes that no frame claimed them for.
+    #[error("{count} fds arrived that no frame declared")]
+    UnclaimedFds {
+        /// How many fds were left over.
+        count: usize,
+    },
+    /// The kernel truncated the control data (MSG_CTRUNC): some fds were lost.
+    #[error("control data truncated (MSG_CTRUNC); fds were lost")]
+    ControlTruncated,
+    /// More than one SCM_RIGHTS set arrived in one read.
+    #[error("more than one SCM_RIGHTS set in one read")]
+    SplitFdSets,
+}
+
+/// Appends one frame (prefix, encoded header, body) to `out`.
+///
+/// Panics only if the header or body exceed 4 GiB, which callers rule out
+/// by checking limits first.
+pub fn encode_frame(out: &mut Vec<u8>, header: &Header, body: &[u8], fd_count: u16) {
+    let header_len = header.encoded_len();
+    let prefix = FramePrefix {
+        header_len: u32::try_from(header_len).expect("header over 4 GiB"),
+        body_len: u32::try_from(body.len()).expect("body over 4 GiB"),
+        fd_count,
+    };
+    out.reserve(PREFIX_LEN + header_len + body.len());
+    out.extend_from_slice(&prefix.to_bytes());
+    header
+        .encode(out)
+        .expect("Vec<u8> grows as needed; encode cannot run out of room");
+    out.extend_from_slice(body);
+}
+
+/// The encoded length of a frame with this header and a body of `body_len`.
+pub fn encoded_frame_len(header: &Header, body_len: usize) -> usize {
+    PREFIX_LEN + header.encoded_len() + body_len
+}
+
+/// One complete frame handed out by [`FrameReader::feed`]; header and body
+/// borrow the reader's or the caller's buffer.
+#[derive(Debug)]
+pub struct RawFrame<'a, F> {
+    /// The encoded `Header`.
+    pub header: &'a [u8],
+    /// The body bytes.
+    pub body: &'a [u8],
+    /// The fds passed with this frame, in order.
+    pub fds: Vec<F>,
+    /// Stream offset of the frame's first byte.
+    pub offset: u64,
+}
+
+/// Fds from one recvmsg with the stream range that recvmsg returned.
+#[derive(Debug)]
+struct FdSet<F> {
+    start: u64,
+    end: u64,
+    fds: Vec<F>,
+}
+
+/// An error while feeding: either the stream is bad or the frame consumer
+/// stopped.
+#[derive(Debug)]
+pub enum FeedError<E> {
+    /// The byte stream or its fds broke the framing rules.
+    Frame(FrameError),
+    /// The consumer callback returned an error; feeding stopped there.
+    Consumer(E),
+}
+
+impl<E> From<FrameError> for FeedError<E> {
+    fn from(error: FrameError) -> Self {
+        Self::Frame(error)
+    }
+}
+
+/// Capacity above which an emptied partial-frame buffer is released, so an
+/// idle connection does not keep a large allocation.
+const KEEP_PARTIAL_CAPACITY: usize = 16 << 10;
+
+/// Splits a received byte stream into frames and ties fds to them.
+///
+/// Holds only the bytes of an incomplete frame; complete frames in the data
+/// passed to [`feed`](Self::feed) are handed out without copying.
+#[derive(Debug)]
+pub struct FrameReader<F> {
+    limits: FrameLimits,
+    /// Bytes of the frame that is still incomplete (possibly a partial prefix).
+    partial: Vec<u8>,
+    /// Stream offset of the first byte not yet part of an emitted frame.
+    consumed: u64,
+    /// Stream offset just past the last byte fed.
+    received: u64,
+    /// Fd sets not yet claimed by a frame, oldest first.
+    fd_sets: VecDeque<FdSet<F>>,
+}
+
+impl<F> FrameReader<F> {
+    /// A reader enforcing `limits`.
+    pub fn new(limits: FrameLimits) -> Self {
+        Self {
+            limits,
+            partial: Vec::new(),
+            consumed: 0,
+            received: 0,
+            fd_sets: VecDeque::new(),
+        }
+    }
+
+    /// Replaces the limits (after a handshake, say).
+    pub fn set_limits(&mut self, limits: FrameLimits) {
+        self.limits = limits;
+    }
+
+    /// True when no partial frame is buffered and no fds are waiting.
+    pub fn is_idle(&self) -> bool {
+        self.partial.is_empty() && self.fd_sets.is_empty()
+    }
+
+    /// Bytes held for an incomplete frame.
+    pub fn buffered_bytes(&self) -> usize {
+        self.partial.len()
+    }
+
+    /// Fds held that no complete frame has claimed yet.
+    pub fn buffered_fds(&self) -> usize {
+        self.fd_sets.iter().map(|set| set.fds.len()).sum()
+    }
+
+    /// Feeds the result of one recvmsg: `data` and the fds that came with it.
+    /// Calls `on_frame` for every frame completed by this data, in order.
+    ///
+    /// On error the reader is unusable (the stream cannot be resynchronised);
+    /// fds it still holds are dropped with it.
+    pub fn feed<E>(
+        &mut self,
+        mut data: &[u8],
+        fds: Vec<F>,
+        mut on_frame: impl FnMut(RawFrame<'_, F>) -> Result<(), E>,
+    ) -> Result<(), FeedError<E>> {
+        let start = self.received;
+        self.received += data.len() as u64;
+        if !fds.is_empty() {
+            if data.is_empty() {
+                return Err(FrameError::UnclaimedFds { count: fds.len() }.into());
+            }
+            self.fd_sets.push_back(FdSet {
+                start,
+                end: self.received,
+                fds,
+            });
+        }
+
+        if !self.partial.is_empty() {
+            // Complete the buffered frame first.
+            if self.partial.len() < PREFIX_LEN {
+                let take = (PREFIX_LEN - self.partial.len()).min(data.len());
+                self.partial.extend_from_slice(&data[..take]);
+                data = &data[take..];
+                if self.partial.len() < PREFIX_LEN {
+                    return Ok(());
+                }
+            }
+            let prefix = self.checked_prefix(&self.partial[..PREFIX_LEN])?;
+            let total = prefix.frame_len() as usize;
+            self.partial.reserve_exact(total.saturating_sub(self.partial.len()));
+            let take = (total - self.partial.len()).min(data.len());
+            self.partial.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.partial.len() < total {
+                return Ok(());
+            }
+            let offset = self.consumed;
+            let frame_fds = self.claim_fds(offset, prefix.fd_count)?;
+            let (header, body) = split_frame(&self.partial, prefix);
+            let result = on_frame(RawFrame {
+                header,
+                body,
+                fds: frame_fds,
+                offset,
+            });
+            self.consumed += total as u64;
+            self.partial.clear();
+            if self.partial.capacity() > KEEP_PARTIAL_CAPACITY {
+                self.partial = Vec::new();
+            }
+            result.map_err(FeedError::Consumer)?;
+        }
+
+        while !data.is_empty() {
+            if data.len() < PREFIX_LEN {
+                self.partial.extend_from_slice(data);
+                break;
+            }
+            let prefix = self.checked_prefix(&data[..PREFIX_LEN])?;
+            let total = prefix.frame_len() as usize;
+            if data.len() < total {
+                self.partial.reserve_exact(total);
+                self.partial.extend_from_slice(data);
+                break;
+            }
+            let offset = self.consumed;
+            let frame_fds = self.claim_fds(offset, prefix.fd_count)?;
+            let (header, body) = split_frame(&data[..total], prefix);
+            self.consumed += total as u64;
+            data = &data[total..];
+            on_frame(RawFrame {
+                header,
+                body,
+                fds: frame_fds,
+                offset,
+            })
+            .map_err(FeedError::Consumer)?;
+        }
+        self.check_unclaimed(self.consumed)?;
+        Ok(())
+    }
+
+    fn checked_prefix(&self, bytes: &[u8]) -> Result<FramePrefix, FrameError> {
+        let bytes: &[u8; PREFIX_LEN] = bytes.try_into().expect("prefix slice has PREFIX_LEN bytes");
+        let prefix = FramePrefix::parse(bytes)?;
+        prefix.check(&self.limits)?;
+        Ok(prefix)
+    }
+
+    /// Fails if a set's whole range lies before `offset`: every frame that
+    /// could have claimed it has been seen.
+    fn check_unclaimed(&self, offset: u64) -> Result<(), FrameError> {
+        match self.fd_sets.front() {
+            Some(set) if set.end <= offset => Err(FrameError::UnclaimedFds {
+                count: set.fds.len(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn claim_fds(&mut self, offset: u64, declared: u16) -> Result<Vec<F>, FrameError> {
+        self.check_unclaimed(offset)?;
+        if declared == 0 {
+            return Ok(Vec::new());
+        }
+        match self.fd_sets.front() {
+            Some(set) if set.start <= offset && offset < set.end => {
+                if set.fds.len() != usize::from(declared) {
+                    return Err(FrameError::FdCountMismatch {
+                        declared,
+                        arrived: set.fds.len(),
+                    });
+                }
+                Ok(self.fd_sets.pop_front().expect("front exists").fds)
+            }
+            _ => Err(FrameError::FdCountMismatch {
+                declared,
+                arrived: 0,
+            }),
+        }
+    }
+}
+
+fn split_frame(frame: &[u8], prefix: FramePrefix) -> (&[u8], &[u8]) {
+    let header_end = PREFIX_LEN + prefix.header_len as usize;
+    (&frame[PREFIX_LEN..header_end], &frame[header_end..])
+}
+
+/// Whether a flush wrote everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    /// The queue is empty.
+    All,
+    /// The socket would block; wait for it to become writable and flush again.
+    Blocked,
+}
+
+/// One sendmsg worth of queued bytes: fds ride with its first byte.
+#[derive(Debug)]
+struct Segment<F> {
+    data: Vec<u8>,
+    fds: Vec<F>,
+    written: usize,
+}
+
+/// Capacity above which a drained segment buffer is released instead of kept
+/// for reuse.
+const KEEP_SEGMENT_CAPACITY: usize = 64 << 10;
+
+/// Frames waiting to be written to one socket.
+///
+/// Frames without fds are appended to the current segment so one sendmsg can
+/// carry many of them; a frame with fds starts a new segment, because its fds
+/// must travel with the sendmsg that starts with its prefix.
+#[derive(Debug)]
+pub struct OutQueue<F> {
+    segments: VecDeque<Segment<F>>,
+    /// A drained buffer kept to avoid reallocating on the next frame.
+    spare: Vec<u8>,
+    queued_bytes: usize,
+    queued_fds: usize,
+    /// Stream offset just past the last byte queued.
+    queued_total: u64,
+    /// Stream offset just past the last byte written.
+    written_total: u64,
+}
+
+impl<F> Default for OutQueue<F> {
+    fn default() -> Self {
+        Self {
+            segments: VecDeque::new(),
+            spare: Vec::new(),
+            queued_bytes: 0,
+            queued_fds: 0,
+            queued_total: 0,
+            written_total: 0,
+        }
+    }
+}
+
+impl<F> OutQueue<F> {
+    /// Queues a frame; returns the stream offset just past it, which
+    /// [`written_total`](Self::written_total) reaches once it is fully sent.
+    pub fn push(&mut self, header: &Header, body: &[u8], fds: Vec<F>) -> u64 {
+        let fd_count = u16::try_from(fds.len()).expect("fd count checked by caller");
+        let segment = self.segment_for(fds);
+        let before = segment.data.len();
+        encode_frame(&mut segment.data, header, body, fd_count);
+        let len = segment.data.len() - before;
+        self.queued_bytes += len;
+        self.queued_total += len as u64;
+        self.queued_total
+    }
+
+    /// Queues already-encoded frame bytes (one or more whole frames without
+    /// fds, or exactly one frame whose fds are `fds`).
+    pub fn push_encoded(&mut self, frame: &[u8], fds: Vec<F>) -> u64 {
+        let segment = self.segment_for(fds);
+        segment.data.extend_from_slice(frame);
+        self.queued_bytes += frame.len();
+        self.queued_total += frame.len() as u64;
+        self.queued_total
+    }
+
+    fn segment_for(&mut self, fds: Vec<F>) -> &mut Segment<F> {
+        let append = fds.is_empty() && !self.segments.is_empty();
+        if !append {
+            self.queued_fds += fds.len();
+            let data = std::mem::take(&mut self.spare);
+            self.segments.push_back(Segment {
+                data,
+                fds,
+                written: 0,
+            });
+        }
+        self.segments.back_mut().expect("a segment exists")
+    }
+
+    /// True when nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Fds queued and not yet sent.
+    pub fn queued_fds(&self) -> usize {
+        self.queued_fds
+    }
+
+    /// Stream offset just past the last byte written so far.
+    pub fn written_total(&self) -> u64 {
+        self.written_total
+    }
+
+    /// Writes as much as `send` accepts. `send(data, fds)` performs one
+    /// sendmsg and returns the bytes written; `WouldBlock` stops the flush
+    /// with [`Flushed::Blocked`]. Fds are released once their sendmsg has
+    /// gone out.
+    pub fn flush(
+        &mut self,
+        mut send: impl FnMut(&[u8], &[F]) -> io::Result<usize>,
+    ) -> io::Result<Flushed> {
+        while let Some(segment) = self.segments.front_mut() {
+            let fds: &[F] = if segment.written == 0 { &segment.fds } else { &[] };
+            let written = match send(&segment.data[segment.written..], fds) {
+                Ok(0) => return Ok(Flushed::Blocked),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if segment.written == 0 && !segment.fds.is_empty() {
+                self.queued_fds -= segment.fds.len();
+                segment.fds.clear();
+            }
+            segment.written += written;
+            self.queued_bytes -= written;
+            self.written_total += written as u64;
+            if segment.written == segment.data.len() {
+                let mut done = self.segments.pop_front().expect("front exists");
+                if self.spare.capacity() == 0 && done.data.capacity() <= KEEP_SEGMENT_CAPACITY {
+                    done.data.clear();
+                    self.spare = done.data;
+                }
+            }
+        }
+        Ok(Flushed::All)
+    }
+
+    /// Drops everything queued (closing queued fds), e.g. on disconnect.
+    pub fn clear(&mut self) {
+        let dropped: usize = self.segments.iter().map(|s| s.data.len() - s.written).sum();
+        self.written_total += dropped as u64;
+        self.segments.clear();
+        self.queued_bytes = 0;
+        self.queued_fds = 0;
+    }
+
+    /// Releases the spare buffer (for idle connections).
+    pub fn shrink(&mut self) {
+        if self.segments.is_empty() {
+            self.spare = Vec::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::MessageKind;
+
+    fn header(serial: u64) -> Header {
+        Header {
+            kind: MessageKind::MethodCall as i32,
+            serial,
+            destination: "org.example.Echo".into(),
+            member: "Echo".into(),
+            ..Header::default()
+        }
+    }
+
+    fn frame_bytes(serial: u64, body: &[u8], fds: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_frame(&mut out, &header(serial), body, fds);
+        out
+    }
+
+    fn collect(
+        reader: &mut FrameReader<i32>,
+        data: &[u8],
+        fds: Vec<i32>,
+    ) -> Result<Vec<(u64, Vec<u8>, Vec<i32>)>, FrameError> {
+        let mut out = Vec::new();
+        reader
+            .feed(data, fds, |frame| {
+                let header = Header::decode(frame.header).unwrap();
+                out.push((header.serial, frame.body.to_vec(), frame.fds));
+                Ok::<(), ()>(())
+            })
+            .map_err(|e| match e {
+                FeedError::Frame(e) => e,
+                FeedError::Consumer(()) => unreachable!(),
+            })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn prefix_round_trips() {
+        let prefix = FramePrefix {
+            header_len: 300,
+            body_len: 70_000,
+            fd_count: 3,
+        };
+        assert_eq!(FramePrefix::parse(&prefix.to_bytes()).unwrap(), prefix);
+        assert_eq!(prefix.frame_len(), 12 + 300 + 70_000);
+    }
+
+    #[test]
+    fn reserved_bits_are_rejected() {
+        let mut bytes = FramePrefix {
+            header_len: 1,
+            body_len: 0,
+            fd_count: 0,
+        }
+        .to_bytes();
+        bytes[11] = 1;
+        assert_eq!(
+            FramePrefix::parse(&bytes),
+            Err(FrameError::ReservedNotZero(0x100))
+        );
+    }
+
+    #[test]
+    fn limits_are_checked_from_the_prefix_alone() {
+        let limits = FrameLimits {
+            max_frame_bytes: 1000,
+            max_header_bytes: 100,
+        };
+        let mut reader = FrameReader::<i32>::new(limits);
+        let huge = FramePrefix {
+            header_len: 10,
+            body_len: u32::MAX,
+            fd_count: 0,
+        }
+        .to_bytes();
+        // Only the prefix is present; the reader must refuse before waiting
+        // for (or allocating) the 4 GiB body.
+        assert!(matches!(
+            collect(&mut reader, &huge, vec![]),
+            Err(FrameError::FrameTooLarge { .. })
+        ));
+        assert!(reader.partial.capacity() < 100);
+        let mut reader = FrameReader::<i32>::new(limits);
+        let big_header = FramePrefix {
+            header_len: 101,
+            body_len: 0,
+            fd_count: 0,
+        }
+        .to_bytes();
+        assert!(matches!(
+            collect(&mut reader, &big_header, vec![]),
+            Err(FrameError::HeaderTooLarge { len: 101, max: 100 })
+        ));
+        let mut reader = FrameReader::<i32>::new(limits);
+        let fds = FramePrefix {
+            header_len: 1,
+            body_len: 0,
+            fd_count: 254,
+        }
+        .to_bytes();
+        assert!(matches!(
+            collect(&mut reader, &fds, vec![]),
+            Err(FrameError::TooManyFds { count: 254 })
+        ));
+    }
+
+    #[test]
+    fn frames_split_at_every_byte_reassemble() {
+        let mut stream = frame_bytes(1, b"hello", 0);
+        stream.extend(frame_bytes(2, &[9u8; 300], 0));
+        stream.extend(frame_bytes(3, b"", 0));
+        for split in 0..=stream.len() {
+            let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+            let mut got = collect(&mut reader, &stream[..split], vec![]).unwrap();
+            got.extend(collect(&mut reader, &stream[split..], vec![]).unwrap());
+            let serials: Vec<u64> = got.iter().map(|f| f.0).collect();
+            assert_eq!(serials, vec![1, 2, 3], "split at {split}");
+            assert_eq!(got[0].1, b"hello");
+            assert_eq!(got[1].1, vec![9u8; 300]);
+            assert!(reader.is_idle());
+        }
+    }
+
+    #[test]
+    fn byte_at_a_time_is_incomplete_until_the_last_byte() {
+        let stream = frame_bytes(7, b"abc", 0);
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        for (index, byte) in stream.iter().enumerate() {
+            let got = collect(&mut reader, std::slice::from_ref(byte), vec![]).unwrap();
+            if index + 1 < stream.len() {
+                assert!(got.is_empty());
+            } else {
+                assert_eq!(got.len(), 1);
+            }
+        }
+    }
+
+    #[test]
+    fn fds_attach_to_the_frame_that_starts_in_their_read() {
+        let first = frame_bytes(1, b"no fds", 0);
+        let second = frame_bytes(2, b"two fds", 2);
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        // The kernel delivers the fds with the read that ends with the first
+        // skb of the sendmsg that carried them: here, both frames at once.
+        let mut data = first.clone();
+        data.extend(&second);
+        let got = collect(&mut reader, &data, vec![10, 11]).unwrap();
+        assert_eq!(got[0].2, Vec::<i32>::new());
+        assert_eq!(got[1].2, vec![10, 11]);
+        // A frame that is split across reads keeps the fds of its first read.
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        let got = collect(&mut reader, &second[..20], vec![5, 6]).unwrap();
+        assert!(got.is_empty());
+        let got = collect(&mut reader, &second[20..], vec![]).unwrap();
+        assert_eq!(got[0].2, vec![5, 6]);
+    }
+
+    #[test]
+    fn lying_fd_counts_are_violations() {
+        // Declares 2, one arrives.
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        assert_eq!(
+            collect(&mut reader, &frame_bytes(1, b"", 2), vec![1]).unwrap_err(),
+            FrameError::FdCountMismatch {
+                declared: 2,
+                arrived: 1
+            }
+        );
+        // Declares 1, none arrive.
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        assert_eq!(
+            collect(&mut reader, &frame_bytes(1, b"", 1), vec![]).unwrap_err(),
+            FrameError::FdCountMismatch {
+                declared: 1,
+                arrived: 0
+            }
+        );
+        // Declares 0, one arrives.
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        assert_eq!(
+            collect(&mut reader, &frame_bytes(1, b"", 0), vec![1]).unwrap_err(),
+            FrameError::UnclaimedFds { count: 1 }
+        );
+    }
+
+    #[test]
+    fn a_second_fd_set_for_one_frame_is_a_violation() {
+        let frame = frame_bytes(1, &[0u8; 100], 1);
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        assert!(collect(&mut reader, &frame[..30], vec![1]).unwrap().is_empty());
+        // A second set arrives mid-frame: nothing can claim it.
+        assert_eq!(
+            collect(&mut reader, &frame[30..], vec![2]).unwrap_err(),
+            FrameError::UnclaimedFds { count: 1 }
+        );
+    }
+
+    #[test]
+    fn fds_split_across_two_frames_are_a_violation() {
+        // Two frames each declaring 1, but both fds in one set.
+        let mut data = frame_bytes(1, b"", 1);
+        data.extend(frame_bytes(2, b"", 1));
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        assert_eq!(
+            collect(&mut reader, &data, vec![1, 2]).unwrap_err(),
+            FrameError::FdCountMismatch {
+                declared: 1,
+                arrived: 2
+            }
+        );
+    }
+
+    #[test]
+    fn out_queue_batches_and_splits_at_fds() {
+        let mut queue = OutQueue::<i32>::default();
+        queue.push(&header(1), b"a", vec![]);
+        queue.push(&header(2), b"b", vec![]);
+        let end = queue.push(&header(3), b"c", vec![42]);
+        queue.push(&header(4), b"d", vec![]);
+        assert_eq!(queue.queued_fds(), 1);
+        let mut sends: Vec<(Vec<u8>, Vec<i32>)> = Vec::new();
+        let status = queue
+            .flush(|data, fds| {
+                sends.push((data.to_vec(), fds.to_vec()));
+                Ok(data.len())
+            })
+            .unwrap();
+        assert_eq!(status, Flushed::All);
+        assert_eq!(sends.len(), 2, "one sendmsg before the fds, one starting with them");
+        assert!(sends[0].1.is_empty());
+        assert_eq!(sends[1].1, vec![42]);
+        assert!(queue.written_total() >= end);
+        // The bytes decode back to the same frames, fds tied to frame 3.
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        let mut got = Vec::new();
+        for (data, fds) in sends {
+            got.extend(collect(&mut reader, &data, fds).unwrap());
+        }
+        let fds: Vec<_> = got.iter().map(|f| (f.0, f.2.clone())).collect();
+        assert_eq!(
+            fds,
+            vec![(1, vec![]), (2, vec![]), (3, vec![42]), (4, vec![])]
+        );
+    }
+
+    #[test]
+    fn out_queue_resumes_partial_writes_without_resending_fds() {
+        let mut queue = OutQueue::<i32>::default();
+        queue.push(&header(1), &[1u8; 100], vec![7]);
+        let mut calls = Vec::new();
+        let status = queue
+            .flush(|data, fds| {
+                calls.push(fds.to_vec());
+                Ok(data.len().min(10))
+            })
+            .unwrap();
+        assert_eq!(status, Flushed::All);
+        assert_eq!(calls[0], vec![7]);
+        assert!(calls[1..].iter().all(|fds| fds.is_empty()));
+        assert_eq!(queue.queued_fds(), 0);
+        assert_eq!(queue.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn out_queue_reports_blocked() {
+        let mut queue = OutQueue::<i32>::default();
+        queue.push(&header(1), b"x", vec![]);
+        let status = queue
+            .flush(|_, _| Err(io::Error::from(io::ErrorKind::WouldBlock)))
+            .unwrap();
+        assert_eq!(status, Flushed::Blocked);
+        assert!(!queue.is_empty());
+    }
+}

@@ -1,0 +1,364 @@
+//! Validated names: bus names (well-known and unique), member names, object
+//! paths and error names.
+//!
+//! Rules (all ASCII, checked by `TryFrom<&str>`/`TryFrom<String>`):
+//!
+//! * **Well-known name** (`org.example.Echo`): 3 to 255 bytes, two or more
+//!   dot-separated elements, each element non-empty, made of `A-Z a-z 0-9 _ -`
+//!   and not starting with a digit. `org.pbus.Bus` is the bus itself.
+//! * **Unique name** (`:1.42`): assigned by the daemon; a `:` followed by two
+//!   or more dot-separated elements of `A-Z a-z 0-9 _ -` (digits allowed first).
+//! * **Member name** (`Echo`, `org.example.Echo.Say`): 1 to 255 bytes, one or
+//!   more dot-separated elements, each `[A-Za-z_][A-Za-z0-9_]*`.
+//! * **Object path** (`/`, `/org/example/echo`): starts with `/`, at most 1024
+//!   bytes, elements of `A-Z a-z 0-9 _ - .` separated by single `/`, no
+//!   trailing `/` except the root path.
+//! * **Error name** (`org.pbus.Error.Timeout`): like a member name but with at
+//!   least two elements.
+//!
+//! Each type has an `from_unchecked` escape hatch for values the daemon itself
+//! produced; it is named so that misuse is visible in review.
+
+use std::fmt;
+
+/// Longest bus, member or error name.
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest object path.
+pub const MAX_PATH_LEN: usize = 1024;
+
+/// Why a string is not a valid name of the kind asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {kind} {value:?}: {reason}")]
+pub struct NameError {
+    /// Which kind of name was expected.
+    pub kind: &'static str,
+    /// The offending value (truncated to 64 chars).
+    pub value: String,
+    /// What rule it broke.
+    pub reason: &'static str,
+}
+
+impl NameError {
+    fn new(kind: &'static str, value: &str, reason: &'static str) -> Self {
+        Self {
+            kind,
+            value: value.chars().take(64).collect(),
+            reason,
+        }
+    }
+}
+
+fn is_name_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'-'
+}
+
+fn is_member_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_'
+}
+
+fn check_well_known(kind: &'static str, value: &str) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(NameError::new(kind, value, "empty"));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(NameError::new(kind, value, "longer than 255 bytes"));
+    }
+    if value.starts_with(':') {
+        return Err(NameError::new(kind, value, "starts with ':' (unique names are assigned by the bus)"));
+    }
+    let mut elements = 0;
+    for element in value.split('.') {
+        elements += 1;
+        let bytes = element.as_bytes();
+        if bytes.is_empty() {
+            return Err(NameError::new(kind, value, "has an empty element"));
+        }
+        if bytes[0].is_ascii_digit() {
+            return Err(NameError::new(kind, value, "has an element starting with a digit"));
+        }
+        if !bytes.iter().all(|&c| is_name_char(c)) {
+            return Err(NameError::new(kind, value, "has a character outside A-Z a-z 0-9 _ -"));
+        }
+    }
+    if elements < 2 {
+        return Err(NameError::new(kind, value, "needs at least two dot-separated elements"));
+    }
+    Ok(())
+}
+
+fn check_unique(kind: &'static str, value: &str) -> Result<(), NameError> {
+    let Some(rest) = value.strip_prefix(':') else {
+        return Err(NameError::new(kind, value, "does not start with ':'"));
+    };
+    if value.len() > MAX_NAME_LEN {
+        return Err(NameError::new(kind, value, "longer than 255 bytes"));
+    }
+    let mut elements = 0;
+    for element in rest.split('.') {
+        elements += 1;
+        if element.is_empty() || !element.bytes().all(is_name_char) {
+            return Err(NameError::new(kind, value, "has an empty or invalid element"));
+        }
+    }
+    if elements < 2 {
+        return Err(NameError::new(kind, value, "needs at least two dot-separated elements"));
+    }
+    Ok(())
+}
+
+fn check_member_like(kind: &'static str, value: &str, min_elements: usize) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(NameError::new(kind, value, "empty"));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(NameError::new(kind, value, "longer than 255 bytes"));
+    }
+    let mut elements = 0;
+    for element in value.split('.') {
+        elements += 1;
+        let bytes = element.as_bytes();
+        if bytes.is_empty() {
+            return Err(NameError::new(kind, value, "has an empty element"));
+        }
+        if bytes[0].is_ascii_digit() {
+            return Err(NameError::new(kind, value, "has an element starting with a digit"));
+        }
+        if !bytes.iter().all(|&c| is_member_char(c)) {
+            return Err(NameError::new(kind, value, "has a character outside A-Z a-z 0-9 _"));
+        }
+    }
+    if elements < min_elements {
+        return Err(NameError::new(kind, value, "needs at least two dot-separated elements"));
+    }
+    Ok(())
+}
+
+fn check_path(kind: &'static str, value: &str) -> Result<(), NameError> {
+    if !value.starts_with('/') {
+        return Err(NameError::new(kind, value, "does not start with '/'"));
+    }
+    if value.len() > MAX_PATH_LEN {
+        return Err(NameError::new(kind, value, "longer than 1024 bytes"));
+    }
+    if value == "/" {
+        return Ok(());
+    }
+    for element in value[1..].split('/') {
+        if element.is_empty() {
+            return Err(NameError::new(kind, value, "has an empty element or a trailing '/'"));
+        }
+        if !element.bytes().all(|c| is_name_char(c) || c == b'.') {
+            return Err(NameError::new(kind, value, "has a character outside A-Z a-z 0-9 _ - ."));
+        }
+    }
+    Ok(())
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $check:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Wraps a value without validating it. Only for values the bus
+            /// itself produced or already validated.
+            pub fn from_unchecked(value: impl Into<String>) -> Self {
+                Self(value.into())
+            }
+
+            /// The name as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// The name as an owned string.
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = NameError;
+            fn try_from(value: &str) -> Result<Self, NameError> {
+                let check: fn(&str) -> Result<(), NameError> = $check;
+                check(value)?;
+                Ok(Self(value.to_owned()))
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = NameError;
+            fn try_from(value: String) -> Result<Self, NameError> {
+                let check: fn(&str) -> Result<(), NameError> = $check;
+                check(&value)?;
+                Ok(Self(value))
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = NameError;
+            fn from_str(value: &str) -> Result<Self, NameError> {
+                Self::try_from(value)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A well-known bus name such as `org.example.Echo`.
+    WellKnownName,
+    "well-known name",
+    |v| check_well_known("well-known name", v)
+);
+name_type!(
+    /// A unique connection name such as `:1.42`, assigned by the daemon.
+    UniqueName,
+    "unique name",
+    |v| check_unique("unique name", v)
+);
+name_type!(
+    /// A method or signal name such as `Echo` or `org.example.Echo.Say`.
+    MemberName,
+    "member name",
+    |v| check_member_like("member name", v, 1)
+);
+name_type!(
+    /// An object path or topic such as `/org/example/echo`.
+    ObjectPath,
+    "object path",
+    |v| check_path("object path", v)
+);
+name_type!(
+    /// An error name such as `org.pbus.Error.Timeout`.
+    ErrorName,
+    "error name",
+    |v| check_member_like("error name", v, 2)
+);
+
+impl UniqueName {
+    /// The unique name the daemon gives connection number `id`: `:1.<id>`.
+    pub fn from_id(id: u64) -> Self {
+        Self(format!(":1.{id}"))
+    }
+
+    /// The connection number of a name the daemon assigned (`:1.<id>`).
+    pub fn id(&self) -> Option<u64> {
+        self.0.strip_prefix(":1.")?.parse().ok()
+    }
+}
+
+/// Either kind of bus name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BusName {
+    /// `org.example.Echo`
+    WellKnown(WellKnownName),
+    /// `:1.42`
+    Unique(UniqueName),
+}
+
+impl BusName {
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::WellKnown(name) => name.as_str(),
+            Self::Unique(name) => name.as_str(),
+        }
+    }
+}
+
+impl TryFrom<&str> for BusName {
+    type Error = NameError;
+    fn try_from(value: &str) -> Result<Self, NameError> {
+        if value.starts_with(':') {
+            UniqueName::try_from(value).map(Self::Unique)
+        } else {
+            WellKnownName::try_from(value)
+                .map(Self::WellKnown)
+                .map_err(|e| NameError { kind: "bus name", ..e })
+        }
+    }
+}
+
+impl std::str::FromStr for BusName {
+    type Err = NameError;
+    fn from_str(value: &str) -> Result<Self, NameError> {
+        Self::try_from(value)
+    }
+}
+
+impl fmt::Display for BusName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn well_known_names() {
+        for ok in ["org.example.Echo", "a.b", "com.example-1._x", "org.pbus.Bus"] {
+            WellKnownName::try_from(ok).unwrap();
+        }
+        let long = format!("a.{}", "b".repeat(254));
+        for bad in ["", "org", ".org.x", "org..x", "org.x.", "org.1x", ":1.2", "org.ex ample", "org.é.x", &long] {
+            assert!(WellKnownName::try_from(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn unique_names() {
+        let name = UniqueName::from_id(42);
+        assert_eq!(name.as_str(), ":1.42");
+        assert_eq!(name.id(), Some(42));
+        UniqueName::try_from(":1.42").unwrap();
+        for bad in ["1.42", ":", ":1", ":1..2", ":1.a b"] {
+            assert!(UniqueName::try_from(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(matches!(BusName::try_from(":1.5").unwrap(), BusName::Unique(_)));
+        assert!(matches!(BusName::try_from("a.b").unwrap(), BusName::WellKnown(_)));
+        assert_eq!(BusName::try_from("nodots").unwrap_err().kind, "bus name");
+    }
+
+    #[test]
+    fn member_names() {
+        for ok in ["Echo", "_x", "org.example.Echo.Say", "A1"] {
+            MemberName::try_from(ok).unwrap();
+        }
+        for bad in ["", "1x", "a..b", "a-b", "a.", "with space"] {
+            assert!(MemberName::try_from(bad).is_err(), "{bad:?} accepted");
+        }
+        ErrorName::try_from("org.pbus.Error.Timeout").unwrap();
+        assert!(ErrorName::try_from("Timeout").is_err());
+    }
+
+    #[test]
+    fn object_paths() {
+        for ok in ["/", "/a", "/org/example/echo", "/a-b/c.d/_e"] {
+            ObjectPath::try_from(ok).unwrap();
+        }
+        for bad in ["", "a", "/a/", "//", "/a//b", "/a b"] {
+            assert!(ObjectPath::try_from(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

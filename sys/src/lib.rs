@@ -1,0 +1,37 @@
+//! The raw Linux syscalls pbus needs, wrapped in safe functions.
+//!
+//! This is the only crate in the workspace allowed to contain `unsafe`. Each
+//! block carries a `// SAFETY:` comment. Everything here is a thin, policy-free
+//! wrapper: it knows about sockets, fds, memfds and pidfds, and nothing about
+//! frames, names or the bus.
+//!
+//! * [`creds`]: what the kernel says about the peer of a Unix socket
+//!   (SO_PEERCRED, SO_PEERGROUPS, SO_PEERSEC, SO_PEERPIDFD) and pidfds.
+//! * [`fdpass`]: sendmsg/recvmsg with SCM_RIGHTS ancillary data.
+//! * [`memfd`]: memfd creation, seals, and read-only mappings.
+//! * [`process`]: process-wide resource limits.
+
+pub mod creds;
+pub mod fdpass;
+pub mod memfd;
+pub mod process;
+
+use std::io;
+
+/// Turns a `-1` syscall result into the thread's `errno`.
+fn check(result: libc::c_int) -> io::Result<libc::c_int> {
+    if result == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(result)
+    }
+}
+
+/// Like [`check`] for syscalls that return `ssize_t`.
+fn check_size(result: libc::ssize_t) -> io::Result<usize> {
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(result as usize)
+    }
+}
