@@ -245,6 +245,8 @@ const KEEP_PARTIAL_CAPACITY: usize = 16 << 10;
 #[derive(Debug)]
 pub struct FrameReader<F> {
     limits: FrameLimits,
+    /// A tighter size limit for the first frame only (the handshake).
+    first_frame_max: Option<u32>,
     /// Bytes of the frame that is still incomplete (possibly a partial prefix).
     partial: Vec<u8>,
     /// Stream offset of the first byte not yet part of an emitted frame.
@@ -260,6 +262,7 @@ impl<F> FrameReader<F> {
     pub fn new(limits: FrameLimits) -> Self {
         Self {
             limits,
+            first_frame_max: None,
             partial: Vec::new(),
             consumed: 0,
             received: 0,
@@ -267,7 +270,14 @@ impl<F> FrameReader<F> {
         }
     }
 
-    /// Replaces the limits (after a handshake, say).
+    /// Limits the first frame to `max_frame_bytes` (a handshake needs
+    /// little room, and an unauthenticated peer should not get much).
+    pub fn with_first_frame_limit(mut self, max_frame_bytes: u32) -> Self {
+        self.first_frame_max = Some(max_frame_bytes);
+        self
+    }
+
+    /// Replaces the limits.
     pub fn set_limits(&mut self, limits: FrameLimits) {
         self.limits = limits;
     }
@@ -379,7 +389,11 @@ impl<F> FrameReader<F> {
     fn checked_prefix(&self, bytes: &[u8]) -> Result<FramePrefix, FrameError> {
         let bytes: &[u8; PREFIX_LEN] = bytes.try_into().expect("prefix slice has PREFIX_LEN bytes");
         let prefix = FramePrefix::parse(bytes)?;
-        prefix.check(&self.limits)?;
+        let mut limits = self.limits;
+        if let (Some(max), 0) = (self.first_frame_max, self.consumed) {
+            limits.max_frame_bytes = limits.max_frame_bytes.min(max);
+        }
+        prefix.check(&limits)?;
         Ok(prefix)
     }
 
@@ -691,6 +705,20 @@ mod tests {
         assert!(matches!(
             collect(&mut reader, &fds, vec![]),
             Err(FrameError::TooManyFds { count: 254 })
+        ));
+    }
+
+    #[test]
+    fn first_frame_limit_applies_to_the_first_frame_only() {
+        let mut stream = frame_bytes(1, &[0u8; 50], 0);
+        stream.extend(frame_bytes(2, &[0u8; 500], 0));
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default()).with_first_frame_limit(200);
+        assert_eq!(collect(&mut reader, &stream, vec![]).unwrap().len(), 2);
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default()).with_first_frame_limit(200);
+        let big_first = frame_bytes(1, &[0u8; 500], 0);
+        assert!(matches!(
+            collect(&mut reader, &big_first, vec![]),
+            Err(FrameError::FrameTooLarge { max: 200, .. })
         ));
     }
 

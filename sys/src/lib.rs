@@ -14,6 +14,7 @@
 pub mod creds;
 pub mod fdpass;
 pub mod memfd;
+pub mod ns;
 pub mod process;
 
 use std::io;

@@ -1,0 +1,267 @@
+//! The bus driver: the methods of the `org.pbus.Bus` peer (RequestName,
+//! ReleaseName, ListNames, ListQueuedOwners, GetNameOwner, NameHasOwner,
+//! AddMatch, RemoveMatch, GetPeerIdentity, Ping). Each request body is the
+//! matching `*Request` message; each answer is a METHOD_RETURN from the bus
+//! or an ERROR.
+
+use std::time::Instant;
+
+use pbus_proto::names::{BusName, WellKnownName};
+use pbus_proto::v1::{
+    AddMatchRequest, Empty, GetNameOwnerReply, GetNameOwnerRequest, GetPeerIdentityRequest, Header,
+    HeaderFlag, ListNamesReply, ListNamesRequest, ListQueuedOwnersReply, ListQueuedOwnersRequest,
+    NameEntry, NameHasOwnerReply, NameHasOwnerRequest, PingReply, ReleaseNameReply, ReleaseNameRequest,
+    ReleaseNameResult, RemoveMatchRequest, RequestNameReply, RequestNameRequest, RequestNameResult,
+};
+use pbus_proto::BUS_NAME;
+use prost::Message;
+
+use super::matches::Rule;
+use super::names::{flags, ReleaseOutcome, RequestOutcome};
+use super::{Bus, BusError, PeerId};
+
+fn decode<M: Message + Default>(body: &[u8]) -> Result<M, BusError> {
+    M::decode(body).map_err(|e| BusError::InvalidArgs(format!("undecodable request body: {e}")))
+}
+
+fn well_known(name: &str) -> Result<WellKnownName, BusError> {
+    let name = WellKnownName::try_from(name).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+    if name.as_str() == BUS_NAME {
+        return Err(BusError::InvalidArgs(format!("{BUS_NAME} belongs to the bus")));
+    }
+    Ok(name)
+}
+
+impl<Io> Bus<Io> {
+    /// Handles a METHOD_CALL addressed to `org.pbus.Bus`.
+    pub(super) fn handle_bus_call(
+        &mut self,
+        from: PeerId,
+        header: &Header,
+        body: &[u8],
+        now: Instant,
+    ) -> Result<(), BusError> {
+        let serial = header.serial;
+        let reply_wanted = header.flags & HeaderFlag::NoReplyExpected as u32 == 0;
+        macro_rules! reply {
+            ($message:expr) => {{
+                if reply_wanted {
+                    self.queue_bus_reply(from, serial, &$message);
+                }
+                Ok(())
+            }};
+        }
+        match header.member.as_str() {
+            "RequestName" => {
+                let reply = self.request_name(from, decode(body)?)?;
+                reply!(reply)
+            }
+            "ReleaseName" => {
+                let reply = self.release_name(from, decode(body)?)?;
+                reply!(reply)
+            }
+            "ListNames" => {
+                let reply = self.list_names(from, decode(body)?);
+                reply!(reply)
+            }
+            "ListQueuedOwners" => {
+                let reply = self.list_queued_owners(from, decode(body)?)?;
+                reply!(reply)
+            }
+            "GetNameOwner" => {
+                let request: GetNameOwnerRequest = decode(body)?;
+                let owner = self.visible_owner(from, &request.name)?;
+                reply!(GetNameOwnerReply {
+                    owner: owner.unique_name().into_string()
+                })
+            }
+            "NameHasOwner" => {
+                let request: NameHasOwnerRequest = decode(body)?;
+                BusName::try_from(request.name.as_str()).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+                let has_owner = self.visible_owner(from, &request.name).is_ok();
+                reply!(NameHasOwnerReply { has_owner })
+            }
+            "AddMatch" => {
+                self.add_match(from, decode(body)?)?;
+                reply!(Empty {})
+            }
+            "RemoveMatch" => {
+                self.remove_match(from, decode(body)?)?;
+                reply!(Empty {})
+            }
+            "GetPeerIdentity" => {
+                let request: GetPeerIdentityRequest = decode(body)?;
+                let target = if request.name.is_empty() {
+                    from
+                } else {
+                    self.visible_owner(from, &request.name)?
+                };
+                let identity = self.wire_identity(&self.peers[&target], &self.peers[&from]);
+                reply!(identity)
+            }
+            "Ping" => reply!(PingReply {
+                bus_id: self.bus_id.clone(),
+                uptime_ms: now.saturating_duration_since(self.started).as_millis() as u64,
+            }),
+            other => Err(BusError::UnknownMethod(other.to_owned())),
+        }
+    }
+
+    fn request_name(&mut self, from: PeerId, request: RequestNameRequest) -> Result<RequestNameReply, BusError> {
+        let name = well_known(&request.name)?;
+        if request.flags & !flags::ALL != 0 {
+            return Err(BusError::InvalidArgs(format!("unknown flags {:#x}", request.flags & !flags::ALL)));
+        }
+        let peer = &self.peers[&from];
+        let decision = peer.policy.own(name.as_str());
+        if !decision.allowed {
+            return Err(BusError::AccessDenied {
+                right: decision.right.as_str(),
+                target: format!(" to own {name}"),
+            });
+        }
+        if !peer.names.contains(name.as_str()) && peer.names.len() >= self.limits.max_names_per_connection as usize {
+            return Err(BusError::LimitExceeded {
+                limit: "max_names_per_connection",
+                message: "too many names owned or queued for".into(),
+            });
+        }
+        let (outcome, change) = self.names.request(name.as_str(), from, request.flags);
+        let peer = self.peers.get_mut(&from).expect("caller exists");
+        match outcome {
+            RequestOutcome::Exists => {
+                peer.names.remove(name.as_str());
+            }
+            _ => {
+                peer.names.insert(name.as_str().to_owned());
+            }
+        }
+        if let Some(change) = change {
+            // A replaced owner that asked DO_NOT_QUEUE loses its claim.
+            if let Some(old) = change.old {
+                if !self.names.claimants(&change.name).contains(&old) {
+                    if let Some(old_peer) = self.peers.get_mut(&old) {
+                        old_peer.names.remove(&change.name);
+                    }
+                }
+            }
+            self.announce_change(change, None);
+        }
+        let result = match outcome {
+            RequestOutcome::PrimaryOwner => RequestNameResult::PrimaryOwner,
+            RequestOutcome::InQueue => RequestNameResult::InQueue,
+            RequestOutcome::Exists => RequestNameResult::Exists,
+            RequestOutcome::AlreadyOwner => RequestNameResult::AlreadyOwner,
+        };
+        Ok(RequestNameReply { result: result as i32 })
+    }
+
+    fn release_name(&mut self, from: PeerId, request: ReleaseNameRequest) -> Result<ReleaseNameReply, BusError> {
+        let name = well_known(&request.name)?;
+        let (outcome, change) = self.names.release(name.as_str(), from);
+        if outcome == ReleaseOutcome::Released {
+            self.peers.get_mut(&from).expect("caller exists").names.remove(name.as_str());
+        }
+        if let Some(change) = change {
+            self.announce_change(change, None);
+        }
+        let result = match outcome {
+            ReleaseOutcome::Released => ReleaseNameResult::Released,
+            ReleaseOutcome::NonExistent => ReleaseNameResult::NonExistent,
+            ReleaseOutcome::NotOwner => ReleaseNameResult::NotOwner,
+        };
+        Ok(ReleaseNameReply { result: result as i32 })
+    }
+
+    /// The owner of `name` if it exists and `from` may see it. A name the
+    /// caller may not see is reported exactly like a name nobody owns.
+    fn visible_owner(&self, from: PeerId, name: &str) -> Result<PeerId, BusError> {
+        let asker = &self.peers[&from];
+        let owner = if name.starts_with(':') {
+            PeerId::from_unique_name(name).filter(|id| self.peers.contains_key(id))
+        } else {
+            BusName::try_from(name).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+            self.names.owner(name)
+        };
+        match owner {
+            Some(owner) if owner == from || asker.policy.see(&self.peers[&owner].identity, name).allowed => Ok(owner),
+            _ if name.starts_with(':') => Err(BusError::NoSuchPeer(name.to_owned())),
+            _ => Err(BusError::NameHasNoOwner(name.to_owned())),
+        }
+    }
+
+    fn list_names(&self, from: PeerId, request: ListNamesRequest) -> ListNamesReply {
+        let asker = &self.peers[&from];
+        let mut names: Vec<NameEntry> = self
+            .names
+            .iter()
+            .filter(|(name, owner, _)| *owner == from || asker.policy.see(&self.peers[owner].identity, name).allowed)
+            .map(|(name, owner, queued)| NameEntry {
+                name: name.to_owned(),
+                owner: owner.unique_name().into_string(),
+                queued: queued as u32,
+            })
+            .collect();
+        if request.include_unique {
+            names.extend(
+                self.peers
+                    .values()
+                    .filter(|peer| peer.id == from || asker.policy.see(&peer.identity, &peer.unique_name).allowed)
+                    .map(|peer| NameEntry {
+                        name: peer.unique_name.clone(),
+                        owner: peer.unique_name.clone(),
+                        queued: 0,
+                    }),
+            );
+        }
+        names.sort_by(|a, b| a.name.cmp(&b.name));
+        ListNamesReply { names }
+    }
+
+    fn list_queued_owners(
+        &self,
+        from: PeerId,
+        request: ListQueuedOwnersRequest,
+    ) -> Result<ListQueuedOwnersReply, BusError> {
+        let name = well_known(&request.name)?;
+        self.visible_owner(from, name.as_str())?;
+        Ok(ListQueuedOwnersReply {
+            owners: self
+                .names
+                .claimants(name.as_str())
+                .into_iter()
+                .map(|id| id.unique_name().into_string())
+                .collect(),
+        })
+    }
+
+    fn add_match(&mut self, from: PeerId, request: AddMatchRequest) -> Result<(), BusError> {
+        let rule = Rule::from_wire(request.rule.unwrap_or_default()).map_err(BusError::InvalidArgs)?;
+        if rule.eavesdrop {
+            return Err(BusError::NotSupported("eavesdropping match rules need the monitor right".into()));
+        }
+        let peer = &self.peers[&from];
+        if peer.matches.len() >= self.limits.max_matches_per_connection as usize {
+            return Err(BusError::LimitExceeded {
+                limit: "max_matches_per_connection",
+                message: "too many match rules".into(),
+            });
+        }
+        let id = self.matches.add(from, rule);
+        self.peers.get_mut(&from).expect("caller exists").matches.push(id);
+        Ok(())
+    }
+
+    fn remove_match(&mut self, from: PeerId, request: RemoveMatchRequest) -> Result<(), BusError> {
+        let rule = Rule::from_wire(request.rule.unwrap_or_default()).map_err(BusError::InvalidArgs)?;
+        let peer = self.peers.get_mut(&from).expect("caller exists");
+        let position = peer
+            .matches
+            .iter()
+            .position(|id| self.matches.rule(*id) == Some(&rule))
+            .ok_or_else(|| BusError::InvalidArgs("no such match rule".into()))?;
+        let id = peer.matches.swap_remove(position);
+        self.matches.remove(id);
+        Ok(())
+    }
+}

@@ -1,0 +1,346 @@
+//! Match rules and their index. A broadcast signal only looks at rules that
+//! could match it: each rule is filed under its most selective field
+//! (member, else path, else sender, else the catch-all list), so the cost of
+//! a broadcast grows with the rules that share its member, path or sender,
+//! not with unrelated rules. Plain data, no I/O.
+
+use std::collections::HashMap;
+
+use pbus_proto::names::{BusName, MemberName, ObjectPath};
+use pbus_proto::v1::MatchRule;
+
+use super::PeerId;
+
+/// Identifies a stored rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MatchId(u64);
+
+/// A validated match rule. `None` fields match anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Unique or well-known name of the sender.
+    pub sender: Option<String>,
+    /// Object path, exact or (with `path_namespace`) as a prefix.
+    pub path: Option<String>,
+    /// Match `path` and everything below it.
+    pub path_namespace: bool,
+    /// Signal name.
+    pub member: Option<String>,
+    /// `(index, value)` pairs that `Header.args` must equal.
+    pub args: Vec<(u32, String)>,
+    /// Also match signals unicast to other peers.
+    pub eavesdrop: bool,
+}
+
+/// Highest argument index a rule may test.
+pub const MAX_ARG_INDEX: u32 = 63;
+
+impl Rule {
+    /// Validates a wire rule.
+    pub fn from_wire(rule: MatchRule) -> Result<Self, String> {
+        let non_empty = |s: String| if s.is_empty() { None } else { Some(s) };
+        let sender = non_empty(rule.sender);
+        if let Some(sender) = &sender {
+            BusName::try_from(sender.as_str()).map_err(|e| e.to_string())?;
+        }
+        let path = non_empty(rule.path);
+        if let Some(path) = &path {
+            ObjectPath::try_from(path.as_str()).map_err(|e| e.to_string())?;
+        }
+        if rule.path_namespace && path.is_none() {
+            return Err("path_namespace needs a path".into());
+        }
+        let member = non_empty(rule.member);
+        if let Some(member) = &member {
+            MemberName::try_from(member.as_str()).map_err(|e| e.to_string())?;
+        }
+        let mut args: Vec<(u32, String)> = rule.args.into_iter().map(|a| (a.index, a.value)).collect();
+        args.sort();
+        if args.iter().any(|(index, _)| *index > MAX_ARG_INDEX) {
+            return Err(format!("argument index above {MAX_ARG_INDEX}"));
+        }
+        if args.windows(2).any(|pair| pair[0].0 == pair[1].0) {
+            return Err("argument index given twice".into());
+        }
+        Ok(Self {
+            sender,
+            path,
+            path_namespace: rule.path_namespace,
+            member,
+            args,
+            eavesdrop: rule.eavesdrop,
+        })
+    }
+
+    /// Does this rule match `signal`? `sender_owns(name)` tells whether the
+    /// signal's sender currently owns a well-known name.
+    pub fn matches(&self, signal: &SignalView<'_>, sender_owns: impl Fn(&str) -> bool) -> bool {
+        if let Some(member) = &self.member {
+            if member != signal.member {
+                return false;
+            }
+        }
+        if let Some(path) = &self.path {
+            let hit = if self.path_namespace {
+                path_in_namespace(signal.path, path)
+            } else {
+                path == signal.path
+            };
+            if !hit {
+                return false;
+            }
+        }
+        for (index, value) in &self.args {
+            if signal.args.get(*index as usize) != Some(value) {
+                return false;
+            }
+        }
+        if let Some(sender) = &self.sender {
+            if sender != signal.sender && (sender.starts_with(':') || !sender_owns(sender)) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// `path` equals `namespace` or lies below it.
+fn path_in_namespace(path: &str, namespace: &str) -> bool {
+    if namespace == "/" {
+        return true;
+    }
+    match path.strip_prefix(namespace) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// The fields of a signal that rules look at.
+#[derive(Debug, Clone, Copy)]
+pub struct SignalView<'a> {
+    /// Unique name of the sender (or the bus name for bus signals).
+    pub sender: &'a str,
+    /// Path (may be empty).
+    pub path: &'a str,
+    /// Signal name.
+    pub member: &'a str,
+    /// String arguments.
+    pub args: &'a [String],
+}
+
+#[derive(Debug)]
+struct Stored {
+    peer: PeerId,
+    rule: Rule,
+}
+
+/// Where a rule is filed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum IndexKey {
+    Member(String),
+    Path(String),
+    Sender(String),
+    Any,
+}
+
+impl IndexKey {
+    fn of(rule: &Rule) -> Self {
+        if let Some(member) = &rule.member {
+            Self::Member(member.clone())
+        } else if let (Some(path), false) = (&rule.path, rule.path_namespace) {
+            Self::Path(path.clone())
+        } else if let Some(sender) = &rule.sender {
+            Self::Sender(sender.clone())
+        } else {
+            Self::Any
+        }
+    }
+}
+
+/// Every match rule of every peer, indexed.
+#[derive(Debug, Default)]
+pub struct MatchRegistry {
+    rules: HashMap<MatchId, Stored>,
+    index: HashMap<IndexKey, Vec<MatchId>>,
+    next_id: u64,
+}
+
+impl MatchRegistry {
+    /// Stores a rule for `peer`.
+    pub fn add(&mut self, peer: PeerId, rule: Rule) -> MatchId {
+        self.next_id += 1;
+        let id = MatchId(self.next_id);
+        self.index.entry(IndexKey::of(&rule)).or_default().push(id);
+        self.rules.insert(id, Stored { peer, rule });
+        id
+    }
+
+    /// Removes a rule.
+    pub fn remove(&mut self, id: MatchId) {
+        let Some(stored) = self.rules.remove(&id) else {
+            return;
+        };
+        let key = IndexKey::of(&stored.rule);
+        if let Some(bucket) = self.index.get_mut(&key) {
+            if let Some(position) = bucket.iter().position(|&other| other == id) {
+                bucket.swap_remove(position);
+            }
+            if bucket.is_empty() {
+                self.index.remove(&key);
+            }
+        }
+    }
+
+    /// The rule stored under `id`.
+    pub fn rule(&self, id: MatchId) -> Option<&Rule> {
+        self.rules.get(&id).map(|stored| &stored.rule)
+    }
+
+    /// Number of stored rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// True when no rule is stored.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Calls `visit(peer, rule)` for every rule that could match `signal`:
+    /// those filed under its member, its path, one of `sender_names`, or no
+    /// key. Each rule is visited at most once; a peer may appear repeatedly.
+    pub fn for_each_candidate<'a>(
+        &self,
+        signal: &SignalView<'_>,
+        sender_names: impl Iterator<Item = &'a str>,
+        mut visit: impl FnMut(PeerId, &Rule),
+    ) {
+        let mut scan = |key: IndexKey| {
+            if let Some(bucket) = self.index.get(&key) {
+                for id in bucket {
+                    let stored = &self.rules[id];
+                    visit(stored.peer, &stored.rule);
+                }
+            }
+        };
+        scan(IndexKey::Member(signal.member.to_owned()));
+        if !signal.path.is_empty() {
+            scan(IndexKey::Path(signal.path.to_owned()));
+        }
+        scan(IndexKey::Sender(signal.sender.to_owned()));
+        for name in sender_names {
+            scan(IndexKey::Sender(name.to_owned()));
+        }
+        scan(IndexKey::Any);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pbus_proto::v1::ArgMatch;
+
+    fn rule(sender: &str, path: &str, member: &str, args: &[(u32, &str)]) -> Rule {
+        Rule::from_wire(MatchRule {
+            sender: sender.into(),
+            path: path.into(),
+            member: member.into(),
+            args: args
+                .iter()
+                .map(|(index, value)| ArgMatch {
+                    index: *index,
+                    value: (*value).into(),
+                })
+                .collect(),
+            ..MatchRule::default()
+        })
+        .unwrap()
+    }
+
+    fn view<'a>(sender: &'a str, path: &'a str, member: &'a str, args: &'a [String]) -> SignalView<'a> {
+        SignalView {
+            sender,
+            path,
+            member,
+            args,
+        }
+    }
+
+    #[test]
+    fn fields_filter() {
+        let args = vec!["a".to_string(), "b".to_string()];
+        let signal = view(":1.5", "/x/y", "Changed", &args);
+        let nobody = |_: &str| false;
+        assert!(rule("", "", "", &[]).matches(&signal, nobody));
+        assert!(rule(":1.5", "/x/y", "Changed", &[(1, "b")]).matches(&signal, nobody));
+        assert!(!rule(":1.6", "", "", &[]).matches(&signal, nobody));
+        assert!(!rule("", "/x", "", &[]).matches(&signal, nobody));
+        assert!(!rule("", "", "Other", &[]).matches(&signal, nobody));
+        assert!(!rule("", "", "", &[(0, "b")]).matches(&signal, nobody));
+        assert!(!rule("", "", "", &[(2, "c")]).matches(&signal, nobody));
+        // A well-known sender matches while the sender owns it.
+        assert!(rule("org.example.S", "", "", &[]).matches(&signal, |n| n == "org.example.S"));
+        assert!(!rule("org.example.S", "", "", &[]).matches(&signal, nobody));
+    }
+
+    #[test]
+    fn path_namespace() {
+        let mut r = rule("", "/a/b", "", &[]);
+        r.path_namespace = true;
+        let nobody = |_: &str| false;
+        assert!(r.matches(&view(":1.1", "/a/b", "M", &[]), nobody));
+        assert!(r.matches(&view(":1.1", "/a/b/c", "M", &[]), nobody));
+        assert!(!r.matches(&view(":1.1", "/a/bc", "M", &[]), nobody));
+        assert!(!r.matches(&view(":1.1", "/a", "M", &[]), nobody));
+    }
+
+    #[test]
+    fn invalid_rules_are_refused() {
+        let bad = |rule: MatchRule| Rule::from_wire(rule).is_err();
+        assert!(bad(MatchRule {
+            sender: "nodots".into(),
+            ..MatchRule::default()
+        }));
+        assert!(bad(MatchRule {
+            path: "no/slash".into(),
+            ..MatchRule::default()
+        }));
+        assert!(bad(MatchRule {
+            path_namespace: true,
+            ..MatchRule::default()
+        }));
+        assert!(bad(MatchRule {
+            args: vec![
+                ArgMatch {
+                    index: 1,
+                    value: "x".into()
+                },
+                ArgMatch {
+                    index: 1,
+                    value: "y".into()
+                }
+            ],
+            ..MatchRule::default()
+        }));
+    }
+
+    #[test]
+    fn unrelated_rules_are_not_visited() {
+        let mut registry = MatchRegistry::default();
+        for i in 0..10_000 {
+            registry.add(PeerId(1), rule("", "", &format!("Unrelated{i}"), &[]));
+        }
+        let wanted = registry.add(PeerId(2), rule("", "", "Wanted", &[]));
+        let catch_all = registry.add(PeerId(3), rule("", "", "", &[]));
+        let mut visited = Vec::new();
+        let signal = view(":1.9", "/p", "Wanted", &[]);
+        registry.for_each_candidate(&signal, std::iter::empty(), |peer, _| visited.push(peer));
+        assert_eq!(visited, vec![PeerId(2), PeerId(3)]);
+        registry.remove(wanted);
+        registry.remove(catch_all);
+        visited.clear();
+        registry.for_each_candidate(&signal, std::iter::empty(), |peer, _| visited.push(peer));
+        assert!(visited.is_empty());
+        assert_eq!(registry.len(), 10_000);
+    }
+}

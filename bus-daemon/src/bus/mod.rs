@@ -1,0 +1,1074 @@
+//! The routing core: peers, names, match rules, pending calls and queues, as
+//! plain data. It never touches a socket: frames come in through
+//! [`Bus::dispatch`], and everything it wants to send is appended to the
+//! receiving peer's [`OutQueue`]; the server layer flushes the queues of the
+//! peers listed by [`Bus::take_dirty`] and closes those in
+//! [`Bus::take_doomed`]. The clock is an argument, so tests run without
+//! timers or sockets.
+//!
+//! Every message takes one path, top to bottom: decode the header, validate
+//! it, resolve the destination, check policy and limits, stamp the sender
+//! (whatever the client wrote there is replaced), then queue it for one
+//! receiver (call, reply, unicast signal), for the subscribers whose match
+//! rules accept it (broadcast signal), or hand it to the bus driver
+//! (destination `org.pbus.Bus`). Refusals become wire errors in one place,
+//! [`BusError::to_wire`].
+
+mod driver;
+pub mod error;
+pub mod matches;
+pub mod names;
+pub mod replies;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use pbus_identity::PeerIdentity;
+use pbus_policy::{PeerPolicy, Policy};
+use pbus_proto::frame::{Flushed, OutQueue};
+use pbus_proto::names::{MemberName, ObjectPath, UniqueName};
+use pbus_proto::v1::{
+    ContainerInfo, ErrorInfo, Feature, Header, HeaderFlag, Hello, Limits as WireLimits, MessageKind,
+    NameOwnerChanged, SenderInfo, Welcome,
+};
+use pbus_proto::{BUS_NAME, BUS_PATH, PROTOCOL_VERSION};
+use prost::Message;
+
+use crate::config::Limits;
+pub use error::BusError;
+use matches::{MatchId, MatchRegistry, SignalView};
+use names::{NameRegistry, OwnerChange};
+use replies::{CallKey, PendingCalls};
+
+/// A connected peer; the number in its unique name `:1.<n>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub u64);
+
+impl PeerId {
+    /// The unique name of this peer.
+    pub fn unique_name(self) -> UniqueName {
+        UniqueName::from_id(self.0)
+    }
+
+    /// Parses a unique name the bus assigned.
+    pub fn from_unique_name(name: &str) -> Option<Self> {
+        UniqueName::from_unchecked(name).id().map(Self)
+    }
+}
+
+/// A broken protocol rule: the peer is disconnected after being told why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("protocol violation: {0}")]
+pub struct Violation(pub String);
+
+/// Per-peer counters, for `pbusctl stats` and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Frames this peer sent that were accepted.
+    pub sent: u64,
+    /// Frames queued to this peer.
+    pub received: u64,
+    /// Broadcast signals this peer missed because its queue was full.
+    pub dropped_signals: u64,
+}
+
+/// One connected peer.
+#[derive(Debug)]
+pub struct Peer<Io> {
+    /// The server layer's handle (socket, wakers); unused by the core.
+    pub io: Io,
+    id: PeerId,
+    unique_name: String,
+    identity: Arc<PeerIdentity>,
+    policy: PeerPolicy,
+    features: u32,
+    /// The stamp put on everything this peer sends, with `pid` as seen from
+    /// the daemon; adjusted per receiver.
+    sender_info: SenderInfo,
+    outbox: OutQueue<OwnedFd>,
+    /// Stream offsets just past each queued frame, to count queued messages.
+    queued_frame_ends: VecDeque<u64>,
+    /// Well-known names this peer owns or is queued for.
+    names: HashSet<String>,
+    matches: Vec<MatchId>,
+    /// Last broadcast this peer received, to deliver each broadcast once.
+    broadcast_stamp: u64,
+    dirty: bool,
+    doomed: bool,
+    connected_at: SystemTime,
+    counters: PeerCounters,
+}
+
+impl<Io> Peer<Io> {
+    /// The peer's unique name.
+    pub fn unique_name(&self) -> &str {
+        &self.unique_name
+    }
+
+    /// The peer's identity.
+    pub fn identity(&self) -> &Arc<PeerIdentity> {
+        &self.identity
+    }
+
+    /// Bytes waiting in this peer's queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.outbox.queued_bytes()
+    }
+
+    /// Fds waiting in this peer's queue.
+    pub fn queued_fds(&self) -> usize {
+        self.outbox.queued_fds()
+    }
+
+    /// Messages waiting in this peer's queue.
+    pub fn queued_messages(&self) -> usize {
+        self.queued_frame_ends.len()
+    }
+
+    /// True when nothing waits to be written.
+    pub fn outbox_is_empty(&self) -> bool {
+        self.outbox.is_empty()
+    }
+
+    /// Counters for this peer.
+    pub fn counters(&self) -> PeerCounters {
+        self.counters
+    }
+
+    /// True if the peer announced fd support.
+    pub fn accepts_fds(&self) -> bool {
+        self.features & Feature::FdPassing as u32 != 0
+    }
+}
+
+/// The whole bus state.
+#[derive(Debug)]
+pub struct Bus<Io> {
+    peers: HashMap<PeerId, Peer<Io>>,
+    names: NameRegistry,
+    matches: MatchRegistry,
+    calls: PendingCalls,
+    limits: Limits,
+    policy: Arc<Policy>,
+    bus_id: String,
+    started: Instant,
+    next_peer: u64,
+    connections_per_uid: HashMap<u32, u32>,
+    dirty: Vec<PeerId>,
+    doomed: Vec<PeerId>,
+    broadcast_stamp: u64,
+    /// Stamp for messages from the bus itself.
+    bus_sender: SenderInfo,
+    /// Set when a call deadline earlier than any before was added.
+    timer_needs_rearm: bool,
+    /// The daemon's own pid namespace inode: peers there see its pid.
+    own_pid_namespace: u64,
+}
+
+/// Features the daemon supports.
+const DAEMON_FEATURES: u32 = Feature::FdPassing as u32 | Feature::Memfd as u32;
+
+impl<Io> Bus<Io> {
+    /// An empty bus. `bus_id` identifies this daemon instance;
+    /// `own_pid_namespace` is the inode of the daemon's pid namespace.
+    pub fn new(limits: Limits, policy: Arc<Policy>, bus_id: String, own_pid_namespace: u64, now: Instant) -> Self {
+        let bus_sender = SenderInfo {
+            unique_name: BUS_NAME.to_owned(),
+            uid: pbus_sys::process::effective_uid(),
+            gid: 0,
+            pid: std::process::id(),
+            groups: Vec::new(),
+            label: None,
+            container: None,
+        };
+        Self {
+            peers: HashMap::new(),
+            names: NameRegistry::default(),
+            matches: MatchRegistry::default(),
+            calls: PendingCalls::default(),
+            limits,
+            policy,
+            bus_id,
+            started: now,
+            next_peer: 0,
+            connections_per_uid: HashMap::new(),
+            dirty: Vec::new(),
+            doomed: Vec::new(),
+            broadcast_stamp: 0,
+            bus_sender,
+            timer_needs_rearm: false,
+            own_pid_namespace,
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The limits as announced in `Welcome`.
+    pub fn wire_limits(&self) -> WireLimits {
+        let l = &self.limits;
+        WireLimits {
+            max_frame_bytes: l.max_frame_bytes,
+            max_header_bytes: l.max_header_bytes,
+            max_fds_per_message: l.max_fds_per_message,
+            max_memfds_per_message: l.max_memfds_per_message,
+            max_names_per_connection: l.max_names_per_connection,
+            max_matches_per_connection: l.max_matches_per_connection,
+            max_pending_calls: l.max_pending_calls_per_connection,
+            default_reply_timeout_ms: l.default_reply_timeout_ms,
+            max_reply_timeout_ms: l.max_reply_timeout_ms,
+            max_queued_bytes: l.max_queued_bytes_per_receiver,
+            max_queued_fds: l.max_queued_fds_per_receiver,
+            max_queued_messages: l.max_queued_messages_per_receiver,
+        }
+    }
+
+    /// Number of connected peers.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Connected peers of `uid`.
+    pub fn connections_of_uid(&self, uid: u32) -> u32 {
+        self.connections_per_uid.get(&uid).copied().unwrap_or(0)
+    }
+
+    /// A peer by id.
+    pub fn peer(&self, id: PeerId) -> Option<&Peer<Io>> {
+        self.peers.get(&id)
+    }
+
+    /// All peers.
+    pub fn peers(&self) -> impl Iterator<Item = &Peer<Io>> {
+        self.peers.values()
+    }
+
+    /// Checks the per-uid and total connection limits for a new peer of `uid`.
+    pub fn admit(&self, uid: u32) -> Result<(), BusError> {
+        if self.peers.len() as u64 >= u64::from(self.limits.max_connections) {
+            return Err(BusError::LimitExceeded {
+                limit: "max_connections",
+                message: "the bus has too many connections".into(),
+            });
+        }
+        if self.connections_of_uid(uid) >= self.limits.max_connections_per_uid {
+            return Err(BusError::LimitExceeded {
+                limit: "max_connections_per_uid",
+                message: format!("uid {uid} has too many connections"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Completes a handshake: registers the peer and queues its `Welcome`.
+    pub fn add_peer(&mut self, io: Io, identity: PeerIdentity, hello: &Hello) -> Result<PeerId, BusError> {
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(BusError::HandshakeFailed(format!(
+                "protocol version {} is not supported (this bus speaks {PROTOCOL_VERSION})",
+                hello.protocol_version
+            )));
+        }
+        self.admit(identity.uid)?;
+        self.next_peer += 1;
+        let id = PeerId(self.next_peer);
+        let unique_name = id.unique_name().into_string();
+        let features = hello.features & DAEMON_FEATURES;
+        let policy = self.policy.snapshot(&identity);
+        let sender_info = sender_info_of(&unique_name, &identity);
+        *self.connections_per_uid.entry(identity.uid).or_default() += 1;
+        let identity = Arc::new(identity);
+        self.peers.insert(
+            id,
+            Peer {
+                io,
+                id,
+                unique_name: unique_name.clone(),
+                identity: Arc::clone(&identity),
+                policy,
+                features,
+                sender_info,
+                outbox: OutQueue::default(),
+                queued_frame_ends: VecDeque::new(),
+                names: HashSet::new(),
+                matches: Vec::new(),
+                broadcast_stamp: 0,
+                dirty: false,
+                doomed: false,
+                connected_at: SystemTime::now(),
+                counters: PeerCounters::default(),
+            },
+        );
+        let welcome = Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            unique_name: unique_name.clone(),
+            features,
+            limits: Some(self.wire_limits()),
+            bus_id: self.bus_id.clone(),
+        };
+        let header = Header {
+            kind: MessageKind::Welcome as i32,
+            destination: unique_name.clone(),
+            payload_type: pbus_proto::type_name::<Welcome>(),
+            ..Header::default()
+        };
+        self.queue_from_bus(id, header, &welcome.encode_to_vec());
+        self.announce_owner_change(&unique_name, None, Some((id, &identity)));
+        Ok(id)
+    }
+
+    /// Removes a peer (it disconnected or was doomed): releases its names
+    /// (promoting queued owners), drops its match rules, fails calls it
+    /// owed with `NoReply`, forgets calls it made, and closes queued fds.
+    pub fn remove_peer(&mut self, id: PeerId) -> Option<Peer<Io>> {
+        let peer = self.peers.remove(&id)?;
+        if let Some(count) = self.connections_per_uid.get_mut(&peer.identity.uid) {
+            *count -= 1;
+            if *count == 0 {
+                self.connections_per_uid.remove(&peer.identity.uid);
+            }
+        }
+        for match_id in &peer.matches {
+            self.matches.remove(*match_id);
+        }
+        let mut names: Vec<&String> = peer.names.iter().collect();
+        names.sort();
+        for name in names {
+            let (_, change) = self.names.release(name, id);
+            if let Some(change) = change {
+                self.announce_change(change, Some(&peer.identity));
+            }
+        }
+        for key in self.calls.remove_peer(id) {
+            let error = BusError::NoReply(peer.unique_name.clone());
+            self.queue_error_to(key.caller, key.serial, &error);
+        }
+        self.announce_owner_change(&peer.unique_name, Some((id, &peer.identity)), None);
+        Some(peer)
+    }
+
+    /// Peers with newly queued frames since the last call; the server
+    /// flushes them.
+    pub fn take_dirty(&mut self) -> Vec<PeerId> {
+        let dirty = std::mem::take(&mut self.dirty);
+        for id in &dirty {
+            if let Some(peer) = self.peers.get_mut(id) {
+                peer.dirty = false;
+            }
+        }
+        dirty
+    }
+
+    /// True when some peer has frames the server has not tried to flush.
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Peers the core decided to disconnect (e.g. they stopped reading their
+    /// own replies); the server closes them and calls [`remove_peer`](Self::remove_peer).
+    pub fn take_doomed(&mut self) -> Vec<PeerId> {
+        std::mem::take(&mut self.doomed)
+    }
+
+    /// True if the peer was doomed.
+    pub fn is_doomed(&self, id: PeerId) -> bool {
+        self.peers.get(&id).is_some_and(|peer| peer.doomed)
+    }
+
+    /// Marks a peer for disconnection.
+    pub fn doom(&mut self, id: PeerId, why: &str) {
+        if let Some(peer) = self.peers.get_mut(&id) {
+            if !peer.doomed {
+                tracing::info!(peer = %peer.unique_name, why, "disconnecting peer");
+                peer.doomed = true;
+                self.doomed.push(id);
+            }
+        }
+    }
+
+    /// Writes as much of a peer's queue as `send` accepts. `send(io, data,
+    /// fds)` performs one sendmsg on the peer's socket.
+    pub fn flush_peer(
+        &mut self,
+        id: PeerId,
+        mut send: impl FnMut(&Io, &[u8], &[OwnedFd]) -> io::Result<usize>,
+    ) -> io::Result<Flushed> {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return Ok(Flushed::All);
+        };
+        let Peer {
+            io,
+            outbox,
+            queued_frame_ends,
+            ..
+        } = peer;
+        let result = outbox.flush(|data, fds| send(io, data, fds));
+        let written = outbox.written_total();
+        while queued_frame_ends.front().is_some_and(|&end| end <= written) {
+            queued_frame_ends.pop_front();
+        }
+        if outbox.is_empty() {
+            outbox.shrink();
+            if queued_frame_ends.capacity() > 64 {
+                *queued_frame_ends = VecDeque::new();
+            }
+        }
+        result
+    }
+
+    /// The earliest pending-call deadline.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.calls.next_deadline()
+    }
+
+    /// True (once) if a deadline earlier than before was added since the
+    /// last call, so the timer must wake up sooner.
+    pub fn take_timer_rearm(&mut self) -> bool {
+        std::mem::take(&mut self.timer_needs_rearm)
+    }
+
+    /// Fails every call whose deadline has passed with `Timeout`.
+    pub fn expire_calls(&mut self, now: Instant) {
+        for key in self.calls.expire(now) {
+            self.queue_error_to(key.caller, key.serial, &BusError::Timeout(0));
+        }
+    }
+
+    /// Routes one frame from `from`. A returned [`Violation`] means the peer
+    /// must be disconnected; everything else is answered on the wire.
+    pub fn dispatch(
+        &mut self,
+        from: PeerId,
+        header: &[u8],
+        body: &[u8],
+        fds: Vec<OwnedFd>,
+        now: Instant,
+    ) -> Result<(), Violation> {
+        if !self.peers.contains_key(&from) {
+            return Ok(());
+        }
+        let mut header =
+            Header::decode(header).map_err(|e| Violation(format!("undecodable header: {e}")))?;
+        let kind = MessageKind::try_from(header.kind).unwrap_or(MessageKind::Unspecified);
+        let serial = header.serial;
+        let wants_reply = kind == MessageKind::MethodCall && header.flags & HeaderFlag::NoReplyExpected as u32 == 0;
+        let result = match kind {
+            MessageKind::MethodCall => self.route_call(from, &mut header, body, fds, now),
+            MessageKind::MethodReturn | MessageKind::Error => self.route_reply(from, &mut header, body, fds),
+            MessageKind::Signal => self.route_signal(from, &mut header, body, fds),
+            MessageKind::Hello | MessageKind::Welcome => {
+                return Err(Violation("handshake frame after the handshake".into()))
+            }
+            MessageKind::Unspecified => return Err(Violation(format!("unknown message kind {}", header.kind))),
+        };
+        match result {
+            Ok(()) => {
+                if let Some(peer) = self.peers.get_mut(&from) {
+                    peer.counters.sent += 1;
+                }
+            }
+            Err(error) => {
+                tracing::debug!(peer = from.0, serial, %error, "refused");
+                // Refusals of calls are their reply. Refused signals and
+                // replies are reported too (with the offending serial) so a
+                // sender can notice; a client that expects nothing drops them.
+                if serial != 0 || wants_reply {
+                    self.queue_error_to(from, serial, &error);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn route_call(
+        &mut self,
+        from: PeerId,
+        header: &mut Header,
+        body: &[u8],
+        fds: Vec<OwnedFd>,
+        now: Instant,
+    ) -> Result<(), BusError> {
+        if header.serial == 0 {
+            return Err(BusError::InvalidArgs("a method call needs a non-zero serial".into()));
+        }
+        MemberName::try_from(header.member.as_str()).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+        if !header.path.is_empty() {
+            ObjectPath::try_from(header.path.as_str()).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+        }
+        if header.destination == BUS_NAME {
+            if !fds.is_empty() {
+                return Err(BusError::FdsNotSupported("the bus accepts no fds".into()));
+            }
+            return self.handle_bus_call(from, header, body, now);
+        }
+        let to = self.resolve(&header.destination)?;
+        self.check_unicast(from, to, header, &fds)?;
+        let wants_reply = header.flags & HeaderFlag::NoReplyExpected as u32 == 0;
+        let key = CallKey {
+            caller: from,
+            serial: header.serial,
+        };
+        if wants_reply {
+            if self.calls.count_for_caller(from) >= self.limits.max_pending_calls_per_connection as usize {
+                return Err(BusError::LimitExceeded {
+                    limit: "max_pending_calls_per_connection",
+                    message: "too many calls waiting for replies".into(),
+                });
+            }
+            let timeout_ms = match header.timeout_ms {
+                0 => self.limits.default_reply_timeout_ms,
+                requested => requested.min(self.limits.max_reply_timeout_ms),
+            };
+            let deadline = now + Duration::from_millis(u64::from(timeout_ms));
+            if self.calls.next_deadline().is_none_or(|next| deadline < next) {
+                self.timer_needs_rearm = true;
+            }
+            if !self.calls.insert(key, to, deadline) {
+                return Err(BusError::InvalidArgs(format!(
+                    "serial {} is already waiting for a reply",
+                    header.serial
+                )));
+            }
+        }
+        if let Err(error) = self.stamp_and_queue(from, to, header, body, fds) {
+            if wants_reply {
+                self.calls.cancel(key);
+            }
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    fn route_reply(&mut self, from: PeerId, header: &mut Header, body: &[u8], fds: Vec<OwnedFd>) -> Result<(), BusError> {
+        let caller = PeerId::from_unique_name(&header.destination).ok_or(BusError::UnexpectedReply)?;
+        let key = CallKey {
+            caller,
+            serial: header.reply_serial,
+        };
+        if !self.calls.take_reply(key, from) {
+            return Err(BusError::UnexpectedReply);
+        }
+        if header.kind == MessageKind::Error as i32 && header.error.as_ref().is_none_or(|e| e.name.is_empty()) {
+            let mut info = header.error.take().unwrap_or_default();
+            info.name = pbus_proto::errors::error_name(pbus_proto::v1::ErrorCode::Failed).to_owned();
+            header.error = Some(info);
+        }
+        // The call is answered either way; if the reply cannot go through,
+        // the caller gets an error in its place.
+        if let Err(error) = self.check_fds(from, caller, header, &fds) {
+            self.queue_error_to(caller, key.serial, &error);
+            return Err(error);
+        }
+        match self.stamp_and_queue(from, caller, header, body, fds) {
+            Ok(()) => Ok(()),
+            Err(BusError::ReceiverQueueFull { limit }) => {
+                // The caller asked for this reply and does not read it: its
+                // own queue is the problem, so the caller goes.
+                self.doom(caller, &format!("its queue is full ({limit}) and it has a reply to read"));
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    fn route_signal(&mut self, from: PeerId, header: &mut Header, body: &[u8], fds: Vec<OwnedFd>) -> Result<(), BusError> {
+        MemberName::try_from(header.member.as_str()).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+        if !header.path.is_empty() {
+            ObjectPath::try_from(header.path.as_str()).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+        }
+        if !header.destination.is_empty() {
+            let to = self.resolve(&header.destination)?;
+            self.check_unicast(from, to, header, &fds)?;
+            return self.stamp_and_queue(from, to, header, body, fds);
+        }
+        if fds.len() > header.memfds.len() {
+            return Err(BusError::FdsNotSupported(
+                "broadcast signals may carry memfd payloads but no other fds".into(),
+            ));
+        }
+        self.check_fd_limits(header, &fds)?;
+        self.broadcast(from, header, body, &fds);
+        Ok(())
+    }
+
+    /// Resolves a destination name to a connected peer.
+    fn resolve(&self, destination: &str) -> Result<PeerId, BusError> {
+        if destination.starts_with(':') {
+            PeerId::from_unique_name(destination)
+                .filter(|id| self.peers.contains_key(id))
+                .ok_or_else(|| BusError::NoSuchPeer(destination.to_owned()))
+        } else if destination.is_empty() {
+            Err(BusError::InvalidArgs("a method call needs a destination".into()))
+        } else {
+            self.names
+                .owner(destination)
+                .ok_or_else(|| BusError::NameHasNoOwner(destination.to_owned()))
+        }
+    }
+
+    /// Policy and fd checks for a call or unicast signal.
+    fn check_unicast(&self, from: PeerId, to: PeerId, header: &Header, fds: &[OwnedFd]) -> Result<(), BusError> {
+        let sender = &self.peers[&from];
+        let receiver = &self.peers[&to];
+        let talk = sender.policy.talk(&receiver.identity, &header.destination, &header.member);
+        if !talk.allowed {
+            return Err(BusError::AccessDenied {
+                right: talk.right.as_str(),
+                target: format!(" to send to {}", header.destination),
+            });
+        }
+        let receive = receiver.policy.receive(&sender.identity);
+        if !receive.allowed {
+            return Err(BusError::AccessDenied {
+                right: receive.right.as_str(),
+                target: format!(" ({} may not receive from this sender)", header.destination),
+            });
+        }
+        self.check_fds(from, to, header, fds)
+    }
+
+    fn check_fds(&self, _from: PeerId, to: PeerId, header: &Header, fds: &[OwnedFd]) -> Result<(), BusError> {
+        if fds.is_empty() && header.memfds.is_empty() {
+            return Ok(());
+        }
+        self.check_fd_limits(header, fds)?;
+        if !fds.is_empty() && !self.peers[&to].accepts_fds() {
+            return Err(BusError::FdsNotSupported(
+                "the receiver did not announce fd support".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Per-message fd and memfd limits, and memfd validation.
+    fn check_fd_limits(&self, header: &Header, fds: &[OwnedFd]) -> Result<(), BusError> {
+        if fds.len() > self.limits.max_fds_per_message as usize {
+            return Err(BusError::LimitExceeded {
+                limit: "max_fds_per_message",
+                message: format!("{} fds in one message", fds.len()),
+            });
+        }
+        if header.memfds.len() > self.limits.max_memfds_per_message as usize {
+            return Err(BusError::LimitExceeded {
+                limit: "max_memfds_per_message",
+                message: format!("{} memfds in one message", header.memfds.len()),
+            });
+        }
+        if header.body_in_memfd && header.memfds.is_empty() {
+            return Err(BusError::InvalidMemfd("body_in_memfd set but no memfd attached".into()));
+        }
+        let mut used = vec![false; fds.len()];
+        for memfd in &header.memfds {
+            let index = memfd.fd_index as usize;
+            let Some(fd) = fds.get(index) else {
+                return Err(BusError::InvalidMemfd(format!("memfd index {index} has no fd")));
+            };
+            if std::mem::replace(&mut used[index], true) {
+                return Err(BusError::InvalidMemfd(format!("fd {index} used for two memfds")));
+            }
+            crate::memfd::validate(fd, memfd.offset, memfd.length).map_err(BusError::InvalidMemfd)?;
+        }
+        Ok(())
+    }
+
+    /// Delivers a broadcast signal to every peer with a matching rule.
+    fn broadcast(&mut self, from: PeerId, header: &mut Header, body: &[u8], fds: &[OwnedFd]) {
+        self.broadcast_stamp += 1;
+        let stamp = self.broadcast_stamp;
+        let mut receivers = Vec::new();
+        {
+            let sender = &self.peers[&from];
+            let view = SignalView {
+                sender: &sender.unique_name,
+                path: &header.path,
+                member: &header.member,
+                args: &header.args,
+            };
+            let names = &self.names;
+            let peers = &self.peers;
+            self.matches.for_each_candidate(&view, sender.names.iter().map(String::as_str), |peer, rule| {
+                if rule.matches(&view, |name| names.owner(name) == Some(from)) {
+                    receivers.push(peer);
+                }
+            });
+            receivers.retain(|id| {
+                let Some(receiver) = peers.get(id) else { return false };
+                !receiver.doomed
+                    && receiver.policy.receive(&sender.identity).allowed
+                    && sender.policy.talk(&receiver.identity, "", &header.member).allowed
+            });
+        }
+        self.deliver_to_each(Some(from), receivers, stamp, header, body, fds);
+    }
+
+    /// Queues one encoded copy per receiver pid namespace to each receiver
+    /// not yet stamped with `stamp`.
+    fn deliver_to_each(
+        &mut self,
+        from: Option<PeerId>,
+        receivers: Vec<PeerId>,
+        stamp: u64,
+        header: &mut Header,
+        body: &[u8],
+        fds: &[OwnedFd],
+    ) {
+        let mut info = match from {
+            Some(from) => std::mem::take(&mut self.peers.get_mut(&from).expect("sender exists").sender_info),
+            None => self.bus_sender.clone(),
+        };
+        let sender_identity = from.map(|from| Arc::clone(&self.peers[&from].identity));
+        let mut encoded: Vec<(u64, Vec<u8>)> = Vec::new();
+        for id in receivers {
+            let Some(receiver) = self.peers.get_mut(&id) else { continue };
+            if receiver.broadcast_stamp == stamp {
+                continue;
+            }
+            receiver.broadcast_stamp = stamp;
+            let pid_ns = receiver.identity.namespaces.pid;
+            let frame = match encoded.iter().position(|(ns, _)| *ns == pid_ns) {
+                Some(index) => &encoded[index].1,
+                None => {
+                    info.pid = match &sender_identity {
+                        Some(identity) => identity.pid_seen_from(pid_ns),
+                        None if pid_ns == self.own_pid_namespace => self.bus_sender.pid,
+                        None => 0,
+                    };
+                    header.sender = Some(info);
+                    let mut bytes = Vec::new();
+                    pbus_proto::frame::encode_frame(&mut bytes, header, body, fds.len() as u16);
+                    info = header.sender.take().expect("just set");
+                    encoded.push((pid_ns, bytes));
+                    &encoded.last().expect("just pushed").1
+                }
+            };
+            let copies = match fds.iter().map(OwnedFd::try_clone).collect::<io::Result<Vec<_>>>() {
+                Ok(copies) => copies,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot duplicate memfds for a broadcast");
+                    continue;
+                }
+            };
+            match self.check_queue_room(id, frame.len(), copies.len()) {
+                Ok(()) => {
+                    let receiver = self.peers.get_mut(&id).expect("checked above");
+                    let end = receiver.outbox.push_encoded(frame, copies);
+                    receiver.queued_frame_ends.push_back(end);
+                    receiver.counters.received += 1;
+                    mark_dirty(&mut self.dirty, receiver);
+                }
+                Err(_) => {
+                    let receiver = self.peers.get_mut(&id).expect("checked above");
+                    receiver.counters.dropped_signals += 1;
+                    tracing::debug!(peer = %receiver.unique_name, "queue full; broadcast dropped");
+                }
+            }
+        }
+        if let Some(from) = from {
+            if let Some(sender) = self.peers.get_mut(&from) {
+                sender.sender_info = info;
+            }
+        }
+    }
+
+    /// Does `to`'s queue have room for one more frame of `bytes` and `fds`?
+    fn check_queue_room(&self, to: PeerId, bytes: usize, fds: usize) -> Result<(), BusError> {
+        let receiver = &self.peers[&to];
+        let limits = &self.limits;
+        if receiver.queued_frame_ends.len() >= limits.max_queued_messages_per_receiver as usize {
+            return Err(BusError::ReceiverQueueFull {
+                limit: "max_queued_messages_per_receiver",
+            });
+        }
+        if (receiver.outbox.queued_bytes() + bytes) as u64 > limits.max_queued_bytes_per_receiver {
+            return Err(BusError::ReceiverQueueFull {
+                limit: "max_queued_bytes_per_receiver",
+            });
+        }
+        if receiver.outbox.queued_fds() + fds > limits.max_queued_fds_per_receiver as usize {
+            return Err(BusError::ReceiverQueueFull {
+                limit: "max_queued_fds_per_receiver",
+            });
+        }
+        Ok(())
+    }
+
+    /// Stamps `header` with `from`'s identity (as `to` should see it) and
+    /// queues the frame for `to`.
+    fn stamp_and_queue(
+        &mut self,
+        from: PeerId,
+        to: PeerId,
+        header: &mut Header,
+        body: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), BusError> {
+        let receiver_ns = self.peers[&to].identity.namespaces.pid;
+        let sender = self.peers.get_mut(&from).expect("sender exists");
+        let mut info = std::mem::take(&mut sender.sender_info);
+        info.pid = sender.identity.pid_seen_from(receiver_ns);
+        header.sender = Some(info);
+        let frame_len = pbus_proto::frame::encoded_frame_len(header, body.len());
+        let result = self.check_queue_room(to, frame_len, fds.len());
+        if result.is_ok() {
+            let receiver = self.peers.get_mut(&to).expect("receiver exists");
+            let end = receiver.outbox.push(header, body, fds);
+            receiver.queued_frame_ends.push_back(end);
+            receiver.counters.received += 1;
+            mark_dirty(&mut self.dirty, receiver);
+        }
+        let info = header.sender.take().expect("just set");
+        self.peers.get_mut(&from).expect("sender exists").sender_info = info;
+        result
+    }
+
+    /// Queues a frame from the bus itself. The bus never refuses its own
+    /// frames for queue limits (they are small and bounded by what the peer
+    /// asked for); a peer that lets them pile up is disconnected instead.
+    fn queue_from_bus(&mut self, to: PeerId, mut header: Header, body: &[u8]) {
+        let over_limit = self.check_queue_room(to, body.len() + 64, 0).is_err();
+        let Some(receiver) = self.peers.get_mut(&to) else {
+            return;
+        };
+        let mut info = self.bus_sender.clone();
+        if receiver.identity.namespaces.pid != self.own_pid_namespace {
+            info.pid = 0;
+        }
+        header.sender = Some(info);
+        let end = receiver.outbox.push(&header, body, Vec::new());
+        receiver.queued_frame_ends.push_back(end);
+        receiver.counters.received += 1;
+        mark_dirty(&mut self.dirty, receiver);
+        if over_limit {
+            self.doom(to, "its queue is full of messages from the bus");
+        }
+    }
+
+    /// Sends an ERROR from the bus answering `serial` of `to` (0 when it
+    /// answers nothing in particular, e.g. the reason for a disconnect).
+    pub fn queue_error_to(&mut self, to: PeerId, serial: u64, error: &BusError) {
+        self.queue_error_info(to, serial, error.to_wire());
+    }
+
+    fn queue_error_info(&mut self, to: PeerId, serial: u64, info: ErrorInfo) {
+        let Some(peer) = self.peers.get(&to) else {
+            return;
+        };
+        let header = Header {
+            kind: MessageKind::Error as i32,
+            reply_serial: serial,
+            destination: peer.unique_name.clone(),
+            error: Some(info),
+            ..Header::default()
+        };
+        self.queue_from_bus(to, header, &[]);
+    }
+
+    /// Sends a METHOD_RETURN from the bus.
+    fn queue_bus_reply<M: prost::Message + prost::Name>(&mut self, to: PeerId, serial: u64, reply: &M) {
+        let Some(peer) = self.peers.get(&to) else {
+            return;
+        };
+        let header = Header {
+            kind: MessageKind::MethodReturn as i32,
+            reply_serial: serial,
+            destination: peer.unique_name.clone(),
+            payload_type: M::full_name(),
+            ..Header::default()
+        };
+        self.queue_from_bus(to, header, &reply.encode_to_vec());
+    }
+
+    /// Sends a signal from the bus to one peer.
+    fn queue_bus_signal<M: prost::Message + prost::Name>(&mut self, to: PeerId, member: &str, args: Vec<String>, body: &M) {
+        let Some(peer) = self.peers.get(&to) else {
+            return;
+        };
+        let header = Header {
+            kind: MessageKind::Signal as i32,
+            destination: peer.unique_name.clone(),
+            path: BUS_PATH.to_owned(),
+            member: member.to_owned(),
+            payload_type: M::full_name(),
+            args,
+            ..Header::default()
+        };
+        self.queue_from_bus(to, header, &body.encode_to_vec());
+    }
+
+    /// Announces a change of a well-known name's primary owner:
+    /// NameLost/NameAcquired to the peers involved and NameOwnerChanged to
+    /// subscribers that may see the name.
+    fn announce_change(&mut self, change: OwnerChange, removed_identity: Option<&Arc<PeerIdentity>>) {
+        if let Some(old) = change.old {
+            if self.peers.contains_key(&old) {
+                let lost = pbus_proto::v1::NameLost {
+                    name: change.name.clone(),
+                };
+                self.queue_bus_signal(old, "NameLost", vec![change.name.clone()], &lost);
+            }
+        }
+        if let Some(new) = change.new {
+            let acquired = pbus_proto::v1::NameAcquired {
+                name: change.name.clone(),
+            };
+            self.queue_bus_signal(new, "NameAcquired", vec![change.name.clone()], &acquired);
+        }
+        let identity_of = |bus: &Self, id: Option<PeerId>| -> Option<(PeerId, Arc<PeerIdentity>)> {
+            let id = id?;
+            match bus.peers.get(&id) {
+                Some(peer) => Some((id, Arc::clone(&peer.identity))),
+                None => removed_identity.map(|identity| (id, Arc::clone(identity))),
+            }
+        };
+        let old = identity_of(self, change.old);
+        let new = identity_of(self, change.new);
+        self.announce_owner_change(
+            &change.name,
+            old.as_ref().map(|(id, identity)| (*id, identity)),
+            new.as_ref().map(|(id, identity)| (*id, identity)),
+        );
+    }
+
+    /// Broadcasts NameOwnerChanged for `name` to subscribers allowed to see
+    /// the old or new owner under that name.
+    fn announce_owner_change(
+        &mut self,
+        name: &str,
+        old: Option<(PeerId, &Arc<PeerIdentity>)>,
+        new: Option<(PeerId, &Arc<PeerIdentity>)>,
+    ) {
+        let old_name = old.map(|(id, _)| id.unique_name().into_string()).unwrap_or_default();
+        let new_name = new.map(|(id, _)| id.unique_name().into_string()).unwrap_or_default();
+        let args = vec![name.to_owned(), old_name.clone(), new_name.clone()];
+        let view = SignalView {
+            sender: BUS_NAME,
+            path: BUS_PATH,
+            member: "NameOwnerChanged",
+            args: &args,
+        };
+        let mut receivers = Vec::new();
+        self.matches.for_each_candidate(&view, std::iter::empty(), |peer, rule| {
+            if rule.matches(&view, |_| false) {
+                receivers.push(peer);
+            }
+        });
+        receivers.retain(|id| {
+            let Some(receiver) = self.peers.get(id) else { return false };
+            let sees = |owner: Option<(PeerId, &Arc<PeerIdentity>)>| {
+                owner.is_some_and(|(owner_id, identity)| {
+                    owner_id == *id || receiver.policy.see(identity, name).allowed
+                })
+            };
+            !receiver.doomed && (sees(old) || sees(new))
+        });
+        if receivers.is_empty() {
+            return;
+        }
+        let body = NameOwnerChanged {
+            name: name.to_owned(),
+            old_owner: old_name,
+            new_owner: new_name,
+        };
+        let mut header = Header {
+            kind: MessageKind::Signal as i32,
+            path: BUS_PATH.to_owned(),
+            member: "NameOwnerChanged".to_owned(),
+            payload_type: pbus_proto::type_name::<NameOwnerChanged>(),
+            args,
+            ..Header::default()
+        };
+        self.broadcast_stamp += 1;
+        let stamp = self.broadcast_stamp;
+        self.deliver_to_each(None, receivers, stamp, &mut header, &body.encode_to_vec(), &[]);
+    }
+
+    /// The peer's identity as the `asker` should see it on the wire.
+    fn wire_identity(&self, peer: &Peer<Io>, asker: &Peer<Io>) -> pbus_proto::v1::PeerIdentity {
+        let identity = &peer.identity;
+        let mut owned: Vec<String> = peer
+            .names
+            .iter()
+            .filter(|name| self.names.owner(name) == Some(peer.id))
+            .cloned()
+            .collect();
+        owned.sort();
+        pbus_proto::v1::PeerIdentity {
+            unique_name: peer.unique_name.clone(),
+            uid: identity.uid,
+            gid: identity.gid,
+            pid: identity.pid_seen_from(asker.identity.namespaces.pid),
+            groups: identity.groups.clone(),
+            label: identity.label.clone(),
+            container: Some(container_info(identity)),
+            namespaces: Some(pbus_proto::v1::NamespaceIds {
+                pid: identity.namespaces.pid,
+                mnt: identity.namespaces.mnt,
+                net: identity.namespaces.net,
+                user: identity.namespaces.user,
+                ipc: identity.namespaces.ipc,
+                uts: identity.namespaces.uts,
+                cgroup: identity.namespaces.cgroup,
+            }),
+            cgroup: identity.cgroup.clone(),
+            listener: identity.listener.clone(),
+            owned_names: owned,
+            connected_at_unix: peer
+                .connected_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            features: peer.features,
+            host_pid: if asker.identity.uid == 0 || asker.identity.namespaces.pid == self.own_pid_namespace {
+                identity.pid
+            } else {
+                0
+            },
+        }
+    }
+}
+
+fn mark_dirty<Io>(dirty: &mut Vec<PeerId>, peer: &mut Peer<Io>) {
+    if !peer.dirty {
+        peer.dirty = true;
+        dirty.push(peer.id);
+    }
+}
+
+fn container_info(identity: &PeerIdentity) -> ContainerInfo {
+    use pbus_identity::ContainerRuntime as R;
+    use pbus_proto::v1::ContainerRuntime as W;
+    let runtime = match identity.container.runtime {
+        R::Host => W::Host,
+        R::Unknown => W::Unknown,
+        R::Docker => W::Docker,
+        R::Podman => W::Podman,
+        R::Containerd => W::Containerd,
+        R::Crio => W::Crio,
+        R::Lxc => W::Lxc,
+        R::Nspawn => W::Nspawn,
+    };
+    ContainerInfo {
+        runtime: runtime as i32,
+        id: identity.container.id.clone(),
+        pod_uid: identity.container.pod_uid.clone().unwrap_or_default(),
+    }
+}
+
+fn sender_info_of(unique_name: &str, identity: &PeerIdentity) -> SenderInfo {
+    SenderInfo {
+        unique_name: unique_name.to_owned(),
+        uid: identity.uid,
+        gid: identity.gid,
+        pid: identity.pid,
+        groups: identity.groups.clone(),
+        label: identity.label.clone(),
+        container: Some(container_info(identity)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

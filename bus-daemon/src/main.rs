@@ -1,0 +1,82 @@
+//! `pbusd`: the pbus daemon binary. Parses the command line, sets up
+//! logging, raises the fd limit, binds the listening sockets and runs the
+//! server on a single-threaded tokio runtime until SIGTERM or SIGINT.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use pbusd::config::Config;
+use pbusd::server::Server;
+
+/// The pbus daemon.
+#[derive(Debug, Parser)]
+#[command(name = "pbusd", version, about = "The pbus message bus daemon")]
+struct Args {
+    /// Listen on this socket path (repeatable). Default: /run/pbus/bus.sock
+    /// as root, $XDG_RUNTIME_DIR/pbus/bus.sock otherwise.
+    #[arg(long = "listen", value_name = "PATH")]
+    listen: Vec<PathBuf>,
+    /// TOML configuration file (limits, listen paths). Every key is optional.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the bus address (`unix:path=...`) on stdout once listening.
+    #[arg(long)]
+    print_address: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("pbusd: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if !args.listen.is_empty() {
+        config.listen = args.listen.clone();
+    }
+    match pbus_sys::process::raise_fd_limit() {
+        Ok(limit) => tracing::debug!(soft = limit.soft, hard = limit.hard, "fd limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the fd limit"),
+    }
+    let policy = pbus_policy::Policy::builtin();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let server = Server::bind(config, policy)?;
+        if args.print_address {
+            for path in server.paths() {
+                println!("unix:path={}", path.display());
+            }
+        }
+        server.run(shutdown_signal()).await
+    })
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}

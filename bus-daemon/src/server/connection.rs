@@ -1,0 +1,284 @@
+//! One connection's task: identify the peer from the kernel, run the
+//! handshake (HELLO first, within the timeout, nothing else before it),
+//! then read frames straight into the bus and flush this peer's own queue
+//! when its socket becomes writable again.
+//!
+//! Why MSG_CTRUNC disconnects: the kernel has already closed the fds that
+//! did not fit, so the frame they belonged to can never be delivered as the
+//! sender meant it, and the fd bookkeeping of the stream is lost.
+
+use std::io::{self, IoSlice};
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+use std::time::Instant;
+
+use pbus_identity::PeerIdentity;
+use pbus_proto::frame::{encode_frame, FeedError, FrameError, FrameLimits, FrameReader, RawFrame};
+use pbus_proto::v1::{Header, Hello, MessageKind};
+use prost::Message;
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+
+use super::{after_dispatch, send_frames, PeerIo, Shared, SharedBus, READ_BUDGET};
+use crate::bus::{BusError, PeerId};
+
+/// The first frame (HELLO) may be at most this large.
+const MAX_HELLO_FRAME: u32 = 64 << 10;
+
+/// Why a connection ends.
+enum Close {
+    /// The peer hung up.
+    Eof,
+    /// A socket error.
+    Io(io::Error),
+    /// The peer broke a rule; it is told why (if it is still listening).
+    Refused(BusError),
+}
+
+/// Connection state the frame callback needs, apart from the reader.
+struct State {
+    peer: Option<PeerId>,
+    /// Identity captured at accept, moved into the bus at HELLO.
+    identity: Option<PeerIdentity>,
+    /// Handshake slot, released when the handshake completes.
+    handshake_permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Serves one accepted connection until it closes or the daemon stops.
+pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<str>) {
+    let identity = match pbus_identity::identify(&stream, &listener, &shared.host) {
+        Ok((identity, _pidfd)) => identity,
+        Err(error) => {
+            tracing::warn!(%error, listener = %listener, "refusing connection: peer not identified");
+            return;
+        }
+    };
+    let Ok(permit) = Arc::clone(&shared.handshake_slots).try_acquire_owned() else {
+        tracing::warn!(uid = identity.uid, pid = identity.pid, "refusing connection: too many incomplete handshakes");
+        write_error_directly(
+            &stream,
+            &BusError::LimitExceeded {
+                limit: "max_incomplete_handshakes",
+                message: "too many connections are completing their handshake".into(),
+            },
+        );
+        return;
+    };
+    if let Err(error) = shared.bus.borrow().admit(identity.uid) {
+        tracing::warn!(uid = identity.uid, pid = identity.pid, %error, "refusing connection");
+        write_error_directly(&stream, &error);
+        return;
+    }
+    let io = Rc::new(PeerIo {
+        stream,
+        wake: Notify::new(),
+        closing: std::cell::Cell::new(false),
+    });
+    let limits = shared.config.limits.clone();
+    let mut reader = FrameReader::new(FrameLimits {
+        max_frame_bytes: limits.max_frame_bytes,
+        max_header_bytes: limits.max_header_bytes,
+    })
+    .with_first_frame_limit(MAX_HELLO_FRAME);
+    let mut state = State {
+        peer: None,
+        identity: Some(identity),
+        handshake_permit: Some(permit),
+    };
+    let handshake_deadline = tokio::time::Instant::now() + limits.handshake_timeout();
+    let mut stop = shared.shutdown.clone();
+    let close = loop {
+        let want_write = state
+            .peer
+            .is_some_and(|id| shared.bus.borrow().peer(id).is_some_and(|peer| !peer.outbox_is_empty()));
+        let handshaking = state.peer.is_none();
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break None,
+            _ = io.wake.notified() => {
+                if io.closing.get() {
+                    break None;
+                }
+            }
+            ready = io.stream.readable() => {
+                if let Err(error) = ready {
+                    break Some(Close::Io(error));
+                }
+                if let Some(close) = read_ready(&shared, &io, &mut reader, &mut state) {
+                    break Some(close);
+                }
+            }
+            ready = io.stream.writable(), if want_write => {
+                if let Err(error) = ready {
+                    break Some(Close::Io(error));
+                }
+                let mut bus = shared.bus.borrow_mut();
+                if let Some(id) = state.peer {
+                    if let Err(error) = bus.flush_peer(id, send_frames) {
+                        break Some(Close::Io(error));
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(handshake_deadline), if handshaking => {
+                break Some(Close::Refused(BusError::HandshakeFailed(format!(
+                    "handshake not completed within {} ms",
+                    limits.handshake_timeout_ms
+                ))));
+            }
+        }
+    };
+    finish(&shared, &io, &state, close);
+}
+
+/// Reads what the socket has (up to the read budget), feeds it to the
+/// frame reader, dispatches complete frames, then flushes every queue that
+/// received something. Returns why the connection must close, if it must.
+fn read_ready(shared: &Shared, io: &Rc<PeerIo>, reader: &mut FrameReader<OwnedFd>, state: &mut State) -> Option<Close> {
+    let mut bus = shared.bus.borrow_mut();
+    let mut scratch = shared.scratch.borrow_mut();
+    let now = Instant::now();
+    let mut total = 0usize;
+    let close = loop {
+        let mut fds = Vec::new();
+        let received = io.stream.try_io(Interest::READABLE, || {
+            pbus_sys::fdpass::recv_with_fds(&io.stream, &mut scratch, &mut fds)
+        });
+        let received = match received {
+            Ok(received) => received,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => break None,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => break Some(Close::Io(error)),
+        };
+        if received.bytes == 0 {
+            break Some(Close::Eof);
+        }
+        if received.control_truncated {
+            break Some(frame_error(FrameError::ControlTruncated));
+        }
+        if received.rights_sets > 1 {
+            break Some(frame_error(FrameError::SplitFdSets));
+        }
+        total += received.bytes;
+        let fed = reader.feed(&scratch[..received.bytes], fds, |frame| on_frame(&mut bus, io, state, frame, now));
+        match fed {
+            Ok(()) => {}
+            Err(FeedError::Frame(error)) => break Some(frame_error(error)),
+            Err(FeedError::Consumer(close)) => break Some(close),
+        }
+        if state.peer.is_some_and(|id| bus.is_doomed(id)) {
+            break None;
+        }
+        if total >= READ_BUDGET {
+            break None;
+        }
+    };
+    after_dispatch(shared, &mut bus);
+    close
+}
+
+/// Maps a framing error to the error the peer is told before it is closed.
+fn frame_error(error: FrameError) -> Close {
+    Close::Refused(match error {
+        FrameError::FrameTooLarge { len, .. } => BusError::LimitExceeded {
+            limit: "max_frame_bytes",
+            message: format!("frame of {len} bytes"),
+        },
+        FrameError::HeaderTooLarge { len, .. } => BusError::LimitExceeded {
+            limit: "max_header_bytes",
+            message: format!("header of {len} bytes"),
+        },
+        other => BusError::ProtocolViolation(other.to_string()),
+    })
+}
+
+fn on_frame(
+    bus: &mut SharedBus,
+    io: &Rc<PeerIo>,
+    state: &mut State,
+    frame: RawFrame<'_, OwnedFd>,
+    now: Instant,
+) -> Result<(), Close> {
+    if let Some(id) = state.peer {
+        return bus
+            .dispatch(id, frame.header, frame.body, frame.fds, now)
+            .map_err(|violation| Close::Refused(BusError::ProtocolViolation(violation.0)));
+    }
+    let hello = parse_hello(&frame).map_err(Close::Refused)?;
+    let identity = state.identity.take().expect("identity is kept until HELLO");
+    let (uid, pid, container) = (identity.uid, identity.pid, identity.container.clone());
+    let listener = identity.listener.clone();
+    let id = bus.add_peer(Rc::clone(io), identity, &hello).map_err(Close::Refused)?;
+    state.peer = Some(id);
+    state.handshake_permit = None;
+    tracing::info!(
+        peer = %id.unique_name(),
+        uid,
+        pid,
+        runtime = container.runtime.as_str(),
+        container = %container.id,
+        %listener,
+        client = %hello.client_name,
+        "peer connected"
+    );
+    Ok(())
+}
+
+fn parse_hello(frame: &RawFrame<'_, OwnedFd>) -> Result<Hello, BusError> {
+    let header = Header::decode(frame.header)
+        .map_err(|e| BusError::HandshakeFailed(format!("undecodable first frame: {e}")))?;
+    if header.kind != MessageKind::Hello as i32 {
+        return Err(BusError::HandshakeFailed("the first frame must be HELLO".into()));
+    }
+    if !frame.fds.is_empty() {
+        return Err(BusError::HandshakeFailed("HELLO carries no fds".into()));
+    }
+    Hello::decode(frame.body).map_err(|e| BusError::HandshakeFailed(format!("undecodable HELLO: {e}")))
+}
+
+/// Best-effort ERROR to a peer that has no queue yet (refused before or
+/// during the handshake). Never blocks.
+fn write_error_directly(stream: &UnixStream, error: &BusError) {
+    let header = Header {
+        kind: MessageKind::Error as i32,
+        destination: String::new(),
+        error: Some(error.to_wire()),
+        ..Header::default()
+    };
+    let mut bytes = Vec::new();
+    encode_frame(&mut bytes, &header, &[], 0);
+    let _ = stream.try_io(Interest::WRITABLE, || {
+        pbus_sys::fdpass::send_with_fds(stream, &[IoSlice::new(&bytes)], &[])
+    });
+}
+
+/// Tells a refused peer why, removes it from the bus (releasing its names,
+/// failing calls it owed) and flushes what that caused for others.
+fn finish(shared: &Shared, io: &Rc<PeerIo>, state: &State, close: Option<Close>) {
+    let reason = match &close {
+        None => "closed by the daemon".to_owned(),
+        Some(Close::Eof) => "hung up".to_owned(),
+        Some(Close::Io(error)) => format!("socket error: {error}"),
+        Some(Close::Refused(error)) => error.to_string(),
+    };
+    let mut bus = shared.bus.borrow_mut();
+    match state.peer {
+        Some(id) => {
+            if let Some(Close::Refused(error)) = &close {
+                bus.queue_error_to(id, 0, error);
+            }
+            let _ = bus.flush_peer(id, send_frames);
+            bus.remove_peer(id);
+            after_dispatch(shared, &mut bus);
+            tracing::info!(peer = %id.unique_name(), reason, "peer disconnected");
+        }
+        None => {
+            if let Some(Close::Refused(error)) = &close {
+                write_error_directly(&io.stream, error);
+            }
+            tracing::info!(reason, "connection closed before the handshake completed");
+        }
+    }
+}
+
+use std::sync::Arc;

@@ -1,0 +1,249 @@
+//! The tokio layer around the routing core. It owns the sockets and nothing
+//! else: listeners accept, each connection task reads frames and hands them
+//! to [`Bus::dispatch`], and after every read batch the queues of all peers
+//! that received something are flushed right there, in the same task, with
+//! non-blocking sendmsg calls. There are no extra task hops on the message
+//! path and no lock is held across an await: the daemon runs on one thread
+//! (a current-thread runtime and a `LocalSet`), and the bus is a `RefCell`
+//! borrowed only inside synchronous sections.
+//!
+//! A receiver whose socket is full never blocks anyone: its frames stay in
+//! its bounded queue and its own task waits for writability.
+
+mod connection;
+pub mod listener;
+
+use std::cell::{Cell, RefCell};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pbus_identity::HostContext;
+use pbus_policy::Policy;
+use pbus_proto::frame::Flushed;
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+
+use crate::bus::Bus;
+use crate::config::Config;
+use listener::BoundSocket;
+
+/// What the server layer keeps per peer, stored inside the core's `Peer`.
+#[derive(Debug)]
+pub struct PeerIo {
+    stream: UnixStream,
+    /// Wakes the peer's task: its queue needs the socket to become writable,
+    /// or it must close.
+    wake: Notify,
+    /// Set when the core doomed the peer.
+    closing: Cell<bool>,
+}
+
+type SharedBus = Bus<Rc<PeerIo>>;
+
+/// State shared by all tasks of one daemon (single thread).
+struct Shared {
+    bus: RefCell<SharedBus>,
+    /// One read buffer for all connections: reads are processed before the
+    /// next await, so no connection needs a buffer of its own while idle.
+    scratch: RefCell<Vec<u8>>,
+    host: HostContext,
+    config: Config,
+    handshake_slots: Arc<Semaphore>,
+    timer_wake: Notify,
+    shutdown: watch::Receiver<bool>,
+    /// Never sent on: dropped with the last `Rc<Shared>`, i.e. when every
+    /// task has finished, which is what shutdown waits for.
+    _all_tasks_done: mpsc::Sender<()>,
+}
+
+/// Bytes read from one connection before other connections get a turn.
+const READ_BUDGET: usize = 1 << 20;
+/// Size of the shared read buffer.
+const SCRATCH_LEN: usize = 256 << 10;
+
+/// A running daemon's listeners, ready to serve.
+pub struct Server {
+    sockets: Vec<BoundSocket>,
+    config: Config,
+    policy: Arc<Policy>,
+}
+
+impl Server {
+    /// Binds every listen path of `config` (or the default path).
+    pub fn bind(config: Config, policy: Arc<Policy>) -> anyhow::Result<Self> {
+        let paths: Vec<PathBuf> = if config.listen.is_empty() {
+            vec![listener::default_socket_path()?]
+        } else {
+            config.listen.clone()
+        };
+        let mut sockets = Vec::new();
+        for path in &paths {
+            let socket = listener::bind(path).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+            tracing::info!(path = %path.display(), "listening");
+            sockets.push(socket);
+        }
+        Ok(Self {
+            sockets,
+            config,
+            policy,
+        })
+    }
+
+    /// The paths being listened on.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.sockets.iter().map(|s| s.path.clone()).collect()
+    }
+
+    /// Serves until `shutdown` resolves, then closes every connection and
+    /// removes the socket files. Must run inside a `LocalSet`.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let host = HostContext::detect()?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+        let bus_id = random_bus_id();
+        let bus = Bus::new(
+            self.config.limits.clone(),
+            self.policy,
+            bus_id.clone(),
+            host.pid_namespace,
+            Instant::now(),
+        );
+        tracing::info!(bus_id, "bus started");
+        let shared = Rc::new(Shared {
+            bus: RefCell::new(bus),
+            scratch: RefCell::new(vec![0u8; SCRATCH_LEN]),
+            host,
+            handshake_slots: Arc::new(Semaphore::new(self.config.limits.max_incomplete_handshakes as usize)),
+            config: self.config,
+            timer_wake: Notify::new(),
+            shutdown: stop_rx,
+            _all_tasks_done: alive_tx,
+        });
+        let mut accept_tasks = Vec::new();
+        for socket in &self.sockets {
+            let listener = tokio::net::UnixListener::from_std(socket.listener.try_clone()?)?;
+            let path: Rc<str> = Rc::from(socket.path.to_string_lossy().as_ref());
+            accept_tasks.push(tokio::task::spawn_local(accept_loop(Rc::clone(&shared), listener, path)));
+        }
+        let timer = tokio::task::spawn_local(run_timer(Rc::clone(&shared)));
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        for task in accept_tasks {
+            let _ = task.await;
+        }
+        let _ = timer.await;
+        // Every connection task holds a sender; recv() returns None once the
+        // last one has finished and removed its peer.
+        drop(shared);
+        while alive_rx.recv().await.is_some() {}
+        for socket in &self.sockets {
+            socket.remove_file();
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn random_bus_id() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_err()
+    {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes = (nanos ^ u128::from(std::process::id())).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn accept_loop(shared: Rc<Shared>, listener: tokio::net::UnixListener, path: Rc<str>) {
+    let mut stop = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::task::spawn_local(connection::serve(Rc::clone(&shared), stream, Rc::clone(&path)));
+                }
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+/// Fails pending calls whose deadline passed.
+async fn run_timer(shared: Rc<Shared>) {
+    let mut stop = shared.shutdown.clone();
+    loop {
+        let next = shared.bus.borrow().next_deadline();
+        let sleep = async {
+            match next {
+                Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => {
+                let mut bus = shared.bus.borrow_mut();
+                bus.expire_calls(Instant::now());
+                after_dispatch(&shared, &mut bus);
+            }
+            _ = shared.timer_wake.notified() => {}
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+/// After the core ran: flush every peer that received frames, wake peers
+/// whose sockets are full, close doomed peers, rearm the call timer.
+fn after_dispatch(shared: &Shared, bus: &mut SharedBus) {
+    flush_dirty(bus);
+    for id in bus.take_doomed() {
+        if let Some(peer) = bus.peer(id) {
+            peer.io.closing.set(true);
+            peer.io.wake.notify_one();
+        }
+    }
+    if bus.take_timer_rearm() {
+        shared.timer_wake.notify_one();
+    }
+}
+
+fn flush_dirty(bus: &mut SharedBus) {
+    for id in bus.take_dirty() {
+        match bus.flush_peer(id, send_frames) {
+            Ok(Flushed::All) => {}
+            Ok(Flushed::Blocked) => {
+                if let Some(peer) = bus.peer(id) {
+                    peer.io.wake.notify_one();
+                }
+            }
+            Err(error) => {
+                tracing::debug!(peer = id.0, %error, "write failed");
+                bus.doom(id, "write failed");
+            }
+        }
+    }
+}
+
+/// One non-blocking sendmsg of queued bytes (and their fds) to a peer.
+fn send_frames(io: &Rc<PeerIo>, data: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+    io.stream.try_io(Interest::WRITABLE, || {
+        pbus_sys::fdpass::send_with_fds(&io.stream, &[IoSlice::new(data)], &borrowed)
+    })
+}
