@@ -317,19 +317,13 @@ pub fn is_namespaced(peer: &Namespaces, host: &Namespaces) -> bool {
         (peer.ipc, host.ipc),
         (peer.cgroup, host.cgroup),
     ];
-    pairs
-        .iter()
-        .any(|&(peer, host)| host != 0 && peer != host)
+    pairs.iter().any(|&(peer, host)| host != 0 && peer != host)
 }
 
 /// The container a peer is in: what its cgroups reveal, else
 /// [`ContainerRuntime::Unknown`] when its namespaces differ from the host's
 /// ([`is_namespaced`]), else the host.
-pub fn classify(
-    membership: &CgroupMembership,
-    peer: &Namespaces,
-    host: &Namespaces,
-) -> Container {
+pub fn classify(membership: &CgroupMembership, peer: &Namespaces, host: &Namespaces) -> Container {
     if let Some(container) = container_from_membership(membership) {
         return container;
     }
@@ -530,7 +524,12 @@ mod tests {
         assert_eq!(membership.v1_path("memory"), None);
         assert_eq!(
             membership.paths_by_preference(),
-            ["/", docker_path.as_str(), docker_path.as_str(), docker_path.as_str()]
+            [
+                "/",
+                docker_path.as_str(),
+                docker_path.as_str(),
+                docker_path.as_str()
+            ]
         );
         // The v2 root says nothing; the v1-only runtime's path is reported.
         assert_eq!(membership.primary_path(), docker_path);
@@ -574,9 +573,7 @@ mod tests {
     #[test]
     fn hierarchy_preference_v2_then_systemd_then_controllers() {
         // v2 wins over a disagreeing v1.
-        let text = format!(
-            "1:name=systemd:/lxc/old\n0::/system.slice/docker-{DOCKER_ID}.scope\n"
-        );
+        let text = format!("1:name=systemd:/lxc/old\n0::/system.slice/docker-{DOCKER_ID}.scope\n");
         assert_eq!(
             container_from_membership(&parse_proc_cgroup(&text)),
             container(Docker, DOCKER_ID, None)
@@ -598,7 +595,8 @@ mod tests {
             container(Containerd, CTR_ID, Some(POD_UID))
         );
         // Host everywhere.
-        let text = "9:name=systemd:/\n4:memory:/process_api/e0919b67e30e5d49acfa72408425e16a\n0::/\n";
+        let text =
+            "9:name=systemd:/\n4:memory:/process_api/e0919b67e30e5d49acfa72408425e16a\n0::/\n";
         assert_eq!(container_from_membership(&parse_proc_cgroup(text)), None);
     }
 

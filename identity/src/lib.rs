@@ -2,14 +2,22 @@
 //! kernel vouches for it.
 //!
 //! [`model`] holds the plain data (credentials, namespaces, cgroup,
-//! container); [`capture`] reads it for a freshly accepted socket. The
-//! daemon captures identity once, at connect time, and never changes it.
-//! This crate knows nothing about frames, names or policy.
+//! container); [`capture`] reads it for a freshly accepted socket, using
+//! [`procfs`] (pidfd-confirmed `/proc` facts), [`pidns`] (pid namespace
+//! chain for pid translation), [`cgroup`] (container classification) and
+//! [`mounts`] (where the cgroup hierarchies are mounted). The daemon
+//! captures identity once, at connect time, and never changes it. This
+//! crate knows nothing about frames, names or policy.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod capture;
+pub mod cgroup;
 pub mod model;
+pub mod mounts;
+pub mod pidns;
+pub mod procfs;
 
-pub use capture::{identify, HostContext, IdentifyError};
+pub use capture::{identify, identify_from_parts, HostContext, IdentifyError, SocketCredentials};
 pub use model::{Container, ContainerRuntime, Namespaces, PeerIdentity};
+pub use mounts::{CgroupMount, CgroupMounts};

@@ -9,19 +9,23 @@ pub enum ContainerRuntime {
     /// Not in a container: host cgroup and host namespaces.
     #[default]
     Host,
-    /// In namespaces other than the host's, in no cgroup of a known runtime.
+    /// In namespaces other than the host's, in no cgroup of a known runtime;
+    /// or in a Kubernetes pod's cgroup but in none of its containers.
     Unknown,
     /// Docker (`/docker/<id>`, `docker-<id>.scope`).
     Docker,
     /// Podman (`libpod-<id>.scope`).
     Podman,
-    /// containerd, typically under Kubernetes (`cri-containerd-<id>.scope`).
+    /// containerd, typically under Kubernetes (`cri-containerd-<id>.scope`,
+    /// `nerdctl-<id>.scope`, or a bare id under a pod with the cgroupfs
+    /// driver).
     Containerd,
     /// CRI-O under Kubernetes (`crio-<id>.scope`).
     Crio,
     /// LXC (`/lxc/<name>`, `lxc.payload.<name>`).
     Lxc,
-    /// systemd-nspawn (`machine-<name>.scope`).
+    /// systemd-nspawn (`machine-<name>.scope`,
+    /// `systemd-nspawn@<name>.service`).
     Nspawn,
 }
 

@@ -283,7 +283,10 @@ mod tests {
 32 25 0:30 / /sys/fs/cgroup/net_cls rw,relatime shared:12 - cgroup cgroup rw,net_cls,release_agent=/sbin/agent
 ";
         let mounts = parse_mountinfo(text);
-        assert_eq!(mounts.v2_mount_point(), Some(Path::new("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            mounts.v2_mount_point(),
+            Some(Path::new("/sys/fs/cgroup/unified"))
+        );
         let controllers: Vec<Vec<String>> =
             mounts.v1.iter().map(|m| m.controllers.clone()).collect();
         assert_eq!(
@@ -329,10 +332,7 @@ mod tests {
         let mounts = parse_mountinfo(text);
         assert_eq!(mounts.v2_mount_point(), Some(Path::new("/sys/fs/cgroup")));
         assert_eq!(mounts.v1.len(), 1);
-        assert_eq!(
-            mounts.v1[0].mount_point,
-            Path::new("/sys/fs/cgroup/memory")
-        );
+        assert_eq!(mounts.v1[0].mount_point, Path::new("/sys/fs/cgroup/memory"));
     }
 
     #[test]
@@ -351,7 +351,9 @@ mod tests {
         };
         assert_eq!(
             whole.directory_for("/system.slice/a.service"),
-            Some(PathBuf::from("/sys/fs/cgroup/unified/system.slice/a.service"))
+            Some(PathBuf::from(
+                "/sys/fs/cgroup/unified/system.slice/a.service"
+            ))
         );
         assert_eq!(
             whole.directory_for("/"),

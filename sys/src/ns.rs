@@ -38,12 +38,7 @@ pub fn inode_of(fd: impl AsFd) -> io::Result<u64> {
 pub fn parent_namespace(namespace: impl AsFd) -> io::Result<OwnedFd> {
     // SAFETY: NS_GET_PARENT takes no argument and returns a new fd or -1;
     // the namespace fd is valid for the duration of the borrow.
-    let fd = check(unsafe {
-        libc::ioctl(
-            namespace.as_fd().as_raw_fd(),
-            NS_GET_PARENT as _,
-        )
-    })?;
+    let fd = check(unsafe { libc::ioctl(namespace.as_fd().as_raw_fd(), NS_GET_PARENT as _) })?;
     // SAFETY: the kernel just created this fd for us; nobody else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

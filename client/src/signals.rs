@@ -1,0 +1,352 @@
+//! Signal subscriptions. Each [`SignalStream`] has its own match rule,
+//! registered with the bus (so the bus sends only what some subscription
+//! wants) and checked again locally (so each stream gets only what its own
+//! rule accepts). Rules on a well-known sender follow that name's current
+//! owner, tracked through `NameOwnerChanged`.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use pbus_proto::names::{BusName, MemberName, ObjectPath};
+use pbus_proto::v1::{self, ArgMatch};
+use pbus_proto::{BUS_NAME, BUS_PATH};
+use tokio::sync::mpsc;
+
+use crate::message::Incoming;
+use crate::{Connection, Error};
+
+/// A received signal, shared between the subscriptions it matched.
+pub type Signal = Arc<Incoming>;
+
+/// Which signals to receive. Unset fields match anything.
+///
+/// ```
+/// let rule = pbus::MatchRule::new()
+///     .sender("org.example.Sensors")
+///     .member("TemperatureChanged")
+///     .arg(0, "kitchen");
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MatchRule {
+    rule: v1::MatchRule,
+}
+
+impl MatchRule {
+    /// A rule that matches every signal.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Only signals from this unique or well-known name.
+    pub fn sender(mut self, sender: &str) -> Self {
+        self.rule.sender = sender.to_owned();
+        self
+    }
+
+    /// Only signals on this exact path.
+    pub fn path(mut self, path: &str) -> Self {
+        self.rule.path = path.to_owned();
+        self.rule.path_namespace = false;
+        self
+    }
+
+    /// Only signals on this path or below it.
+    pub fn path_namespace(mut self, path: &str) -> Self {
+        self.rule.path = path.to_owned();
+        self.rule.path_namespace = true;
+        self
+    }
+
+    /// Only signals with this name.
+    pub fn member(mut self, member: &str) -> Self {
+        self.rule.member = member.to_owned();
+        self
+    }
+
+    /// Only signals whose string argument `index` equals `value`.
+    pub fn arg(mut self, index: u32, value: &str) -> Self {
+        self.rule.args.retain(|arg| arg.index != index);
+        self.rule.args.push(ArgMatch {
+            index,
+            value: value.to_owned(),
+        });
+        self
+    }
+
+    /// The rule as sent to the bus.
+    pub fn to_wire(&self) -> v1::MatchRule {
+        self.rule.clone()
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if !self.rule.sender.is_empty() {
+            BusName::try_from(self.rule.sender.as_str())?;
+        }
+        if !self.rule.path.is_empty() {
+            ObjectPath::try_from(self.rule.path.as_str())?;
+        }
+        if !self.rule.member.is_empty() {
+            MemberName::try_from(self.rule.member.as_str())?;
+        }
+        Ok(())
+    }
+
+    fn well_known_sender(&self) -> Option<&str> {
+        let sender = self.rule.sender.as_str();
+        (!sender.is_empty() && !sender.starts_with(':') && sender != BUS_NAME).then_some(sender)
+    }
+
+    fn matches(&self, signal: &Incoming, owners: &HashMap<String, TrackedOwner>) -> bool {
+        let rule = &self.rule;
+        if !rule.member.is_empty() && rule.member != signal.member() {
+            return false;
+        }
+        if !rule.path.is_empty() {
+            let path = signal.path();
+            let hit = if rule.path_namespace {
+                rule.path == "/"
+                    || path
+                        .strip_prefix(rule.path.as_str())
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            } else {
+                rule.path == path
+            };
+            if !hit {
+                return false;
+            }
+        }
+        for arg in &rule.args {
+            if signal.args().get(arg.index as usize) != Some(&arg.value) {
+                return false;
+            }
+        }
+        if !rule.sender.is_empty() {
+            let sender = signal.sender().unique_name.as_str();
+            if rule.sender != sender {
+                let owner = owners.get(&rule.sender).and_then(|tracked| tracked.owner.as_deref());
+                if owner != Some(sender) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+fn owner_rule(name: &str) -> MatchRule {
+    MatchRule::new()
+        .sender(BUS_NAME)
+        .path(BUS_PATH)
+        .member("NameOwnerChanged")
+        .arg(0, name)
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct TrackedOwner {
+    owner: Option<String>,
+    /// A NameOwnerChanged was seen since tracking began, so it is newer
+    /// than any GetNameOwner answer still in flight.
+    updated_by_signal: bool,
+    subscriptions: usize,
+}
+
+struct Entry {
+    id: u64,
+    rule: MatchRule,
+    tx: mpsc::UnboundedSender<Signal>,
+}
+
+/// Every live subscription of a connection.
+#[derive(Default)]
+pub(crate) struct Subscriptions {
+    next_id: u64,
+    entries: Vec<Entry>,
+    owners: HashMap<String, TrackedOwner>,
+    closed: bool,
+}
+
+impl Subscriptions {
+    /// Hands a signal to every subscription whose rule accepts it.
+    pub(crate) fn deliver(&mut self, signal: Incoming) {
+        if signal.member() == "NameOwnerChanged" && signal.sender().unique_name == BUS_NAME {
+            if let [name, _, new_owner] = signal.args() {
+                if let Some(tracked) = self.owners.get_mut(name) {
+                    tracked.owner = (!new_owner.is_empty()).then(|| new_owner.clone());
+                    tracked.updated_by_signal = true;
+                }
+            }
+        }
+        let signal = Arc::new(signal);
+        for entry in &self.entries {
+            if entry.rule.matches(&signal, &self.owners) {
+                let _ = entry.tx.send(Arc::clone(&signal));
+            }
+        }
+    }
+
+    pub(crate) fn close_all(&mut self) {
+        self.closed = true;
+        self.entries.clear();
+    }
+}
+
+/// A stream of signals matching one rule. Dropping it removes the rule
+/// from the bus.
+pub struct SignalStream {
+    rx: mpsc::UnboundedReceiver<Signal>,
+    id: u64,
+    rule: MatchRule,
+    connection: Connection,
+}
+
+impl std::fmt::Debug for SignalStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalStream").field("rule", &self.rule).finish_non_exhaustive()
+    }
+}
+
+impl SignalStream {
+    /// The next signal, or `None` when the connection closed.
+    pub async fn next(&mut self) -> Option<Signal> {
+        self.rx.recv().await
+    }
+
+    /// The rule this stream was created with.
+    pub fn rule(&self) -> &MatchRule {
+        &self.rule
+    }
+}
+
+impl Stream for SignalStream {
+    type Item = Signal;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Signal>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for SignalStream {
+    fn drop(&mut self) {
+        let mut subscriptions = self.connection.inner.subscriptions.lock().expect("subscriptions lock");
+        subscriptions.entries.retain(|entry| entry.id != self.id);
+        let mut rules = vec![self.rule.clone()];
+        if let Some(name) = self.rule.well_known_sender() {
+            if let Some(tracked) = subscriptions.owners.get_mut(name) {
+                tracked.subscriptions -= 1;
+                if tracked.subscriptions == 0 {
+                    subscriptions.owners.remove(name);
+                    rules.push(owner_rule(name));
+                }
+            }
+        }
+        drop(subscriptions);
+        if self.connection.is_closed() {
+            return;
+        }
+        let connection = self.connection.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for rule in rules {
+                    let _ = connection.remove_match(&rule).await;
+                }
+            });
+        }
+    }
+}
+
+impl Connection {
+    /// Subscribes to signals matching `rule`.
+    ///
+    /// ```no_run
+    /// # async fn example(connection: pbus::Connection) -> Result<(), pbus::Error> {
+    /// let mut changes = connection
+    ///     .subscribe(pbus::MatchRule::new().member("Changed"))
+    ///     .await?;
+    /// while let Some(signal) = changes.next().await {
+    ///     println!("{} from {}", signal.member(), signal.sender().unique_name);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn subscribe(&self, rule: MatchRule) -> Result<SignalStream, Error> {
+        rule.validate()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let track = rule.well_known_sender().map(str::to_owned);
+        let (id, first_tracker) = {
+            let mut subscriptions = self.inner.subscriptions.lock().expect("subscriptions lock");
+            if subscriptions.closed {
+                return Err(Error::Disconnected);
+            }
+            subscriptions.next_id += 1;
+            let id = subscriptions.next_id;
+            let first_tracker = match &track {
+                Some(name) => {
+                    let tracked = subscriptions.owners.entry(name.clone()).or_default();
+                    tracked.subscriptions += 1;
+                    tracked.subscriptions == 1
+                }
+                None => false,
+            };
+            subscriptions.entries.push(Entry {
+                id,
+                rule: rule.clone(),
+                tx,
+            });
+            (id, first_tracker)
+        };
+        // From here on, dropping the stream undoes the registration.
+        let stream = SignalStream {
+            rx,
+            id,
+            rule: rule.clone(),
+            connection: self.clone(),
+        };
+        if let (Some(name), true) = (&track, first_tracker) {
+            self.add_match(&owner_rule(name)).await?;
+            let owner = self.get_name_owner(name).await.ok();
+            let mut subscriptions = self.inner.subscriptions.lock().expect("subscriptions lock");
+            if let Some(tracked) = subscriptions.owners.get_mut(name) {
+                if !tracked.updated_by_signal {
+                    tracked.owner = owner;
+                }
+            }
+        }
+        self.add_match(&rule).await?;
+        Ok(stream)
+    }
+
+    /// Watches the owner of `name`: the current owner now, then every
+    /// change.
+    pub async fn watch_name_owner(&self, name: &str) -> Result<NameOwnerWatch, Error> {
+        BusName::try_from(name)?;
+        let stream = self.subscribe(owner_rule(name)).await?;
+        let current = self.get_name_owner(name).await.ok();
+        Ok(NameOwnerWatch { stream, current })
+    }
+}
+
+/// Changes of one name's owner; see [`Connection::watch_name_owner`].
+#[derive(Debug)]
+pub struct NameOwnerWatch {
+    stream: SignalStream,
+    current: Option<String>,
+}
+
+impl NameOwnerWatch {
+    /// The owner as last seen (unique name), `None` if unowned.
+    pub fn current(&self) -> Option<&str> {
+        self.current.as_deref()
+    }
+
+    /// Waits for the next change; `None` when the connection closed.
+    pub async fn changed(&mut self) -> Option<v1::NameOwnerChanged> {
+        loop {
+            let signal = self.stream.next().await?;
+            if let Ok(change) = signal.decode::<v1::NameOwnerChanged>() {
+                self.current = (!change.new_owner.is_empty()).then(|| change.new_owner.clone());
+                return Some(change);
+            }
+        }
+    }
+}
