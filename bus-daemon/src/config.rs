@@ -103,9 +103,6 @@ impl Limits {
         if self.max_fds_per_message > HARD_MAX_FDS_PER_MESSAGE {
             return bad("max_fds_per_message", "must be at most 253 (the kernel's SCM_MAX_FD)");
         }
-        if self.max_memfds_per_message > self.max_fds_per_message {
-            return bad("max_memfds_per_message", "must not exceed max_fds_per_message");
-        }
         if self.max_header_bytes < 1024 {
             return bad("max_header_bytes", "must be at least 1024");
         }

@@ -1,1 +1,508 @@
-#[test] fn placeholder() {}
+//! Tests of the routing core without sockets: peers are added with
+//! hand-made identities, frames go in through `dispatch`, and what the bus
+//! queued is read back by flushing the outboxes into a frame reader.
+
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use pbus_identity::{Namespaces, PeerIdentity};
+use pbus_policy::Policy;
+use pbus_proto::frame::{encode_frame, FrameLimits, FrameReader};
+use pbus_proto::v1::{
+    AddMatchRequest, ContainerInfo, ErrorCode, Header, HeaderFlag, Hello, MatchRule, MessageKind, RequestNameReply,
+    RequestNameRequest, RequestNameResult, SenderInfo, Welcome,
+};
+use pbus_proto::{BUS_NAME, PROTOCOL_VERSION};
+use prost::Message;
+
+use super::{Bus, PeerId};
+use crate::config::Limits;
+
+const HOST_NS: u64 = 4026531836;
+
+struct Harness {
+    bus: Bus<()>,
+    now: Instant,
+    serial: u64,
+}
+
+/// A frame the bus queued for a peer.
+#[derive(Debug)]
+struct Out {
+    header: Header,
+    body: Vec<u8>,
+    fds: usize,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with_limits(Limits::default())
+    }
+
+    fn with_limits(limits: Limits) -> Self {
+        let now = Instant::now();
+        Self {
+            bus: Bus::new(limits, Policy::builtin(), "test-bus".into(), HOST_NS, now),
+            now,
+            serial: 0,
+        }
+    }
+
+    fn identity(uid: u32, pid: u32) -> PeerIdentity {
+        PeerIdentity {
+            uid,
+            gid: uid,
+            pid,
+            groups: vec![uid, 10],
+            namespaces: Namespaces {
+                pid: HOST_NS,
+                ..Namespaces::default()
+            },
+            pid_namespace_chain: vec![HOST_NS],
+            nspids: vec![pid],
+            ..PeerIdentity::default()
+        }
+    }
+
+    fn connect(&mut self, uid: u32, pid: u32) -> PeerId {
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            features: 3,
+            client_name: String::new(),
+        };
+        let id = self.bus.add_peer((), Self::identity(uid, pid), &hello).unwrap();
+        let welcome = self.drain(id);
+        assert_eq!(welcome[0].header.kind, MessageKind::Welcome as i32);
+        let welcome = Welcome::decode(welcome[0].body.as_slice()).unwrap();
+        assert_eq!(welcome.unique_name, id.unique_name().as_str());
+        id
+    }
+
+    /// Everything queued for `peer`, decoded.
+    fn drain(&mut self, peer: PeerId) -> Vec<Out> {
+        let mut bytes = Vec::new();
+        let mut fd_count = 0;
+        self.bus
+            .flush_peer(peer, |_, data, fds| {
+                bytes.extend_from_slice(data);
+                fd_count += fds.len();
+                Ok(data.len())
+            })
+            .unwrap();
+        let mut reader = FrameReader::<()>::new(FrameLimits::default());
+        let mut out = Vec::new();
+        // Fds are counted but not tied to frames here (the frame reader
+        // tests cover that).
+        let mut frames = Vec::new();
+        reader
+            .feed(&bytes, Vec::new(), |frame| {
+                frames.push((Header::decode(frame.header).unwrap(), frame.body.to_vec()));
+                Ok::<(), ()>(())
+            })
+            .unwrap_or_else(|_| panic!("bus queued a bad frame"));
+        for (header, body) in frames {
+            out.push(Out { header, body, fds: 0 });
+        }
+        if let Some(last) = out.last_mut() {
+            last.fds = fd_count;
+        }
+        out
+    }
+
+    fn send(&mut self, from: PeerId, header: Header, body: &[u8], fds: Vec<OwnedFd>) {
+        let mut bytes = Vec::new();
+        encode_frame(&mut bytes, &header, body, 0);
+        let header_bytes = header.encode_to_vec();
+        self.bus.dispatch(from, &header_bytes, body, fds, self.now).unwrap();
+    }
+
+    fn call(&mut self, from: PeerId, destination: &str, member: &str, body: &[u8]) -> u64 {
+        self.serial += 1;
+        let header = Header {
+            kind: MessageKind::MethodCall as i32,
+            serial: self.serial,
+            destination: destination.into(),
+            member: member.into(),
+            timeout_ms: 1000,
+            ..Header::default()
+        };
+        self.send(from, header, body, Vec::new());
+        self.serial
+    }
+
+    fn reply(&mut self, from: PeerId, to: PeerId, reply_serial: u64, body: &[u8]) {
+        self.serial += 1;
+        let header = Header {
+            kind: MessageKind::MethodReturn as i32,
+            serial: self.serial,
+            reply_serial,
+            destination: to.unique_name().into_string(),
+            ..Header::default()
+        };
+        self.send(from, header, body, Vec::new());
+    }
+
+    fn request_name(&mut self, peer: PeerId, name: &str, flags: u32) -> RequestNameResult {
+        let body = RequestNameRequest {
+            name: name.into(),
+            flags,
+        }
+        .encode_to_vec();
+        let serial = self.call(peer, BUS_NAME, "RequestName", &body);
+        let frames = self.drain(peer);
+        let reply = frames
+            .iter()
+            .find(|f| f.header.reply_serial == serial)
+            .expect("RequestName answered");
+        assert_eq!(reply.header.kind, MessageKind::MethodReturn as i32, "{:?}", reply.header.error);
+        RequestNameReply::decode(reply.body.as_slice()).unwrap().result()
+    }
+
+    fn add_match(&mut self, peer: PeerId, rule: MatchRule) {
+        let body = AddMatchRequest { rule: Some(rule) }.encode_to_vec();
+        let serial = self.call(peer, BUS_NAME, "AddMatch", &body);
+        let frames = self.drain(peer);
+        assert!(frames
+            .iter()
+            .any(|f| f.header.reply_serial == serial && f.header.kind == MessageKind::MethodReturn as i32));
+    }
+}
+
+fn error_code(frame: &Out) -> ErrorCode {
+    assert_eq!(frame.header.kind, MessageKind::Error as i32, "{:?}", frame.header);
+    ErrorCode::try_from(frame.header.error.as_ref().unwrap().code).unwrap()
+}
+
+#[test]
+fn wrong_protocol_version_is_refused() {
+    let mut h = Harness::new();
+    let hello = Hello {
+        protocol_version: 99,
+        ..Hello::default()
+    };
+    let error = h.bus.add_peer((), Harness::identity(0, 1), &hello).unwrap_err();
+    assert_eq!(error.code(), ErrorCode::HandshakeFailed);
+    assert_eq!(h.bus.peer_count(), 0);
+}
+
+#[test]
+fn call_and_reply_are_routed_and_stamped() {
+    let mut h = Harness::new();
+    let service = h.connect(1000, 100);
+    let client = h.connect(1000, 200);
+    assert_eq!(h.request_name(service, "org.example.S", 0), RequestNameResult::PrimaryOwner);
+    // The client claims to be someone else; the bus overwrites it all.
+    h.serial += 1;
+    let forged = Header {
+        kind: MessageKind::MethodCall as i32,
+        serial: h.serial,
+        destination: "org.example.S".into(),
+        member: "Do".into(),
+        sender: Some(SenderInfo {
+            unique_name: ":1.999".into(),
+            uid: 0,
+            gid: 0,
+            pid: 1,
+            groups: vec![0],
+            label: Some("forged".into()),
+            container: Some(ContainerInfo {
+                runtime: 2,
+                id: "f".repeat(64),
+                pod_uid: String::new(),
+            }),
+        }),
+        ..Header::default()
+    };
+    h.send(client, forged, b"request", Vec::new());
+    let delivered = h.drain(service);
+    assert_eq!(delivered.len(), 1);
+    let sender = delivered[0].header.sender.clone().unwrap();
+    assert_eq!(sender.unique_name, client.unique_name().as_str());
+    assert_eq!((sender.uid, sender.gid, sender.pid), (1000, 1000, 200));
+    assert_eq!(sender.groups, vec![1000, 10]);
+    assert_eq!(sender.label, None);
+    assert_eq!(sender.container.unwrap().runtime, 0);
+    assert_eq!(delivered[0].body, b"request");
+    let serial = delivered[0].header.serial;
+    h.reply(service, client, serial, b"answer");
+    let answer = h.drain(client);
+    assert_eq!(answer[0].header.kind, MessageKind::MethodReturn as i32);
+    assert_eq!(answer[0].header.reply_serial, serial);
+    assert_eq!(answer[0].body, b"answer");
+    assert_eq!(answer[0].header.sender.as_ref().unwrap().pid, 100);
+    // A second reply answers nothing.
+    h.reply(service, client, serial, b"again");
+    assert!(h.drain(client).is_empty());
+    assert_eq!(error_code(&h.drain(service)[0]), ErrorCode::UnexpectedReply);
+}
+
+#[test]
+fn spoofed_reply_from_a_third_peer_is_refused() {
+    let mut h = Harness::new();
+    let service = h.connect(1000, 1);
+    let client = h.connect(1000, 2);
+    let spoofer = h.connect(1000, 3);
+    let serial = h.call(client, &service.unique_name().into_string(), "Do", b"");
+    h.drain(service);
+    h.reply(spoofer, client, serial, b"fake");
+    assert!(h.drain(client).is_empty(), "the client must not see the spoofed reply");
+    assert_eq!(error_code(&h.drain(spoofer)[0]), ErrorCode::UnexpectedReply);
+    h.reply(service, client, serial, b"real");
+    assert_eq!(h.drain(client)[0].body, b"real");
+}
+
+#[test]
+fn missing_destinations_are_errors() {
+    let mut h = Harness::new();
+    let client = h.connect(1000, 2);
+    h.call(client, "org.example.Nobody", "Do", b"");
+    assert_eq!(error_code(&h.drain(client)[0]), ErrorCode::NameHasNoOwner);
+    h.call(client, ":1.4242", "Do", b"");
+    assert_eq!(error_code(&h.drain(client)[0]), ErrorCode::NoSuchPeer);
+    h.call(client, BUS_NAME, "NoSuchMethod", b"");
+    assert_eq!(error_code(&h.drain(client)[0]), ErrorCode::UnknownMethod);
+    h.call(client, "org.example.Nobody", "bad member!", b"");
+    assert_eq!(error_code(&h.drain(client)[0]), ErrorCode::InvalidArgs);
+}
+
+#[test]
+fn timeouts_fail_the_call_and_late_replies_are_refused() {
+    let mut h = Harness::new();
+    let service = h.connect(1000, 1);
+    let client = h.connect(1000, 2);
+    let serial = h.call(client, &service.unique_name().into_string(), "Slow", b"");
+    h.drain(service);
+    assert_eq!(h.bus.next_deadline(), Some(h.now + Duration::from_millis(1000)));
+    assert!(h.bus.take_timer_rearm());
+    h.bus.expire_calls(h.now + Duration::from_millis(999));
+    assert!(h.drain(client).is_empty());
+    h.bus.expire_calls(h.now + Duration::from_millis(1000));
+    let timeout = h.drain(client);
+    assert_eq!(timeout[0].header.reply_serial, serial);
+    assert_eq!(error_code(&timeout[0]), ErrorCode::Timeout);
+    h.reply(service, client, serial, b"late");
+    assert!(h.drain(client).is_empty());
+    assert_eq!(error_code(&h.drain(service)[0]), ErrorCode::UnexpectedReply);
+}
+
+#[test]
+fn disconnect_fails_owed_calls_and_promotes_queued_owners() {
+    let mut h = Harness::new();
+    let first = h.connect(1000, 1);
+    let second = h.connect(1000, 2);
+    let client = h.connect(1000, 3);
+    let watcher = h.connect(1000, 4);
+    h.add_match(
+        watcher,
+        MatchRule {
+            member: "NameOwnerChanged".into(),
+            ..MatchRule::default()
+        },
+    );
+    assert_eq!(h.request_name(first, "org.example.N", 0), RequestNameResult::PrimaryOwner);
+    assert_eq!(h.request_name(second, "org.example.N", 0), RequestNameResult::InQueue);
+    let serial = h.call(client, "org.example.N", "Do", b"");
+    h.drain(first);
+    h.drain(watcher);
+    h.bus.remove_peer(first);
+    let failed = h.drain(client);
+    assert_eq!(failed[0].header.reply_serial, serial);
+    assert_eq!(error_code(&failed[0]), ErrorCode::NoReply);
+    let acquired = h.drain(second);
+    assert_eq!(acquired[0].header.member, "NameAcquired");
+    let changes: Vec<Vec<String>> = h.drain(watcher).into_iter().map(|f| f.header.args).collect();
+    let first_name = first.unique_name().into_string();
+    let second_name = second.unique_name().into_string();
+    assert!(changes.contains(&vec!["org.example.N".into(), first_name.clone(), second_name]));
+    assert!(changes.contains(&vec![first_name.clone(), first_name, String::new()]));
+    // Calls now reach the new owner.
+    h.call(client, "org.example.N", "Do", b"");
+    assert_eq!(h.drain(second)[0].header.member, "Do");
+}
+
+#[test]
+fn full_receiver_queue_is_an_error_for_the_sender_and_fatal_for_a_caller_that_does_not_read() {
+    let limits = Limits {
+        max_queued_messages_per_receiver: 4,
+        ..Limits::default()
+    };
+    let mut h = Harness::with_limits(limits);
+    let slow = h.connect(1000, 1);
+    let sender = h.connect(1000, 2);
+    let slow_name = slow.unique_name().into_string();
+    let mut refused = Vec::new();
+    for _ in 0..6 {
+        let serial = h.call(sender, &slow_name, "Do", b"");
+        refused.push(serial);
+    }
+    let errors: Vec<Out> = h.drain(sender);
+    assert_eq!(errors.len(), 2, "the 5th and 6th calls are refused");
+    for error in &errors {
+        assert_eq!(error_code(error), ErrorCode::ReceiverQueueFull);
+        assert_eq!(error.header.error.as_ref().unwrap().detail, "max_queued_messages_per_receiver");
+    }
+    // Now the sender stops reading and the slow peer answers everything.
+    let calls = h.drain(slow);
+    for _ in 0..4 {
+        h.call(slow, &sender.unique_name().into_string(), "Fill", b"");
+    }
+    for call in &calls {
+        h.reply(slow, sender, call.header.serial, b"");
+    }
+    assert!(h.bus.is_doomed(sender), "a caller whose queue is full of its own replies goes");
+    assert_eq!(h.bus.take_doomed(), vec![sender]);
+}
+
+#[test]
+fn pending_call_limit_names_the_limit() {
+    let limits = Limits {
+        max_pending_calls_per_connection: 2,
+        ..Limits::default()
+    };
+    let mut h = Harness::with_limits(limits);
+    let service = h.connect(1000, 1);
+    let client = h.connect(1000, 2);
+    let name = service.unique_name().into_string();
+    h.call(client, &name, "A", b"");
+    h.call(client, &name, "B", b"");
+    assert!(h.drain(client).is_empty());
+    h.call(client, &name, "C", b"");
+    let error = &h.drain(client)[0];
+    assert_eq!(error_code(error), ErrorCode::LimitsExceeded);
+    assert_eq!(error.header.error.as_ref().unwrap().detail, "max_pending_calls_per_connection");
+    // No-reply calls are not tracked, so they are not limited.
+    h.serial += 1;
+    let header = Header {
+        kind: MessageKind::MethodCall as i32,
+        serial: h.serial,
+        destination: name,
+        member: "D".into(),
+        flags: HeaderFlag::NoReplyExpected as u32,
+        ..Header::default()
+    };
+    h.send(client, header, b"", Vec::new());
+    assert!(h.drain(client).is_empty());
+    assert_eq!(h.drain(service).len(), 3);
+}
+
+#[test]
+fn broadcasts_reach_each_matching_subscriber_once() {
+    let mut h = Harness::new();
+    let emitter = h.connect(1000, 1);
+    let both = h.connect(1000, 2);
+    let member_only = h.connect(1000, 3);
+    let other = h.connect(1000, 4);
+    h.add_match(
+        both,
+        MatchRule {
+            member: "Changed".into(),
+            ..MatchRule::default()
+        },
+    );
+    h.add_match(
+        both,
+        MatchRule {
+            path: "/a".into(),
+            ..MatchRule::default()
+        },
+    );
+    h.add_match(
+        member_only,
+        MatchRule {
+            member: "Changed".into(),
+            args: vec![pbus_proto::v1::ArgMatch {
+                index: 0,
+                value: "x".into(),
+            }],
+            ..MatchRule::default()
+        },
+    );
+    h.add_match(
+        other,
+        MatchRule {
+            member: "Other".into(),
+            ..MatchRule::default()
+        },
+    );
+    h.serial += 1;
+    let signal = Header {
+        kind: MessageKind::Signal as i32,
+        serial: h.serial,
+        path: "/a".into(),
+        member: "Changed".into(),
+        args: vec!["y".into()],
+        ..Header::default()
+    };
+    h.send(emitter, signal, b"payload", Vec::new());
+    let got = h.drain(both);
+    assert_eq!(got.len(), 1, "two matching rules, one copy");
+    assert_eq!(got[0].header.sender.as_ref().unwrap().unique_name, emitter.unique_name().as_str());
+    assert!(h.drain(member_only).is_empty(), "arg0 differs");
+    assert!(h.drain(other).is_empty());
+    assert!(h.drain(emitter).is_empty());
+}
+
+#[test]
+fn broadcast_signals_refuse_plain_fds() {
+    let mut h = Harness::new();
+    let emitter = h.connect(1000, 1);
+    h.serial += 1;
+    let signal = Header {
+        kind: MessageKind::Signal as i32,
+        serial: h.serial,
+        member: "WithFd".into(),
+        ..Header::default()
+    };
+    let fd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    h.send(emitter, signal, b"", vec![fd]);
+    assert_eq!(error_code(&h.drain(emitter)[0]), ErrorCode::FdsNotSupported);
+}
+
+#[test]
+fn per_connection_name_and_match_limits() {
+    let limits = Limits {
+        max_names_per_connection: 2,
+        max_matches_per_connection: 1,
+        ..Limits::default()
+    };
+    let mut h = Harness::with_limits(limits);
+    let peer = h.connect(1000, 1);
+    assert_eq!(h.request_name(peer, "org.example.A", 0), RequestNameResult::PrimaryOwner);
+    assert_eq!(h.request_name(peer, "org.example.B", 0), RequestNameResult::PrimaryOwner);
+    let body = RequestNameRequest {
+        name: "org.example.C".into(),
+        flags: 0,
+    }
+    .encode_to_vec();
+    h.call(peer, BUS_NAME, "RequestName", &body);
+    let error = &h.drain(peer)[0];
+    assert_eq!(error.header.error.as_ref().unwrap().detail, "max_names_per_connection");
+    // Asking again for a name already held is not a new name.
+    assert_eq!(h.request_name(peer, "org.example.A", 0), RequestNameResult::AlreadyOwner);
+    h.add_match(peer, MatchRule::default());
+    let body = AddMatchRequest {
+        rule: Some(MatchRule {
+            member: "X".into(),
+            ..MatchRule::default()
+        }),
+    }
+    .encode_to_vec();
+    h.call(peer, BUS_NAME, "AddMatch", &body);
+    let error = &h.drain(peer)[0];
+    assert_eq!(error.header.error.as_ref().unwrap().detail, "max_matches_per_connection");
+}
+
+#[test]
+fn connection_limits_per_uid() {
+    let limits = Limits {
+        max_connections_per_uid: 2,
+        ..Limits::default()
+    };
+    let mut h = Harness::with_limits(limits);
+    h.connect(1000, 1);
+    let second = h.connect(1000, 2);
+    assert_eq!(h.bus.admit(1000).unwrap_err().to_wire().detail, "max_connections_per_uid");
+    assert!(h.bus.admit(1001).is_ok());
+    h.bus.remove_peer(second);
+    assert!(h.bus.admit(1000).is_ok());
+}

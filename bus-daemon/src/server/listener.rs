@@ -32,20 +32,42 @@ pub struct BoundSocket {
     pub listener: UnixListener,
     /// Where it lives.
     pub path: PathBuf,
-    /// Inode of the socket file we created, so we only ever remove our own.
-    inode: u64,
+    /// Identity of the socket file we created (inode and creation time:
+    /// inode numbers alone are reused), so we only ever remove our own.
+    inode: FileStamp,
 }
 
 impl BoundSocket {
     /// Removes the socket file if it is still the one we created.
     pub fn remove_file(&self) {
         match std::fs::symlink_metadata(&self.path) {
-            Ok(meta) if meta.ino() == self.inode => {
+            Ok(meta) if FileStamp::of(&meta) == self.inode => {
                 if let Err(error) = std::fs::remove_file(&self.path) {
                     tracing::warn!(path = %self.path.display(), %error, "cannot remove socket");
                 }
             }
             _ => tracing::debug!(path = %self.path.display(), "socket file replaced by someone else; left alone"),
+        }
+    }
+}
+
+/// Inode, device and change time of a file: what tells one socket file
+/// from a later one at the same path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            ctime: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec(),
         }
     }
 }
@@ -87,7 +109,7 @@ pub fn bind(path: &Path) -> io::Result<BoundSocket> {
     let listener = UnixListener::bind(path)?;
     listener.set_nonblocking(true)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
-    let inode = std::fs::symlink_metadata(path)?.ino();
+    let inode = FileStamp::of(&std::fs::symlink_metadata(path)?);
     Ok(BoundSocket {
         listener,
         path: path.to_owned(),
@@ -116,10 +138,19 @@ mod tests {
     fn live_socket_is_refused_and_stale_socket_replaced() {
         let dir = temp_dir();
         let path = dir.join("sub/bus.sock");
-        let first = bind(&path).unwrap();
+        let BoundSocket {
+            listener,
+            inode: first_inode,
+            ..
+        } = bind(&path).unwrap();
         let error = bind(&path).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
-        drop(first.listener);
+        drop(listener);
+        let first = BoundSocket {
+            listener: UnixListener::bind(dir.join("other.sock")).unwrap(),
+            path: path.clone(),
+            inode: first_inode,
+        };
         // The file is still there but nobody listens: stale.
         let second = bind(&path).unwrap();
         // The first owner's cleanup must not remove the second's socket.

@@ -1,0 +1,178 @@
+//! Rendering for people (aligned tables, labelled fields) and machines
+//! (JSON values built from the wire types).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pbus_proto::v1::{ContainerRuntime, PeerIdentity};
+use serde_json::{json, Value};
+
+/// Prints rows under headers, columns padded to their widest cell.
+pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// Lower-case runtime name, as in policy files.
+pub fn runtime_name(runtime: i32) -> &'static str {
+    match ContainerRuntime::try_from(runtime).unwrap_or(ContainerRuntime::Unknown) {
+        ContainerRuntime::Host => "host",
+        ContainerRuntime::Unknown => "unknown",
+        ContainerRuntime::Docker => "docker",
+        ContainerRuntime::Podman => "podman",
+        ContainerRuntime::Containerd => "containerd",
+        ContainerRuntime::Crio => "crio",
+        ContainerRuntime::Lxc => "lxc",
+        ContainerRuntime::Nspawn => "nspawn",
+    }
+}
+
+/// "3m 12s"-style durations.
+pub fn human_duration(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    match secs {
+        0..=59 => format!("{}.{:03}s", secs, duration.subsec_millis()),
+        60..=3599 => format!("{}m {}s", secs / 60, secs % 60),
+        3600..=86399 => format!("{}h {}m", secs / 3600, (secs % 3600) / 60),
+        _ => format!("{}d {}h", secs / 86400, (secs % 86400) / 3600),
+    }
+}
+
+/// The identity as JSON.
+pub fn identity_json(identity: &PeerIdentity) -> Value {
+    let container = identity.container.clone().unwrap_or_default();
+    let namespaces = identity.namespaces.unwrap_or_default();
+    json!({
+        "unique_name": identity.unique_name,
+        "uid": identity.uid,
+        "gid": identity.gid,
+        "pid": identity.pid,
+        "host_pid": identity.host_pid,
+        "groups": identity.groups,
+        "label": identity.label,
+        "container": {
+            "runtime": runtime_name(container.runtime),
+            "id": container.id,
+            "pod_uid": if container.pod_uid.is_empty() { Value::Null } else { Value::from(container.pod_uid) },
+        },
+        "cgroup": identity.cgroup,
+        "namespaces": {
+            "pid": namespaces.pid,
+            "mnt": namespaces.mnt,
+            "net": namespaces.net,
+            "user": namespaces.user,
+            "ipc": namespaces.ipc,
+            "uts": namespaces.uts,
+            "cgroup": namespaces.cgroup,
+        },
+        "listener": identity.listener,
+        "owned_names": identity.owned_names,
+        "connected_at_unix": identity.connected_at_unix,
+        "features": identity.features,
+    })
+}
+
+/// The identity as labelled lines.
+pub fn print_identity(identity: &PeerIdentity) {
+    let container = identity.container.clone().unwrap_or_default();
+    let namespaces = identity.namespaces.unwrap_or_default();
+    let groups: Vec<String> = identity.groups.iter().map(u32::to_string).collect();
+    let container_text = match runtime_name(container.runtime) {
+        "host" => "none (host)".to_owned(),
+        runtime => {
+            let mut text = runtime.to_owned();
+            if !container.id.is_empty() {
+                text.push(' ');
+                text.push_str(&container.id);
+            }
+            if !container.pod_uid.is_empty() {
+                text.push_str(&format!(" (pod {})", container.pod_uid));
+            }
+            text
+        }
+    };
+    let pid = if identity.pid == 0 {
+        "0 (not visible from this pid namespace)".to_owned()
+    } else {
+        identity.pid.to_string()
+    };
+    let connected = UNIX_EPOCH + Duration::from_secs(identity.connected_at_unix);
+    let age = SystemTime::now().duration_since(connected).unwrap_or_default();
+    let names = if identity.owned_names.is_empty() {
+        "-".to_owned()
+    } else {
+        identity.owned_names.join(", ")
+    };
+    let fields = [
+        ("Unique name", identity.unique_name.clone()),
+        ("UID", identity.uid.to_string()),
+        ("GID", identity.gid.to_string()),
+        ("PID", pid),
+        ("Groups", if groups.is_empty() { "-".into() } else { groups.join(", ") }),
+        ("Label", identity.label.clone().unwrap_or_else(|| "none (no LSM label)".into())),
+        ("Container", container_text),
+        ("Cgroup", identity.cgroup.clone()),
+        (
+            "Namespaces",
+            format!(
+                "pid:{} mnt:{} net:{} user:{} ipc:{} uts:{} cgroup:{}",
+                namespaces.pid,
+                namespaces.mnt,
+                namespaces.net,
+                namespaces.user,
+                namespaces.ipc,
+                namespaces.uts,
+                namespaces.cgroup
+            ),
+        ),
+        ("Listener", identity.listener.clone()),
+        ("Owns", names),
+        ("Connected", format!("{} ago", human_duration(age))),
+    ];
+    for (label, value) in fields {
+        println!("{:<12} {value}", format!("{label}:"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_duration(Duration::from_millis(1500)), "1.500s");
+        assert_eq!(human_duration(Duration::from_secs(192)), "3m 12s");
+        assert_eq!(human_duration(Duration::from_secs(7300)), "2h 1m");
+        assert_eq!(human_duration(Duration::from_secs(90000)), "1d 1h");
+    }
+
+    #[test]
+    fn identity_json_has_every_field() {
+        let identity = PeerIdentity {
+            unique_name: ":1.7".into(),
+            uid: 4_000_000_000,
+            label: Some("system_u:system_r:app_t".into()),
+            ..PeerIdentity::default()
+        };
+        let value = identity_json(&identity);
+        assert_eq!(value["uid"], 4_000_000_000u64);
+        assert_eq!(value["label"], "system_u:system_r:app_t");
+        assert_eq!(value["container"]["runtime"], "host");
+        assert!(value["container"]["pod_uid"].is_null());
+    }
+}
