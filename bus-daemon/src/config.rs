@@ -11,7 +11,7 @@ use serde::Deserialize;
 pub const HARD_MAX_FDS_PER_MESSAGE: u32 = 253;
 
 /// The whole daemon configuration.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Socket paths to listen on. Empty means the default path.
@@ -20,14 +20,6 @@ pub struct Config {
     pub limits: Limits,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            listen: Vec::new(),
-            limits: Limits::default(),
-        }
-    }
-}
 
 /// Every bound on what a client can make the daemon hold or do.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -101,7 +93,10 @@ impl Limits {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &'static str, why: &'static str| Err(ConfigError::Invalid { key, why });
         if self.max_fds_per_message > HARD_MAX_FDS_PER_MESSAGE {
-            return bad("max_fds_per_message", "must be at most 253 (the kernel's SCM_MAX_FD)");
+            return bad(
+                "max_fds_per_message",
+                "must be at most 253 (the kernel's SCM_MAX_FD)",
+            );
         }
         if self.max_header_bytes < 1024 {
             return bad("max_header_bytes", "must be at least 1024");
@@ -118,7 +113,9 @@ impl Limits {
         if self.max_queued_messages_per_receiver == 0 {
             return bad("max_queued_messages_per_receiver", "must be at least 1");
         }
-        if self.default_reply_timeout_ms == 0 || self.default_reply_timeout_ms > self.max_reply_timeout_ms {
+        if self.default_reply_timeout_ms == 0
+            || self.default_reply_timeout_ms > self.max_reply_timeout_ms
+        {
             return bad(
                 "default_reply_timeout_ms",
                 "must be non-zero and at most max_reply_timeout_ms",
@@ -128,7 +125,10 @@ impl Limits {
             return bad("max_connections", "must be at least 1");
         }
         if self.max_incomplete_handshakes == 0 || self.handshake_timeout_ms == 0 {
-            return bad("max_incomplete_handshakes", "must be at least 1 (and the timeout non-zero)");
+            return bad(
+                "max_incomplete_handshakes",
+                "must be at least 1 (and the timeout non-zero)",
+            );
         }
         Ok(())
     }

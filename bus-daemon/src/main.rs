@@ -57,7 +57,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         Err(error) => tracing::warn!(%error, "cannot raise the fd limit"),
     }
     let policy = pbus_policy::Policy::builtin();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         let server = Server::bind(config, policy)?;

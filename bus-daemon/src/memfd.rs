@@ -40,7 +40,9 @@ pub fn validate(fd: &OwnedFd, offset: u64, length: u64) -> Result<(), String> {
     }
     let size = file_size(fd).map_err(|error| format!("cannot read the memfd's size: {error}"))?;
     let Some(end) = offset.checked_add(length) else {
-        return Err(format!("memfd range offset {offset} + length {length} overflows"));
+        return Err(format!(
+            "memfd range offset {offset} + length {length} overflows"
+        ));
     };
     if end > size {
         return Err(format!(
@@ -77,14 +79,27 @@ mod tests {
     #[test]
     fn each_bad_case_has_its_own_error() {
         let unsealed = memfd_with(100, 0);
-        assert!(validate(&unsealed, 0, 1).unwrap_err().contains("SEAL_SHRINK, SEAL_GROW, SEAL_WRITE, SEAL_SEAL"));
+        assert!(validate(&unsealed, 0, 1)
+            .unwrap_err()
+            .contains("SEAL_SHRINK, SEAL_GROW, SEAL_WRITE, SEAL_SEAL"));
         let partly = memfd_with(100, seal::SHRINK | seal::GROW);
-        assert!(validate(&partly, 0, 1).unwrap_err().contains("SEAL_WRITE, SEAL_SEAL"));
-        let future = memfd_with(100, seal::SHRINK | seal::GROW | seal::FUTURE_WRITE | seal::SEAL);
-        assert!(validate(&future, 0, 1).unwrap_err().contains("FUTURE_WRITE is not enough"));
+        assert!(validate(&partly, 0, 1)
+            .unwrap_err()
+            .contains("SEAL_WRITE, SEAL_SEAL"));
+        let future = memfd_with(
+            100,
+            seal::SHRINK | seal::GROW | seal::FUTURE_WRITE | seal::SEAL,
+        );
+        assert!(validate(&future, 0, 1)
+            .unwrap_err()
+            .contains("FUTURE_WRITE is not enough"));
         let sealed = memfd_with(100, seal::REQUIRED);
-        assert!(validate(&sealed, 0, 101).unwrap_err().contains("exceeds its size"));
-        assert!(validate(&sealed, u64::MAX, 2).unwrap_err().contains("overflows"));
+        assert!(validate(&sealed, 0, 101)
+            .unwrap_err()
+            .contains("exceeds its size"));
+        assert!(validate(&sealed, u64::MAX, 2)
+            .unwrap_err()
+            .contains("overflows"));
         let file = tempfile_fd();
         assert!(validate(&file, 0, 0).unwrap_err().contains("not a memfd"));
     }

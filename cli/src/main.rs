@@ -52,7 +52,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("pbusctl: {error}");
@@ -76,7 +79,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let connection = builder.build().await?;
     match cli.command {
         Command::List { unique } => list(&connection, unique, cli.json).await,
-        Command::Status { name } => status(&connection, name.as_deref().unwrap_or(""), cli.json).await,
+        Command::Status { name } => {
+            status(&connection, name.as_deref().unwrap_or(""), cli.json).await
+        }
         Command::Ping { count } => ping(&connection, count, cli.json).await,
     }
 }
@@ -99,7 +104,13 @@ async fn list(connection: &Connection, unique: bool, json: bool) -> anyhow::Resu
     }
     let rows: Vec<Vec<String>> = names
         .iter()
-        .map(|entry| vec![entry.name.clone(), entry.owner.clone(), entry.queued.to_string()])
+        .map(|entry| {
+            vec![
+                entry.name.clone(),
+                entry.owner.clone(),
+                entry.queued.to_string(),
+            ]
+        })
         .collect();
     output::print_table(&["NAME", "OWNER", "QUEUED"], &rows);
     Ok(())
@@ -108,7 +119,10 @@ async fn list(connection: &Connection, unique: bool, json: bool) -> anyhow::Resu
 async fn status(connection: &Connection, name: &str, json: bool) -> anyhow::Result<()> {
     let identity = connection.peer_identity(name).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&output::identity_json(&identity))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&output::identity_json(&identity))?
+        );
     } else {
         output::print_identity(&identity);
     }

@@ -112,7 +112,9 @@ pub fn print_identity(identity: &PeerIdentity) {
         identity.pid.to_string()
     };
     let connected = UNIX_EPOCH + Duration::from_secs(identity.connected_at_unix);
-    let age = SystemTime::now().duration_since(connected).unwrap_or_default();
+    let age = SystemTime::now()
+        .duration_since(connected)
+        .unwrap_or_default();
     let names = if identity.owned_names.is_empty() {
         "-".to_owned()
     } else {
@@ -123,8 +125,21 @@ pub fn print_identity(identity: &PeerIdentity) {
         ("UID", identity.uid.to_string()),
         ("GID", identity.gid.to_string()),
         ("PID", pid),
-        ("Groups", if groups.is_empty() { "-".into() } else { groups.join(", ") }),
-        ("Label", identity.label.clone().unwrap_or_else(|| "none (no LSM label)".into())),
+        (
+            "Groups",
+            if groups.is_empty() {
+                "-".into()
+            } else {
+                groups.join(", ")
+            },
+        ),
+        (
+            "Label",
+            identity
+                .label
+                .clone()
+                .unwrap_or_else(|| "none (no LSM label)".into()),
+        ),
         ("Container", container_text),
         ("Cgroup", identity.cgroup.clone()),
         (

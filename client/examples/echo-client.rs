@@ -14,8 +14,13 @@ use pbus::Connection;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let text = std::env::args().nth(1).unwrap_or_else(|| "hello".to_owned());
-    let connection = Connection::builder().client_name("echo-client").build().await?;
+    let text = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "hello".to_owned());
+    let connection = Connection::builder()
+        .client_name("echo-client")
+        .build()
+        .await?;
     let reply: EchoReply = connection
         .method_call(SERVICE, "Echo")
         .timeout(Duration::from_secs(5))

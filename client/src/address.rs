@@ -58,7 +58,9 @@ impl Address {
             return Ok(Self::unix("/run/pbus/bus.sock"));
         }
         match std::env::var_os("XDG_RUNTIME_DIR") {
-            Some(dir) if !dir.is_empty() => Ok(Self::unix(PathBuf::from(dir).join("pbus/bus.sock"))),
+            Some(dir) if !dir.is_empty() => {
+                Ok(Self::unix(PathBuf::from(dir).join("pbus/bus.sock")))
+            }
             _ => Err(Error::Address(format!(
                 "{ADDRESS_ENV} and XDG_RUNTIME_DIR are both unset; set {ADDRESS_ENV}=unix:path=..."
             ))),
@@ -90,7 +92,10 @@ mod tests {
 
     #[test]
     fn parses_unix_paths() {
-        assert_eq!(Address::parse("unix:path=/tmp/x.sock").unwrap().path(), Path::new("/tmp/x.sock"));
+        assert_eq!(
+            Address::parse("unix:path=/tmp/x.sock").unwrap().path(),
+            Path::new("/tmp/x.sock")
+        );
         assert_eq!(
             Address::parse("unix:guid=1,path=/tmp/y").unwrap().path(),
             Path::new("/tmp/y")

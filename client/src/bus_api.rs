@@ -5,8 +5,8 @@ use pbus_proto::v1::{
     AddMatchRequest, Empty, GetNameOwnerReply, GetNameOwnerRequest, GetPeerIdentityRequest,
     ListNamesReply, ListNamesRequest, ListQueuedOwnersReply, ListQueuedOwnersRequest, NameEntry,
     NameHasOwnerReply, NameHasOwnerRequest, PeerIdentity, PingReply, PingRequest, ReleaseNameReply,
-    ReleaseNameRequest, ReleaseNameResult, RemoveMatchRequest, RequestNameReply, RequestNameRequest,
-    RequestNameResult,
+    ReleaseNameRequest, ReleaseNameResult, RemoveMatchRequest, RequestNameReply,
+    RequestNameRequest, RequestNameResult,
 };
 use pbus_proto::{BUS_NAME, BUS_PATH};
 use prost::{Message, Name};
@@ -28,17 +28,30 @@ pub struct RequestNameFlags {
 impl RequestNameFlags {
     /// The wire bits.
     pub fn bits(self) -> u32 {
-        u32::from(self.allow_replacement) | u32::from(self.replace_existing) << 1 | u32::from(self.do_not_queue) << 2
+        u32::from(self.allow_replacement)
+            | u32::from(self.replace_existing) << 1
+            | u32::from(self.do_not_queue) << 2
     }
 }
 
 impl Connection {
-    async fn bus_call<Req: Message + Name, Rep: Message + Default + Name>(&self, method: &str, request: &Req) -> Result<Rep, Error> {
-        self.method_call(BUS_NAME, method).path(BUS_PATH).call(request).await
+    async fn bus_call<Req: Message + Name, Rep: Message + Default + Name>(
+        &self,
+        method: &str,
+        request: &Req,
+    ) -> Result<Rep, Error> {
+        self.method_call(BUS_NAME, method)
+            .path(BUS_PATH)
+            .call(request)
+            .await
     }
 
     /// Asks for ownership of a well-known name.
-    pub async fn request_name(&self, name: &str, flags: RequestNameFlags) -> Result<RequestNameResult, Error> {
+    pub async fn request_name(
+        &self,
+        name: &str,
+        flags: RequestNameFlags,
+    ) -> Result<RequestNameResult, Error> {
         let reply: RequestNameReply = self
             .bus_call(
                 "RequestName",
@@ -48,27 +61,41 @@ impl Connection {
                 },
             )
             .await?;
-        RequestNameResult::try_from(reply.result).map_err(|_| Error::Protocol(format!("unknown RequestName result {}", reply.result)))
+        RequestNameResult::try_from(reply.result)
+            .map_err(|_| Error::Protocol(format!("unknown RequestName result {}", reply.result)))
     }
 
     /// Releases a name (or leaves its queue).
     pub async fn release_name(&self, name: &str) -> Result<ReleaseNameResult, Error> {
         let reply: ReleaseNameReply = self
-            .bus_call("ReleaseName", &ReleaseNameRequest { name: name.to_owned() })
+            .bus_call(
+                "ReleaseName",
+                &ReleaseNameRequest {
+                    name: name.to_owned(),
+                },
+            )
             .await?;
-        ReleaseNameResult::try_from(reply.result).map_err(|_| Error::Protocol(format!("unknown ReleaseName result {}", reply.result)))
+        ReleaseNameResult::try_from(reply.result)
+            .map_err(|_| Error::Protocol(format!("unknown ReleaseName result {}", reply.result)))
     }
 
     /// Names this connection may see, with owners and queue lengths.
     pub async fn list_names(&self, include_unique: bool) -> Result<Vec<NameEntry>, Error> {
-        let reply: ListNamesReply = self.bus_call("ListNames", &ListNamesRequest { include_unique }).await?;
+        let reply: ListNamesReply = self
+            .bus_call("ListNames", &ListNamesRequest { include_unique })
+            .await?;
         Ok(reply.names)
     }
 
     /// The primary owner of `name` then its queue, as unique names.
     pub async fn list_queued_owners(&self, name: &str) -> Result<Vec<String>, Error> {
         let reply: ListQueuedOwnersReply = self
-            .bus_call("ListQueuedOwners", &ListQueuedOwnersRequest { name: name.to_owned() })
+            .bus_call(
+                "ListQueuedOwners",
+                &ListQueuedOwnersRequest {
+                    name: name.to_owned(),
+                },
+            )
             .await?;
         Ok(reply.owners)
     }
@@ -76,7 +103,12 @@ impl Connection {
     /// The unique name owning `name`.
     pub async fn get_name_owner(&self, name: &str) -> Result<String, Error> {
         let reply: GetNameOwnerReply = self
-            .bus_call("GetNameOwner", &GetNameOwnerRequest { name: name.to_owned() })
+            .bus_call(
+                "GetNameOwner",
+                &GetNameOwnerRequest {
+                    name: name.to_owned(),
+                },
+            )
             .await?;
         Ok(reply.owner)
     }
@@ -84,7 +116,12 @@ impl Connection {
     /// Whether `name` has an owner (that this connection may see).
     pub async fn name_has_owner(&self, name: &str) -> Result<bool, Error> {
         let reply: NameHasOwnerReply = self
-            .bus_call("NameHasOwner", &NameHasOwnerRequest { name: name.to_owned() })
+            .bus_call(
+                "NameHasOwner",
+                &NameHasOwnerRequest {
+                    name: name.to_owned(),
+                },
+            )
             .await?;
         Ok(reply.has_owner)
     }
@@ -92,8 +129,13 @@ impl Connection {
     /// The identity of the peer owning `name` (unique or well-known) as the
     /// bus sees it; an empty name asks about this connection.
     pub async fn peer_identity(&self, name: &str) -> Result<PeerIdentity, Error> {
-        self.bus_call("GetPeerIdentity", &GetPeerIdentityRequest { name: name.to_owned() })
-            .await
+        self.bus_call(
+            "GetPeerIdentity",
+            &GetPeerIdentityRequest {
+                name: name.to_owned(),
+            },
+        )
+        .await
     }
 
     /// Pings the bus.
@@ -104,14 +146,26 @@ impl Connection {
     /// Adds a match rule on the bus without a local subscription (see
     /// [`Connection::subscribe`] for the usual way).
     pub async fn add_match(&self, rule: &MatchRule) -> Result<(), Error> {
-        let _: Empty = self.bus_call("AddMatch", &AddMatchRequest { rule: Some(rule.to_wire()) }).await?;
+        let _: Empty = self
+            .bus_call(
+                "AddMatch",
+                &AddMatchRequest {
+                    rule: Some(rule.to_wire()),
+                },
+            )
+            .await?;
         Ok(())
     }
 
     /// Removes a match rule added with [`add_match`](Self::add_match).
     pub async fn remove_match(&self, rule: &MatchRule) -> Result<(), Error> {
         let _: Empty = self
-            .bus_call("RemoveMatch", &RemoveMatchRequest { rule: Some(rule.to_wire()) })
+            .bus_call(
+                "RemoveMatch",
+                &RemoveMatchRequest {
+                    rule: Some(rule.to_wire()),
+                },
+            )
             .await?;
         Ok(())
     }

@@ -12,11 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use pbus_proto::frame::{FeedError, FrameLimits, FrameReader, Flushed, OutQueue};
+use pbus_proto::frame::{FeedError, Flushed, FrameLimits, FrameReader, OutQueue};
 use pbus_proto::names::{BusName, MemberName, ObjectPath};
-use pbus_proto::v1::{
-    ErrorCode, Feature, Header, HeaderFlag, Hello, Limits, MessageKind, Welcome,
-};
+use pbus_proto::v1::{ErrorCode, Feature, Header, HeaderFlag, Hello, Limits, MessageKind, Welcome};
 use pbus_proto::PROTOCOL_VERSION;
 use prost::{Message, Name};
 use tokio::io::Interest;
@@ -116,7 +114,12 @@ impl ConnectionBuilder {
                 format!("cannot connect to {address}: {error}"),
             ))
         })?;
-        let features = Feature::Memfd as u32 | if self.fd_passing { Feature::FdPassing as u32 } else { 0 };
+        let features = Feature::Memfd as u32
+            | if self.fd_passing {
+                Feature::FdPassing as u32
+            } else {
+                0
+            };
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             features,
@@ -151,22 +154,28 @@ impl ConnectionBuilder {
                 Err(error) => return Err(error.into()),
             };
             if received.bytes == 0 {
-                return Err(Error::Protocol("the bus closed the connection during the handshake".into()));
+                return Err(Error::Protocol(
+                    "the bus closed the connection during the handshake".into(),
+                ));
             }
             let mut result: Option<Result<Welcome, Error>> = None;
             reader
                 .feed(&buffer[..received.bytes], fds, |frame| {
-                    let header = Header::decode(frame.header).map_err(|e| Error::Protocol(e.to_string()))?;
+                    let header =
+                        Header::decode(frame.header).map_err(|e| Error::Protocol(e.to_string()))?;
                     if result.is_some() {
                         early.push((header, frame.body.to_vec(), frame.fds));
                         return Ok(());
                     }
                     result = Some(match MessageKind::try_from(header.kind) {
-                        Ok(MessageKind::Welcome) => {
-                            Welcome::decode(frame.body).map_err(|e| Error::Protocol(format!("bad WELCOME: {e}")))
+                        Ok(MessageKind::Welcome) => Welcome::decode(frame.body)
+                            .map_err(|e| Error::Protocol(format!("bad WELCOME: {e}"))),
+                        Ok(MessageKind::Error) => {
+                            Err(Error::from_wire(header.error.unwrap_or_default()))
                         }
-                        Ok(MessageKind::Error) => Err(Error::from_wire(header.error.unwrap_or_default())),
-                        _ => Err(Error::Protocol("the bus answered HELLO with something else".into())),
+                        _ => Err(Error::Protocol(
+                            "the bus answered HELLO with something else".into(),
+                        )),
                     });
                     Ok::<(), Error>(())
                 })
@@ -187,7 +196,9 @@ impl ConnectionBuilder {
         });
         let default_timeout = self
             .default_timeout
-            .unwrap_or(Duration::from_millis(u64::from(limits.default_reply_timeout_ms.max(1))));
+            .unwrap_or(Duration::from_millis(u64::from(
+                limits.default_reply_timeout_ms.max(1),
+            )));
         let (closed_tx, closed_rx) = watch::channel(false);
         let inner = Arc::new(Inner {
             stream,
@@ -214,7 +225,13 @@ impl ConnectionBuilder {
         });
         let connection = Connection { inner, handle };
         tokio::spawn(write_loop(Arc::clone(&connection.inner), closed_rx.clone()));
-        tokio::spawn(read_loop(connection.downgrade(), reader, buffer, early, closed_rx));
+        tokio::spawn(read_loop(
+            connection.downgrade(),
+            reader,
+            buffer,
+            early,
+            closed_rx,
+        ));
         Ok(connection)
     }
 }
@@ -378,7 +395,12 @@ impl Connection {
     /// println!("bus {} up for {} ms", reply.bus_id, reply.uptime_ms);
     /// # Ok(()) }
     /// ```
-    pub async fn call<Req, Rep>(&self, destination: &str, method: &str, request: &Req) -> Result<Rep, Error>
+    pub async fn call<Req, Rep>(
+        &self,
+        destination: &str,
+        method: &str,
+        request: &Req,
+    ) -> Result<Rep, Error>
     where
         Req: Message + Name,
         Rep: Message + Default + Name,
@@ -450,7 +472,11 @@ impl Connection {
 
     /// Removes the handler for `method`.
     pub fn unserve(&self, method: &str) {
-        self.inner.handlers.write().expect("handlers lock").remove(method);
+        self.inner
+            .handlers
+            .write()
+            .expect("handlers lock")
+            .remove(method);
     }
 
     /// Queues a frame, waiting first if too much is already queued.
@@ -492,7 +518,12 @@ impl Connection {
                 pbus_proto::frame::encoded_frame_len(header, body_len) as u64,
                 u64::from(limits.max_frame_bytes),
             ),
-            ("fd count", "max_fds_per_message", fd_count as u64, u64::from(limits.max_fds_per_message)),
+            (
+                "fd count",
+                "max_fds_per_message",
+                fd_count as u64,
+                u64::from(limits.max_fds_per_message),
+            ),
             (
                 "memfd count",
                 "max_memfds_per_message",
@@ -502,7 +533,12 @@ impl Connection {
         ];
         for (what, limit, value, max) in checks {
             if value > max {
-                return Err(Error::TooLarge { what, limit, value, max });
+                return Err(Error::TooLarge {
+                    what,
+                    limit,
+                    value,
+                    max,
+                });
             }
         }
         Ok(())
@@ -518,7 +554,10 @@ impl Connection {
         let was_empty = out.queue.is_empty();
         out.queue.push(header, body, fds);
         if was_empty {
-            match out.queue.flush(|data, fds| send_on(&self.inner.stream, data, fds)) {
+            match out
+                .queue
+                .flush(|data, fds| send_on(&self.inner.stream, data, fds))
+            {
                 Ok(Flushed::All) => {}
                 Ok(Flushed::Blocked) => self.inner.out_wake.notify_one(),
                 Err(error) => {
@@ -543,7 +582,11 @@ impl Connection {
         header.kind = MessageKind::MethodCall as i32;
         header.timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
         let (tx, rx) = oneshot::channel();
-        self.inner.pending.lock().expect("pending lock").insert(serial, tx);
+        self.inner
+            .pending
+            .lock()
+            .expect("pending lock")
+            .insert(serial, tx);
         let guard = PendingGuard {
             inner: &self.inner,
             serial,
@@ -559,7 +602,11 @@ impl Connection {
     }
 
     /// Sends a call without waiting for (or expecting) a reply.
-    pub(crate) async fn call_no_reply(&self, mut header: Header, outgoing: Outgoing) -> Result<(), Error> {
+    pub(crate) async fn call_no_reply(
+        &self,
+        mut header: Header,
+        outgoing: Outgoing,
+    ) -> Result<(), Error> {
         header.serial = self.next_serial();
         header.kind = MessageKind::MethodCall as i32;
         header.flags |= HeaderFlag::NoReplyExpected as u32;
@@ -579,7 +626,11 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.inner.pending.lock().expect("pending lock").remove(&self.serial);
+        self.inner
+            .pending
+            .lock()
+            .expect("pending lock")
+            .remove(&self.serial);
     }
 }
 
@@ -649,8 +700,13 @@ impl CallBuilder {
             self.connection.call_no_reply(header, request).await?;
             return Ok(None);
         }
-        let timeout = self.timeout.unwrap_or_else(|| self.connection.default_timeout());
-        self.connection.call_raw(header, request, timeout).await.map(Some)
+        let timeout = self
+            .timeout
+            .unwrap_or_else(|| self.connection.default_timeout());
+        self.connection
+            .call_raw(header, request, timeout)
+            .await
+            .map(Some)
     }
 }
 
@@ -671,7 +727,10 @@ async fn write_loop(inner: Arc<Inner>, mut closed: watch::Receiver<bool>) {
                 _ = closed.changed() => break 'outer,
             }
             let mut out = inner.out.lock().expect("out lock");
-            match out.queue.flush(|data, fds| send_on(&inner.stream, data, fds)) {
+            match out
+                .queue
+                .flush(|data, fds| send_on(&inner.stream, data, fds))
+            {
                 Ok(Flushed::All) => {
                     drop(out);
                     inner.out_drained.notify_waiters();
@@ -742,8 +801,12 @@ async fn read_loop(
             });
             match fed {
                 Ok(()) => {}
-                Err(FeedError::Frame(error)) => break 'outer format!("bad frame from the bus: {error}"),
-                Err(FeedError::Consumer(error)) => break 'outer format!("bad header from the bus: {error}"),
+                Err(FeedError::Frame(error)) => {
+                    break 'outer format!("bad frame from the bus: {error}")
+                }
+                Err(FeedError::Consumer(error)) => {
+                    break 'outer format!("bad header from the bus: {error}")
+                }
             }
         }
     };
@@ -755,11 +818,21 @@ async fn read_loop(
         out.queue.clear();
     }
     inner.out_drained.notify_waiters();
-    let pending: Vec<PendingReply> = inner.pending.lock().expect("pending lock").drain().map(|(_, tx)| tx).collect();
+    let pending: Vec<PendingReply> = inner
+        .pending
+        .lock()
+        .expect("pending lock")
+        .drain()
+        .map(|(_, tx)| tx)
+        .collect();
     for tx in pending {
         let _ = tx.send(Err(Error::Disconnected));
     }
-    inner.subscriptions.lock().expect("subscriptions lock").close_all();
+    inner
+        .subscriptions
+        .lock()
+        .expect("subscriptions lock")
+        .close_all();
 }
 
 fn handle_frame(weak: &WeakConnection, header: Header, body: &[u8], fds: Vec<OwnedFd>) {
@@ -767,7 +840,11 @@ fn handle_frame(weak: &WeakConnection, header: Header, body: &[u8], fds: Vec<Own
     let kind = MessageKind::try_from(header.kind).unwrap_or(MessageKind::Unspecified);
     match kind {
         MessageKind::MethodReturn | MessageKind::Error => {
-            let waiting = inner.pending.lock().expect("pending lock").remove(&header.reply_serial);
+            let waiting = inner
+                .pending
+                .lock()
+                .expect("pending lock")
+                .remove(&header.reply_serial);
             let Some(tx) = waiting else {
                 if kind == MessageKind::Error {
                     let error = header.error.unwrap_or_default();
@@ -787,9 +864,18 @@ fn handle_frame(weak: &WeakConnection, header: Header, body: &[u8], fds: Vec<Own
                 return;
             };
             let serial = header.serial;
-            let caller = header.sender.as_ref().map(|s| s.unique_name.clone()).unwrap_or_default();
+            let caller = header
+                .sender
+                .as_ref()
+                .map(|s| s.unique_name.clone())
+                .unwrap_or_default();
             let wants_reply = header.flags & HeaderFlag::NoReplyExpected as u32 == 0;
-            let handler = inner.handlers.read().expect("handlers lock").get(&header.member).cloned();
+            let handler = inner
+                .handlers
+                .read()
+                .expect("handlers lock")
+                .get(&header.member)
+                .cloned();
             let member = header.member.clone();
             let incoming = Incoming::from_parts(header, body, fds);
             tokio::spawn(async move {
@@ -815,7 +901,11 @@ fn handle_frame(weak: &WeakConnection, header: Header, body: &[u8], fds: Vec<Own
             });
         }
         MessageKind::Signal => match Incoming::from_parts(header, body, fds) {
-            Ok(signal) => inner.subscriptions.lock().expect("subscriptions lock").deliver(signal),
+            Ok(signal) => inner
+                .subscriptions
+                .lock()
+                .expect("subscriptions lock")
+                .deliver(signal),
             Err(error) => tracing::warn!(%error, "dropping malformed signal"),
         },
         _ => tracing::warn!(kind = header.kind, "unexpected frame from the bus"),
@@ -823,7 +913,12 @@ fn handle_frame(weak: &WeakConnection, header: Header, body: &[u8], fds: Vec<Own
 }
 
 impl Connection {
-    async fn send_reply(&self, caller: &str, serial: u64, result: Result<Reply, MethodError>) -> Result<(), Error> {
+    async fn send_reply(
+        &self,
+        caller: &str,
+        serial: u64,
+        result: Result<Reply, MethodError>,
+    ) -> Result<(), Error> {
         let mut header = Header {
             destination: caller.to_owned(),
             reply_serial: serial,
@@ -836,7 +931,9 @@ impl Connection {
                 match self.send(header.clone(), reply).await {
                     // A reply we cannot send (too large, fds refused...)
                     // still owes the caller an answer.
-                    Err(error @ (Error::TooLarge { .. } | Error::Remote { .. } | Error::Memfd(_))) => {
+                    Err(
+                        error @ (Error::TooLarge { .. } | Error::Remote { .. } | Error::Memfd(_)),
+                    ) => {
                         header.kind = MessageKind::Error as i32;
                         header.error = Some(MethodError::from(error).to_wire());
                         self.send(header, Outgoing::default()).await
@@ -854,7 +951,13 @@ impl Connection {
 
     /// Emits a broadcast signal to every subscriber whose match rule
     /// accepts it. `args` are strings subscribers can filter on.
-    pub async fn emit_signal<M: Message + Name>(&self, path: &str, member: &str, args: &[&str], body: &M) -> Result<(), Error> {
+    pub async fn emit_signal<M: Message + Name>(
+        &self,
+        path: &str,
+        member: &str,
+        args: &[&str],
+        body: &M,
+    ) -> Result<(), Error> {
         self.signal(path, member)
             .args(args.iter().map(|s| (*s).to_owned()).collect())
             .emit(Outgoing::new(body))

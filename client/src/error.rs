@@ -155,7 +155,16 @@ impl MethodError {
 impl From<Error> for MethodError {
     fn from(error: Error) -> Self {
         match error {
-            Error::Remote { code, name, message, .. } => Self { code, name, message },
+            Error::Remote {
+                code,
+                name,
+                message,
+                ..
+            } => Self {
+                code,
+                name,
+                message,
+            },
             other => Self::with_code(ErrorCode::Failed, other.to_string()),
         }
     }

@@ -42,7 +42,9 @@ mod signals;
 
 pub use address::Address;
 pub use bus_api::RequestNameFlags;
-pub use connection::{CallBuilder, Connection, ConnectionBuilder, MethodCall, SignalBuilder, DEFAULT_MEMFD_THRESHOLD};
+pub use connection::{
+    CallBuilder, Connection, ConnectionBuilder, MethodCall, SignalBuilder, DEFAULT_MEMFD_THRESHOLD,
+};
 pub use error::{Error, MethodError};
 pub use memfd::{MemfdWriter, SealedMemfd};
 pub use message::{Body, Incoming, Outgoing, Reply};
@@ -50,4 +52,11 @@ pub use signals::{MatchRule, NameOwnerWatch, Signal, SignalStream};
 
 /// The wire protocol crate (generated message types, names, errors).
 pub use pbus_proto as proto;
-pub use pbus_proto::v1::{ErrorCode, NameOwnerChanged, PeerIdentity, ReleaseNameResult, RequestNameResult, SenderInfo};
+pub use pbus_proto::v1::{
+    ErrorCode, NameOwnerChanged, PeerIdentity, ReleaseNameResult, RequestNameResult, SenderInfo,
+};
+
+/// The README's client example, compiled as a doctest so it stays true.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -40,7 +40,8 @@ impl SealedMemfd {
 
     /// Like [`from_fd`](Self::from_fd) for the range `offset..offset+len`.
     pub fn from_fd_range(fd: OwnedFd, offset: u64, len: u64) -> Result<Self, Error> {
-        let present = sys::seals(&fd).map_err(|e| Error::Memfd(format!("not a sealable memfd: {e}")))?;
+        let present =
+            sys::seals(&fd).map_err(|e| Error::Memfd(format!("not a sealable memfd: {e}")))?;
         if present & seal::REQUIRED != seal::REQUIRED {
             if present & seal::SEAL != 0 {
                 return Err(Error::Memfd(
@@ -59,7 +60,8 @@ impl SealedMemfd {
     /// Wraps a memfd received from the bus after checking, once more, that
     /// it is sealed and the range fits (so mapping it can never fault).
     pub(crate) fn received(fd: OwnedFd, offset: u64, len: u64) -> Result<Self, Error> {
-        let present = sys::seals(&fd).map_err(|e| Error::Memfd(format!("received fd is not a memfd: {e}")))?;
+        let present = sys::seals(&fd)
+            .map_err(|e| Error::Memfd(format!("received fd is not a memfd: {e}")))?;
         if present & seal::REQUIRED != seal::REQUIRED {
             return Err(Error::Memfd("received memfd is not fully sealed".into()));
         }
@@ -94,7 +96,8 @@ impl SealedMemfd {
     /// Maps the payload read-only. Works on every kernel: the mapping is
     /// private, which a write-sealed memfd allows even before Linux 6.7.
     pub fn map(&self) -> Result<ReadOnlyMapping, Error> {
-        let len = usize::try_from(self.len).map_err(|_| Error::Memfd("payload larger than the address space".into()))?;
+        let len = usize::try_from(self.len)
+            .map_err(|_| Error::Memfd("payload larger than the address space".into()))?;
         Ok(ReadOnlyMapping::new(&self.fd, self.offset, len)?)
     }
 

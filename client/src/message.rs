@@ -84,14 +84,20 @@ pub struct Incoming {
 impl Incoming {
     /// Splits the frame's fds into the body memfd, extra memfd payloads and
     /// plain fds, checking each memfd.
-    pub(crate) fn from_parts(mut header: Header, body: &[u8], fds: Vec<OwnedFd>) -> Result<Self, Error> {
+    pub(crate) fn from_parts(
+        mut header: Header,
+        body: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> Result<Self, Error> {
         let mut slots: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
         let mut memfds = Vec::with_capacity(header.memfds.len());
         for memfd in std::mem::take(&mut header.memfds) {
             let fd = slots
                 .get_mut(memfd.fd_index as usize)
                 .and_then(Option::take)
-                .ok_or_else(|| Error::Protocol(format!("memfd index {} has no fd", memfd.fd_index)))?;
+                .ok_or_else(|| {
+                    Error::Protocol(format!("memfd index {} has no fd", memfd.fd_index))
+                })?;
             memfds.push(SealedMemfd::received(fd, memfd.offset, memfd.length)?);
         }
         let body = if header.body_in_memfd {
@@ -191,7 +197,10 @@ impl Incoming {
 }
 
 /// Decodes `bytes` as `M` if `type_name` is empty or names `M`.
-pub(crate) fn decode_payload<M: Message + Default + Name>(type_name: &str, bytes: &[u8]) -> Result<M, Error> {
+pub(crate) fn decode_payload<M: Message + Default + Name>(
+    type_name: &str,
+    bytes: &[u8],
+) -> Result<M, Error> {
     let expected = M::full_name();
     if !type_name.is_empty() && type_name != expected {
         return Err(Error::UnexpectedType {
@@ -265,7 +274,11 @@ impl Outgoing {
 
     /// Puts the memfd refs into `header` and returns the fds in wire order:
     /// body memfd, extra memfds, plain fds.
-    pub(crate) fn into_wire(self, header: &mut Header, memfd_threshold: usize) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
+    pub(crate) fn into_wire(
+        self,
+        header: &mut Header,
+        memfd_threshold: usize,
+    ) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
         let Outgoing {
             payload_type,
             mut body,

@@ -126,7 +126,9 @@ impl MatchRule {
         if !rule.sender.is_empty() {
             let sender = signal.sender().unique_name.as_str();
             if rule.sender != sender {
-                let owner = owners.get(&rule.sender).and_then(|tracked| tracked.owner.as_deref());
+                let owner = owners
+                    .get(&rule.sender)
+                    .and_then(|tracked| tracked.owner.as_deref());
                 if owner != Some(sender) {
                     return false;
                 }
@@ -204,7 +206,9 @@ pub struct SignalStream {
 
 impl std::fmt::Debug for SignalStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SignalStream").field("rule", &self.rule).finish_non_exhaustive()
+        f.debug_struct("SignalStream")
+            .field("rule", &self.rule)
+            .finish_non_exhaustive()
     }
 }
 
@@ -229,7 +233,12 @@ impl Stream for SignalStream {
 
 impl Drop for SignalStream {
     fn drop(&mut self) {
-        let mut subscriptions = self.connection.inner.subscriptions.lock().expect("subscriptions lock");
+        let mut subscriptions = self
+            .connection
+            .inner
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock");
         subscriptions.entries.retain(|entry| entry.id != self.id);
         let mut rules = vec![self.rule.clone()];
         if let Some(name) = self.rule.well_known_sender() {

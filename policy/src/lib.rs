@@ -106,7 +106,11 @@ impl PeerPolicy {
 
     /// May this peer own `name`?
     pub fn own(&self, _name: &str) -> Decision {
-        Decision::new(true, Right::Own, "builtin: names are first come, first served")
+        Decision::new(
+            true,
+            Right::Own,
+            "builtin: names are first come, first served",
+        )
     }
 
     /// May this peer learn that `name`, owned by `owner`, exists?
@@ -122,7 +126,11 @@ impl PeerPolicy {
     /// May this peer (as receiver) receive from `sender`?
     pub fn receive(&self, sender: &PeerIdentity) -> Decision {
         if sender.uid == 0 {
-            return Decision::new(true, Right::Receive, "builtin: anyone may receive from root");
+            return Decision::new(
+                true,
+                Right::Receive,
+                "builtin: anyone may receive from root",
+            );
         }
         self.same_uid_or_root(sender, Right::Receive)
     }

@@ -30,7 +30,11 @@ pub fn error_name(code: ErrorCode) -> &'static str {
 }
 
 /// Builds an `ErrorInfo` with the standard name for `code`.
-pub fn error_info(code: ErrorCode, message: impl Into<String>, detail: impl Into<String>) -> ErrorInfo {
+pub fn error_info(
+    code: ErrorCode,
+    message: impl Into<String>,
+    detail: impl Into<String>,
+) -> ErrorInfo {
     ErrorInfo {
         code: code as i32,
         name: error_name(code).to_owned(),
@@ -53,6 +57,9 @@ mod tests {
             ErrorName::try_from(name).unwrap();
             assert!(seen.insert(name), "{name} used twice");
         }
-        assert!(ErrorCode::try_from(18).is_err(), "a new code needs a name above");
+        assert!(
+            ErrorCode::try_from(18).is_err(),
+            "a new code needs a name above"
+        );
     }
 }

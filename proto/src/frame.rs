@@ -333,7 +333,8 @@ impl<F> FrameReader<F> {
             }
             let prefix = self.checked_prefix(&self.partial[..PREFIX_LEN])?;
             let total = prefix.frame_len() as usize;
-            self.partial.reserve_exact(total.saturating_sub(self.partial.len()));
+            self.partial
+                .reserve_exact(total.saturating_sub(self.partial.len()));
             let take = (total - self.partial.len()).min(data.len());
             self.partial.extend_from_slice(&data[..take]);
             data = &data[take..];
@@ -555,7 +556,11 @@ impl<F> OutQueue<F> {
         mut send: impl FnMut(&[u8], &[F]) -> io::Result<usize>,
     ) -> io::Result<Flushed> {
         while let Some(segment) = self.segments.front_mut() {
-            let fds: &[F] = if segment.written == 0 { &segment.fds } else { &[] };
+            let fds: &[F] = if segment.written == 0 {
+                &segment.fds
+            } else {
+                &[]
+            };
             let written = match send(&segment.data[segment.written..], fds) {
                 Ok(0) => return Ok(Flushed::Blocked),
                 Ok(n) => n,
@@ -619,11 +624,14 @@ mod tests {
         out
     }
 
+    /// A decoded frame: serial, body, fds.
+    type Collected = (u64, Vec<u8>, Vec<i32>);
+
     fn collect(
         reader: &mut FrameReader<i32>,
         data: &[u8],
         fds: Vec<i32>,
-    ) -> Result<Vec<(u64, Vec<u8>, Vec<i32>)>, FrameError> {
+    ) -> Result<Vec<Collected>, FrameError> {
         let mut out = Vec::new();
         reader
             .feed(data, fds, |frame| {
@@ -712,9 +720,11 @@ mod tests {
     fn first_frame_limit_applies_to_the_first_frame_only() {
         let mut stream = frame_bytes(1, &[0u8; 50], 0);
         stream.extend(frame_bytes(2, &[0u8; 500], 0));
-        let mut reader = FrameReader::<i32>::new(FrameLimits::default()).with_first_frame_limit(200);
+        let mut reader =
+            FrameReader::<i32>::new(FrameLimits::default()).with_first_frame_limit(200);
         assert_eq!(collect(&mut reader, &stream, vec![]).unwrap().len(), 2);
-        let mut reader = FrameReader::<i32>::new(FrameLimits::default()).with_first_frame_limit(200);
+        let mut reader =
+            FrameReader::<i32>::new(FrameLimits::default()).with_first_frame_limit(200);
         let big_first = frame_bytes(1, &[0u8; 500], 0);
         assert!(matches!(
             collect(&mut reader, &big_first, vec![]),
@@ -805,7 +815,9 @@ mod tests {
     fn a_second_fd_set_for_one_frame_is_a_violation() {
         let frame = frame_bytes(1, &[0u8; 100], 1);
         let mut reader = FrameReader::<i32>::new(FrameLimits::default());
-        assert!(collect(&mut reader, &frame[..30], vec![1]).unwrap().is_empty());
+        assert!(collect(&mut reader, &frame[..30], vec![1])
+            .unwrap()
+            .is_empty());
         // A second set arrives mid-frame: nothing can claim it.
         assert_eq!(
             collect(&mut reader, &frame[30..], vec![2]).unwrap_err(),
@@ -844,7 +856,11 @@ mod tests {
             })
             .unwrap();
         assert_eq!(status, Flushed::All);
-        assert_eq!(sends.len(), 2, "one sendmsg before the fds, one starting with them");
+        assert_eq!(
+            sends.len(),
+            2,
+            "one sendmsg before the fds, one starting with them"
+        );
         assert!(sends[0].1.is_empty());
         assert_eq!(sends[1].1, vec![42]);
         assert!(queue.written_total() >= end);

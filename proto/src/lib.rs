@@ -12,7 +12,11 @@ pub mod frame;
 pub mod names;
 
 /// Generated protobuf types of `pbus.v1`.
-#[allow(missing_docs, clippy::doc_lazy_continuation, clippy::enum_variant_names)]
+#[allow(
+    missing_docs,
+    clippy::doc_lazy_continuation,
+    clippy::enum_variant_names
+)]
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/pbus.v1.rs"));
 }
@@ -31,7 +35,8 @@ pub const TYPE_PREFIX: &str = "pbus.v1.";
 
 /// Encoded `FileDescriptorSet` of the pbus schema, for tools that decode
 /// payloads by type name.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pbus_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/pbus_descriptor.bin"));
 
 /// Fully qualified protobuf type name of a generated pbus message, as put in
 /// `Header.payload_type`.

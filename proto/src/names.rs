@@ -64,7 +64,11 @@ fn check_well_known(kind: &'static str, value: &str) -> Result<(), NameError> {
         return Err(NameError::new(kind, value, "longer than 255 bytes"));
     }
     if value.starts_with(':') {
-        return Err(NameError::new(kind, value, "starts with ':' (unique names are assigned by the bus)"));
+        return Err(NameError::new(
+            kind,
+            value,
+            "starts with ':' (unique names are assigned by the bus)",
+        ));
     }
     let mut elements = 0;
     for element in value.split('.') {
@@ -74,14 +78,26 @@ fn check_well_known(kind: &'static str, value: &str) -> Result<(), NameError> {
             return Err(NameError::new(kind, value, "has an empty element"));
         }
         if bytes[0].is_ascii_digit() {
-            return Err(NameError::new(kind, value, "has an element starting with a digit"));
+            return Err(NameError::new(
+                kind,
+                value,
+                "has an element starting with a digit",
+            ));
         }
         if !bytes.iter().all(|&c| is_name_char(c)) {
-            return Err(NameError::new(kind, value, "has a character outside A-Z a-z 0-9 _ -"));
+            return Err(NameError::new(
+                kind,
+                value,
+                "has a character outside A-Z a-z 0-9 _ -",
+            ));
         }
     }
     if elements < 2 {
-        return Err(NameError::new(kind, value, "needs at least two dot-separated elements"));
+        return Err(NameError::new(
+            kind,
+            value,
+            "needs at least two dot-separated elements",
+        ));
     }
     Ok(())
 }
@@ -97,16 +113,28 @@ fn check_unique(kind: &'static str, value: &str) -> Result<(), NameError> {
     for element in rest.split('.') {
         elements += 1;
         if element.is_empty() || !element.bytes().all(is_name_char) {
-            return Err(NameError::new(kind, value, "has an empty or invalid element"));
+            return Err(NameError::new(
+                kind,
+                value,
+                "has an empty or invalid element",
+            ));
         }
     }
     if elements < 2 {
-        return Err(NameError::new(kind, value, "needs at least two dot-separated elements"));
+        return Err(NameError::new(
+            kind,
+            value,
+            "needs at least two dot-separated elements",
+        ));
     }
     Ok(())
 }
 
-fn check_member_like(kind: &'static str, value: &str, min_elements: usize) -> Result<(), NameError> {
+fn check_member_like(
+    kind: &'static str,
+    value: &str,
+    min_elements: usize,
+) -> Result<(), NameError> {
     if value.is_empty() {
         return Err(NameError::new(kind, value, "empty"));
     }
@@ -121,14 +149,26 @@ fn check_member_like(kind: &'static str, value: &str, min_elements: usize) -> Re
             return Err(NameError::new(kind, value, "has an empty element"));
         }
         if bytes[0].is_ascii_digit() {
-            return Err(NameError::new(kind, value, "has an element starting with a digit"));
+            return Err(NameError::new(
+                kind,
+                value,
+                "has an element starting with a digit",
+            ));
         }
         if !bytes.iter().all(|&c| is_member_char(c)) {
-            return Err(NameError::new(kind, value, "has a character outside A-Z a-z 0-9 _"));
+            return Err(NameError::new(
+                kind,
+                value,
+                "has a character outside A-Z a-z 0-9 _",
+            ));
         }
     }
     if elements < min_elements {
-        return Err(NameError::new(kind, value, "needs at least two dot-separated elements"));
+        return Err(NameError::new(
+            kind,
+            value,
+            "needs at least two dot-separated elements",
+        ));
     }
     Ok(())
 }
@@ -145,10 +185,18 @@ fn check_path(kind: &'static str, value: &str) -> Result<(), NameError> {
     }
     for element in value[1..].split('/') {
         if element.is_empty() {
-            return Err(NameError::new(kind, value, "has an empty element or a trailing '/'"));
+            return Err(NameError::new(
+                kind,
+                value,
+                "has an empty element or a trailing '/'",
+            ));
         }
         if !element.bytes().all(|c| is_name_char(c) || c == b'.') {
-            return Err(NameError::new(kind, value, "has a character outside A-Z a-z 0-9 _ - ."));
+            return Err(NameError::new(
+                kind,
+                value,
+                "has a character outside A-Z a-z 0-9 _ - .",
+            ));
         }
     }
     Ok(())
@@ -293,7 +341,10 @@ impl TryFrom<&str> for BusName {
         } else {
             WellKnownName::try_from(value)
                 .map(Self::WellKnown)
-                .map_err(|e| NameError { kind: "bus name", ..e })
+                .map_err(|e| NameError {
+                    kind: "bus name",
+                    ..e
+                })
         }
     }
 }
@@ -317,11 +368,27 @@ mod tests {
 
     #[test]
     fn well_known_names() {
-        for ok in ["org.example.Echo", "a.b", "com.example-1._x", "org.pbus.Bus"] {
+        for ok in [
+            "org.example.Echo",
+            "a.b",
+            "com.example-1._x",
+            "org.pbus.Bus",
+        ] {
             WellKnownName::try_from(ok).unwrap();
         }
         let long = format!("a.{}", "b".repeat(254));
-        for bad in ["", "org", ".org.x", "org..x", "org.x.", "org.1x", ":1.2", "org.ex ample", "org.é.x", &long] {
+        for bad in [
+            "",
+            "org",
+            ".org.x",
+            "org..x",
+            "org.x.",
+            "org.1x",
+            ":1.2",
+            "org.ex ample",
+            "org.é.x",
+            &long,
+        ] {
             assert!(WellKnownName::try_from(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -335,8 +402,14 @@ mod tests {
         for bad in ["1.42", ":", ":1", ":1..2", ":1.a b"] {
             assert!(UniqueName::try_from(bad).is_err(), "{bad:?} accepted");
         }
-        assert!(matches!(BusName::try_from(":1.5").unwrap(), BusName::Unique(_)));
-        assert!(matches!(BusName::try_from("a.b").unwrap(), BusName::WellKnown(_)));
+        assert!(matches!(
+            BusName::try_from(":1.5").unwrap(),
+            BusName::Unique(_)
+        ));
+        assert!(matches!(
+            BusName::try_from("a.b").unwrap(),
+            BusName::WellKnown(_)
+        ));
         assert_eq!(BusName::try_from("nodots").unwrap_err().kind, "bus name");
     }
 

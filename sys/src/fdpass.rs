@@ -224,7 +224,9 @@ mod tests {
     #[test]
     fn too_small_control_buffer_reports_truncation_and_closes_nothing_twice() {
         let (a, b) = UnixStream::pair().unwrap();
-        let files: Vec<_> = (0..4).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
+        let files: Vec<_> = (0..4)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
         let borrowed: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
         send_with_fds(&a, &[IoSlice::new(b"x")], &borrowed).unwrap();
         let mut buf = [0u8; 8];

@@ -44,7 +44,13 @@ pub fn memfd_create(name: &str) -> io::Result<OwnedFd> {
 /// Adds seals (`F_ADD_SEALS`).
 pub fn add_seals(fd: impl AsFd, seals: u32) -> io::Result<()> {
     // SAFETY: fcntl with an integer argument.
-    check(unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), libc::F_ADD_SEALS, seals as libc::c_int) })?;
+    check(unsafe {
+        libc::fcntl(
+            fd.as_fd().as_raw_fd(),
+            libc::F_ADD_SEALS,
+            seals as libc::c_int,
+        )
+    })?;
     Ok(())
 }
 
@@ -154,7 +160,9 @@ impl std::ops::Deref for ReadOnlyMapping {
 
 impl std::fmt::Debug for ReadOnlyMapping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReadOnlyMapping").field("len", &self.len).finish()
+        f.debug_struct("ReadOnlyMapping")
+            .field("len", &self.len)
+            .finish()
     }
 }
 

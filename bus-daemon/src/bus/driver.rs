@@ -10,8 +10,9 @@ use pbus_proto::names::{BusName, WellKnownName};
 use pbus_proto::v1::{
     AddMatchRequest, Empty, GetNameOwnerReply, GetNameOwnerRequest, GetPeerIdentityRequest, Header,
     HeaderFlag, ListNamesReply, ListNamesRequest, ListQueuedOwnersReply, ListQueuedOwnersRequest,
-    NameEntry, NameHasOwnerReply, NameHasOwnerRequest, PingReply, ReleaseNameReply, ReleaseNameRequest,
-    ReleaseNameResult, RemoveMatchRequest, RequestNameReply, RequestNameRequest, RequestNameResult,
+    NameEntry, NameHasOwnerReply, NameHasOwnerRequest, PingReply, ReleaseNameReply,
+    ReleaseNameRequest, ReleaseNameResult, RemoveMatchRequest, RequestNameReply,
+    RequestNameRequest, RequestNameResult,
 };
 use pbus_proto::BUS_NAME;
 use prost::Message;
@@ -27,7 +28,9 @@ fn decode<M: Message + Default>(body: &[u8]) -> Result<M, BusError> {
 fn well_known(name: &str) -> Result<WellKnownName, BusError> {
     let name = WellKnownName::try_from(name).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
     if name.as_str() == BUS_NAME {
-        return Err(BusError::InvalidArgs(format!("{BUS_NAME} belongs to the bus")));
+        return Err(BusError::InvalidArgs(format!(
+            "{BUS_NAME} belongs to the bus"
+        )));
     }
     Ok(name)
 }
@@ -77,7 +80,8 @@ impl<Io> Bus<Io> {
             }
             "NameHasOwner" => {
                 let request: NameHasOwnerRequest = decode(body)?;
-                BusName::try_from(request.name.as_str()).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+                BusName::try_from(request.name.as_str())
+                    .map_err(|e| BusError::InvalidArgs(e.to_string()))?;
                 let has_owner = self.visible_owner(from, &request.name).is_ok();
                 reply!(NameHasOwnerReply { has_owner })
             }
@@ -107,10 +111,17 @@ impl<Io> Bus<Io> {
         }
     }
 
-    fn request_name(&mut self, from: PeerId, request: RequestNameRequest) -> Result<RequestNameReply, BusError> {
+    fn request_name(
+        &mut self,
+        from: PeerId,
+        request: RequestNameRequest,
+    ) -> Result<RequestNameReply, BusError> {
         let name = well_known(&request.name)?;
         if request.flags & !flags::ALL != 0 {
-            return Err(BusError::InvalidArgs(format!("unknown flags {:#x}", request.flags & !flags::ALL)));
+            return Err(BusError::InvalidArgs(format!(
+                "unknown flags {:#x}",
+                request.flags & !flags::ALL
+            )));
         }
         let peer = &self.peers[&from];
         let decision = peer.policy.own(name.as_str());
@@ -120,7 +131,9 @@ impl<Io> Bus<Io> {
                 target: format!(" to own {name}"),
             });
         }
-        if !peer.names.contains(name.as_str()) && peer.names.len() >= self.limits.max_names_per_connection as usize {
+        if !peer.names.contains(name.as_str())
+            && peer.names.len() >= self.limits.max_names_per_connection as usize
+        {
             return Err(BusError::LimitExceeded {
                 limit: "max_names_per_connection",
                 message: "too many names owned or queued for".into(),
@@ -153,14 +166,24 @@ impl<Io> Bus<Io> {
             RequestOutcome::Exists => RequestNameResult::Exists,
             RequestOutcome::AlreadyOwner => RequestNameResult::AlreadyOwner,
         };
-        Ok(RequestNameReply { result: result as i32 })
+        Ok(RequestNameReply {
+            result: result as i32,
+        })
     }
 
-    fn release_name(&mut self, from: PeerId, request: ReleaseNameRequest) -> Result<ReleaseNameReply, BusError> {
+    fn release_name(
+        &mut self,
+        from: PeerId,
+        request: ReleaseNameRequest,
+    ) -> Result<ReleaseNameReply, BusError> {
         let name = well_known(&request.name)?;
         let (outcome, change) = self.names.release(name.as_str(), from);
         if outcome == ReleaseOutcome::Released {
-            self.peers.get_mut(&from).expect("caller exists").names.remove(name.as_str());
+            self.peers
+                .get_mut(&from)
+                .expect("caller exists")
+                .names
+                .remove(name.as_str());
         }
         if let Some(change) = change {
             self.announce_change(change, None);
@@ -170,7 +193,9 @@ impl<Io> Bus<Io> {
             ReleaseOutcome::NonExistent => ReleaseNameResult::NonExistent,
             ReleaseOutcome::NotOwner => ReleaseNameResult::NotOwner,
         };
-        Ok(ReleaseNameReply { result: result as i32 })
+        Ok(ReleaseNameReply {
+            result: result as i32,
+        })
     }
 
     /// The owner of `name` if it exists and `from` may see it. A name the
@@ -184,7 +209,12 @@ impl<Io> Bus<Io> {
             self.names.owner(name)
         };
         match owner {
-            Some(owner) if owner == from || asker.policy.see(&self.peers[&owner].identity, name).allowed => Ok(owner),
+            Some(owner)
+                if owner == from
+                    || asker.policy.see(&self.peers[&owner].identity, name).allowed =>
+            {
+                Ok(owner)
+            }
             _ if name.starts_with(':') => Err(BusError::NoSuchPeer(name.to_owned())),
             _ => Err(BusError::NameHasNoOwner(name.to_owned())),
         }
@@ -195,7 +225,9 @@ impl<Io> Bus<Io> {
         let mut names: Vec<NameEntry> = self
             .names
             .iter()
-            .filter(|(name, owner, _)| *owner == from || asker.policy.see(&self.peers[owner].identity, name).allowed)
+            .filter(|(name, owner, _)| {
+                *owner == from || asker.policy.see(&self.peers[owner].identity, name).allowed
+            })
             .map(|(name, owner, queued)| NameEntry {
                 name: name.to_owned(),
                 owner: owner.unique_name().into_string(),
@@ -206,7 +238,10 @@ impl<Io> Bus<Io> {
             names.extend(
                 self.peers
                     .values()
-                    .filter(|peer| peer.id == from || asker.policy.see(&peer.identity, &peer.unique_name).allowed)
+                    .filter(|peer| {
+                        peer.id == from
+                            || asker.policy.see(&peer.identity, &peer.unique_name).allowed
+                    })
                     .map(|peer| NameEntry {
                         name: peer.unique_name.clone(),
                         owner: peer.unique_name.clone(),
@@ -236,9 +271,12 @@ impl<Io> Bus<Io> {
     }
 
     fn add_match(&mut self, from: PeerId, request: AddMatchRequest) -> Result<(), BusError> {
-        let rule = Rule::from_wire(request.rule.unwrap_or_default()).map_err(BusError::InvalidArgs)?;
+        let rule =
+            Rule::from_wire(request.rule.unwrap_or_default()).map_err(BusError::InvalidArgs)?;
         if rule.eavesdrop {
-            return Err(BusError::NotSupported("eavesdropping match rules need the monitor right".into()));
+            return Err(BusError::NotSupported(
+                "eavesdropping match rules need the monitor right".into(),
+            ));
         }
         let peer = &self.peers[&from];
         if peer.matches.len() >= self.limits.max_matches_per_connection as usize {
@@ -248,12 +286,17 @@ impl<Io> Bus<Io> {
             });
         }
         let id = self.matches.add(from, rule);
-        self.peers.get_mut(&from).expect("caller exists").matches.push(id);
+        self.peers
+            .get_mut(&from)
+            .expect("caller exists")
+            .matches
+            .push(id);
         Ok(())
     }
 
     fn remove_match(&mut self, from: PeerId, request: RemoveMatchRequest) -> Result<(), BusError> {
-        let rule = Rule::from_wire(request.rule.unwrap_or_default()).map_err(BusError::InvalidArgs)?;
+        let rule =
+            Rule::from_wire(request.rule.unwrap_or_default()).map_err(BusError::InvalidArgs)?;
         let peer = self.peers.get_mut(&from).expect("caller exists");
         let position = peer
             .matches

@@ -54,7 +54,8 @@ impl Rule {
         if let Some(member) = &member {
             MemberName::try_from(member.as_str()).map_err(|e| e.to_string())?;
         }
-        let mut args: Vec<(u32, String)> = rule.args.into_iter().map(|a| (a.index, a.value)).collect();
+        let mut args: Vec<(u32, String)> =
+            rule.args.into_iter().map(|a| (a.index, a.value)).collect();
         args.sort();
         if args.iter().any(|(index, _)| *index > MAX_ARG_INDEX) {
             return Err(format!("argument index above {MAX_ARG_INDEX}"));
@@ -257,7 +258,12 @@ mod tests {
         .unwrap()
     }
 
-    fn view<'a>(sender: &'a str, path: &'a str, member: &'a str, args: &'a [String]) -> SignalView<'a> {
+    fn view<'a>(
+        sender: &'a str,
+        path: &'a str,
+        member: &'a str,
+        args: &'a [String],
+    ) -> SignalView<'a> {
         SignalView {
             sender,
             path,

@@ -31,8 +31,8 @@ use pbus_policy::{PeerPolicy, Policy};
 use pbus_proto::frame::{Flushed, OutQueue};
 use pbus_proto::names::{MemberName, ObjectPath, UniqueName};
 use pbus_proto::v1::{
-    ContainerInfo, ErrorInfo, Feature, Header, HeaderFlag, Hello, Limits as WireLimits, MessageKind,
-    NameOwnerChanged, SenderInfo, Welcome,
+    ContainerInfo, ErrorInfo, Feature, Header, HeaderFlag, Hello, Limits as WireLimits,
+    MessageKind, NameOwnerChanged, SenderInfo, Welcome,
 };
 use pbus_proto::{BUS_NAME, BUS_PATH, PROTOCOL_VERSION};
 use prost::Message;
@@ -174,7 +174,13 @@ const DAEMON_FEATURES: u32 = Feature::FdPassing as u32 | Feature::Memfd as u32;
 impl<Io> Bus<Io> {
     /// An empty bus. `bus_id` identifies this daemon instance;
     /// `own_pid_namespace` is the inode of the daemon's pid namespace.
-    pub fn new(limits: Limits, policy: Arc<Policy>, bus_id: String, own_pid_namespace: u64, now: Instant) -> Self {
+    pub fn new(
+        limits: Limits,
+        policy: Arc<Policy>,
+        bus_id: String,
+        own_pid_namespace: u64,
+        now: Instant,
+    ) -> Self {
         let bus_sender = SenderInfo {
             unique_name: BUS_NAME.to_owned(),
             uid: pbus_sys::process::effective_uid(),
@@ -266,7 +272,12 @@ impl<Io> Bus<Io> {
     }
 
     /// Completes a handshake: registers the peer and queues its `Welcome`.
-    pub fn add_peer(&mut self, io: Io, identity: PeerIdentity, hello: &Hello) -> Result<PeerId, BusError> {
+    pub fn add_peer(
+        &mut self,
+        io: Io,
+        identity: PeerIdentity,
+        hello: &Hello,
+    ) -> Result<PeerId, BusError> {
         if hello.protocol_version != PROTOCOL_VERSION {
             return Err(BusError::HandshakeFailed(format!(
                 "protocol version {} is not supported (this bus speaks {PROTOCOL_VERSION})",
@@ -455,15 +466,20 @@ impl<Io> Bus<Io> {
             Header::decode(header).map_err(|e| Violation(format!("undecodable header: {e}")))?;
         let kind = MessageKind::try_from(header.kind).unwrap_or(MessageKind::Unspecified);
         let serial = header.serial;
-        let wants_reply = kind == MessageKind::MethodCall && header.flags & HeaderFlag::NoReplyExpected as u32 == 0;
+        let wants_reply = kind == MessageKind::MethodCall
+            && header.flags & HeaderFlag::NoReplyExpected as u32 == 0;
         let result = match kind {
             MessageKind::MethodCall => self.route_call(from, &mut header, body, fds, now),
-            MessageKind::MethodReturn | MessageKind::Error => self.route_reply(from, &mut header, body, fds),
+            MessageKind::MethodReturn | MessageKind::Error => {
+                self.route_reply(from, &mut header, body, fds)
+            }
             MessageKind::Signal => self.route_signal(from, &mut header, body, fds),
             MessageKind::Hello | MessageKind::Welcome => {
                 return Err(Violation("handshake frame after the handshake".into()))
             }
-            MessageKind::Unspecified => return Err(Violation(format!("unknown message kind {}", header.kind))),
+            MessageKind::Unspecified => {
+                return Err(Violation(format!("unknown message kind {}", header.kind)))
+            }
         };
         match result {
             Ok(()) => {
@@ -493,11 +509,15 @@ impl<Io> Bus<Io> {
         now: Instant,
     ) -> Result<(), BusError> {
         if header.serial == 0 {
-            return Err(BusError::InvalidArgs("a method call needs a non-zero serial".into()));
+            return Err(BusError::InvalidArgs(
+                "a method call needs a non-zero serial".into(),
+            ));
         }
-        MemberName::try_from(header.member.as_str()).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+        MemberName::try_from(header.member.as_str())
+            .map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         if !header.path.is_empty() {
-            ObjectPath::try_from(header.path.as_str()).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+            ObjectPath::try_from(header.path.as_str())
+                .map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         }
         if header.destination == BUS_NAME {
             if !fds.is_empty() {
@@ -513,7 +533,9 @@ impl<Io> Bus<Io> {
             serial: header.serial,
         };
         if wants_reply {
-            if self.calls.count_for_caller(from) >= self.limits.max_pending_calls_per_connection as usize {
+            if self.calls.count_for_caller(from)
+                >= self.limits.max_pending_calls_per_connection as usize
+            {
                 return Err(BusError::LimitExceeded {
                     limit: "max_pending_calls_per_connection",
                     message: "too many calls waiting for replies".into(),
@@ -524,7 +546,11 @@ impl<Io> Bus<Io> {
                 requested => requested.min(self.limits.max_reply_timeout_ms),
             };
             let deadline = now + Duration::from_millis(u64::from(timeout_ms));
-            if self.calls.next_deadline().is_none_or(|next| deadline < next) {
+            if self
+                .calls
+                .next_deadline()
+                .is_none_or(|next| deadline < next)
+            {
                 self.timer_needs_rearm = true;
             }
             if !self.calls.insert(key, to, deadline) {
@@ -543,8 +569,15 @@ impl<Io> Bus<Io> {
         Ok(())
     }
 
-    fn route_reply(&mut self, from: PeerId, header: &mut Header, body: &[u8], fds: Vec<OwnedFd>) -> Result<(), BusError> {
-        let caller = PeerId::from_unique_name(&header.destination).ok_or(BusError::UnexpectedReply)?;
+    fn route_reply(
+        &mut self,
+        from: PeerId,
+        header: &mut Header,
+        body: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), BusError> {
+        let caller =
+            PeerId::from_unique_name(&header.destination).ok_or(BusError::UnexpectedReply)?;
         let key = CallKey {
             caller,
             serial: header.reply_serial,
@@ -552,9 +585,12 @@ impl<Io> Bus<Io> {
         if !self.calls.take_reply(key, from) {
             return Err(BusError::UnexpectedReply);
         }
-        if header.kind == MessageKind::Error as i32 && header.error.as_ref().is_none_or(|e| e.name.is_empty()) {
+        if header.kind == MessageKind::Error as i32
+            && header.error.as_ref().is_none_or(|e| e.name.is_empty())
+        {
             let mut info = header.error.take().unwrap_or_default();
-            info.name = pbus_proto::errors::error_name(pbus_proto::v1::ErrorCode::Failed).to_owned();
+            info.name =
+                pbus_proto::errors::error_name(pbus_proto::v1::ErrorCode::Failed).to_owned();
             header.error = Some(info);
         }
         // The call is answered either way; if the reply cannot go through,
@@ -568,17 +604,28 @@ impl<Io> Bus<Io> {
             Err(BusError::ReceiverQueueFull { limit }) => {
                 // The caller asked for this reply and does not read it: its
                 // own queue is the problem, so the caller goes.
-                self.doom(caller, &format!("its queue is full ({limit}) and it has a reply to read"));
+                self.doom(
+                    caller,
+                    &format!("its queue is full ({limit}) and it has a reply to read"),
+                );
                 Ok(())
             }
             Err(error) => Err(error),
         }
     }
 
-    fn route_signal(&mut self, from: PeerId, header: &mut Header, body: &[u8], fds: Vec<OwnedFd>) -> Result<(), BusError> {
-        MemberName::try_from(header.member.as_str()).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+    fn route_signal(
+        &mut self,
+        from: PeerId,
+        header: &mut Header,
+        body: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), BusError> {
+        MemberName::try_from(header.member.as_str())
+            .map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         if !header.path.is_empty() {
-            ObjectPath::try_from(header.path.as_str()).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+            ObjectPath::try_from(header.path.as_str())
+                .map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         }
         if !header.destination.is_empty() {
             let to = self.resolve(&header.destination)?;
@@ -602,7 +649,9 @@ impl<Io> Bus<Io> {
                 .filter(|id| self.peers.contains_key(id))
                 .ok_or_else(|| BusError::NoSuchPeer(destination.to_owned()))
         } else if destination.is_empty() {
-            Err(BusError::InvalidArgs("a method call needs a destination".into()))
+            Err(BusError::InvalidArgs(
+                "a method call needs a destination".into(),
+            ))
         } else {
             self.names
                 .owner(destination)
@@ -611,10 +660,18 @@ impl<Io> Bus<Io> {
     }
 
     /// Policy and fd checks for a call or unicast signal.
-    fn check_unicast(&self, from: PeerId, to: PeerId, header: &Header, fds: &[OwnedFd]) -> Result<(), BusError> {
+    fn check_unicast(
+        &self,
+        from: PeerId,
+        to: PeerId,
+        header: &Header,
+        fds: &[OwnedFd],
+    ) -> Result<(), BusError> {
         let sender = &self.peers[&from];
         let receiver = &self.peers[&to];
-        let talk = sender.policy.talk(&receiver.identity, &header.destination, &header.member);
+        let talk = sender
+            .policy
+            .talk(&receiver.identity, &header.destination, &header.member);
         if !talk.allowed {
             return Err(BusError::AccessDenied {
                 right: talk.right.as_str(),
@@ -631,7 +688,13 @@ impl<Io> Bus<Io> {
         self.check_fds(from, to, header, fds)
     }
 
-    fn check_fds(&self, _from: PeerId, to: PeerId, header: &Header, fds: &[OwnedFd]) -> Result<(), BusError> {
+    fn check_fds(
+        &self,
+        _from: PeerId,
+        to: PeerId,
+        header: &Header,
+        fds: &[OwnedFd],
+    ) -> Result<(), BusError> {
         if fds.is_empty() && header.memfds.is_empty() {
             return Ok(());
         }
@@ -659,18 +722,25 @@ impl<Io> Bus<Io> {
             });
         }
         if header.body_in_memfd && header.memfds.is_empty() {
-            return Err(BusError::InvalidMemfd("body_in_memfd set but no memfd attached".into()));
+            return Err(BusError::InvalidMemfd(
+                "body_in_memfd set but no memfd attached".into(),
+            ));
         }
         let mut used = vec![false; fds.len()];
         for memfd in &header.memfds {
             let index = memfd.fd_index as usize;
             let Some(fd) = fds.get(index) else {
-                return Err(BusError::InvalidMemfd(format!("memfd index {index} has no fd")));
+                return Err(BusError::InvalidMemfd(format!(
+                    "memfd index {index} has no fd"
+                )));
             };
             if std::mem::replace(&mut used[index], true) {
-                return Err(BusError::InvalidMemfd(format!("fd {index} used for two memfds")));
+                return Err(BusError::InvalidMemfd(format!(
+                    "fd {index} used for two memfds"
+                )));
             }
-            crate::memfd::validate(fd, memfd.offset, memfd.length).map_err(BusError::InvalidMemfd)?;
+            crate::memfd::validate(fd, memfd.offset, memfd.length)
+                .map_err(BusError::InvalidMemfd)?;
         }
         Ok(())
     }
@@ -690,16 +760,25 @@ impl<Io> Bus<Io> {
             };
             let names = &self.names;
             let peers = &self.peers;
-            self.matches.for_each_candidate(&view, sender.names.iter().map(String::as_str), |peer, rule| {
-                if rule.matches(&view, |name| names.owner(name) == Some(from)) {
-                    receivers.push(peer);
-                }
-            });
+            self.matches.for_each_candidate(
+                &view,
+                sender.names.iter().map(String::as_str),
+                |peer, rule| {
+                    if rule.matches(&view, |name| names.owner(name) == Some(from)) {
+                        receivers.push(peer);
+                    }
+                },
+            );
             receivers.retain(|id| {
-                let Some(receiver) = peers.get(id) else { return false };
+                let Some(receiver) = peers.get(id) else {
+                    return false;
+                };
                 !receiver.doomed
                     && receiver.policy.receive(&sender.identity).allowed
-                    && sender.policy.talk(&receiver.identity, "", &header.member).allowed
+                    && sender
+                        .policy
+                        .talk(&receiver.identity, "", &header.member)
+                        .allowed
             });
         }
         self.deliver_to_each(Some(from), receivers, stamp, header, body, fds);
@@ -717,13 +796,21 @@ impl<Io> Bus<Io> {
         fds: &[OwnedFd],
     ) {
         let mut info = match from {
-            Some(from) => std::mem::take(&mut self.peers.get_mut(&from).expect("sender exists").sender_info),
+            Some(from) => std::mem::take(
+                &mut self
+                    .peers
+                    .get_mut(&from)
+                    .expect("sender exists")
+                    .sender_info,
+            ),
             None => self.bus_sender.clone(),
         };
         let sender_identity = from.map(|from| Arc::clone(&self.peers[&from].identity));
         let mut encoded: Vec<(u64, Vec<u8>)> = Vec::new();
         for id in receivers {
-            let Some(receiver) = self.peers.get_mut(&id) else { continue };
+            let Some(receiver) = self.peers.get_mut(&id) else {
+                continue;
+            };
             if receiver.broadcast_stamp == stamp {
                 continue;
             }
@@ -745,7 +832,11 @@ impl<Io> Bus<Io> {
                     &encoded.last().expect("just pushed").1
                 }
             };
-            let copies = match fds.iter().map(OwnedFd::try_clone).collect::<io::Result<Vec<_>>>() {
+            let copies = match fds
+                .iter()
+                .map(OwnedFd::try_clone)
+                .collect::<io::Result<Vec<_>>>()
+            {
                 Ok(copies) => copies,
                 Err(error) => {
                     tracing::warn!(%error, "cannot duplicate memfds for a broadcast");
@@ -821,7 +912,10 @@ impl<Io> Bus<Io> {
             mark_dirty(&mut self.dirty, receiver);
         }
         let info = header.sender.take().expect("just set");
-        self.peers.get_mut(&from).expect("sender exists").sender_info = info;
+        self.peers
+            .get_mut(&from)
+            .expect("sender exists")
+            .sender_info = info;
         result
     }
 
@@ -868,7 +962,12 @@ impl<Io> Bus<Io> {
     }
 
     /// Sends a METHOD_RETURN from the bus.
-    fn queue_bus_reply<M: prost::Message + prost::Name>(&mut self, to: PeerId, serial: u64, reply: &M) {
+    fn queue_bus_reply<M: prost::Message + prost::Name>(
+        &mut self,
+        to: PeerId,
+        serial: u64,
+        reply: &M,
+    ) {
         let Some(peer) = self.peers.get(&to) else {
             return;
         };
@@ -883,7 +982,13 @@ impl<Io> Bus<Io> {
     }
 
     /// Sends a signal from the bus to one peer.
-    fn queue_bus_signal<M: prost::Message + prost::Name>(&mut self, to: PeerId, member: &str, args: Vec<String>, body: &M) {
+    fn queue_bus_signal<M: prost::Message + prost::Name>(
+        &mut self,
+        to: PeerId,
+        member: &str,
+        args: Vec<String>,
+        body: &M,
+    ) {
         let Some(peer) = self.peers.get(&to) else {
             return;
         };
@@ -902,7 +1007,11 @@ impl<Io> Bus<Io> {
     /// Announces a change of a well-known name's primary owner:
     /// NameLost/NameAcquired to the peers involved and NameOwnerChanged to
     /// subscribers that may see the name.
-    fn announce_change(&mut self, change: OwnerChange, removed_identity: Option<&Arc<PeerIdentity>>) {
+    fn announce_change(
+        &mut self,
+        change: OwnerChange,
+        removed_identity: Option<&Arc<PeerIdentity>>,
+    ) {
         if let Some(old) = change.old {
             if self.peers.contains_key(&old) {
                 let lost = pbus_proto::v1::NameLost {
@@ -941,8 +1050,12 @@ impl<Io> Bus<Io> {
         old: Option<(PeerId, &Arc<PeerIdentity>)>,
         new: Option<(PeerId, &Arc<PeerIdentity>)>,
     ) {
-        let old_name = old.map(|(id, _)| id.unique_name().into_string()).unwrap_or_default();
-        let new_name = new.map(|(id, _)| id.unique_name().into_string()).unwrap_or_default();
+        let old_name = old
+            .map(|(id, _)| id.unique_name().into_string())
+            .unwrap_or_default();
+        let new_name = new
+            .map(|(id, _)| id.unique_name().into_string())
+            .unwrap_or_default();
         let args = vec![name.to_owned(), old_name.clone(), new_name.clone()];
         let view = SignalView {
             sender: BUS_NAME,
@@ -951,13 +1064,16 @@ impl<Io> Bus<Io> {
             args: &args,
         };
         let mut receivers = Vec::new();
-        self.matches.for_each_candidate(&view, std::iter::empty(), |peer, rule| {
-            if rule.matches(&view, |_| false) {
-                receivers.push(peer);
-            }
-        });
+        self.matches
+            .for_each_candidate(&view, std::iter::empty(), |peer, rule| {
+                if rule.matches(&view, |_| false) {
+                    receivers.push(peer);
+                }
+            });
         receivers.retain(|id| {
-            let Some(receiver) = self.peers.get(id) else { return false };
+            let Some(receiver) = self.peers.get(id) else {
+                return false;
+            };
             let sees = |owner: Option<(PeerId, &Arc<PeerIdentity>)>| {
                 owner.is_some_and(|(owner_id, identity)| {
                     owner_id == *id || receiver.policy.see(identity, name).allowed
@@ -983,7 +1099,14 @@ impl<Io> Bus<Io> {
         };
         self.broadcast_stamp += 1;
         let stamp = self.broadcast_stamp;
-        self.deliver_to_each(None, receivers, stamp, &mut header, &body.encode_to_vec(), &[]);
+        self.deliver_to_each(
+            None,
+            receivers,
+            stamp,
+            &mut header,
+            &body.encode_to_vec(),
+            &[],
+        );
     }
 
     /// The peer's identity as the `asker` should see it on the wire.
@@ -1022,7 +1145,9 @@ impl<Io> Bus<Io> {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             features: peer.features,
-            host_pid: if asker.identity.uid == 0 || asker.identity.namespaces.pid == self.own_pid_namespace {
+            host_pid: if asker.identity.uid == 0
+                || asker.identity.namespaces.pid == self.own_pid_namespace
+            {
                 identity.pid
             } else {
                 0

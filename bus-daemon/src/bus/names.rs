@@ -79,7 +79,12 @@ pub struct NameRegistry {
 
 impl NameRegistry {
     /// Handles RequestName. The caller must have validated `name`.
-    pub fn request(&mut self, name: &str, peer: PeerId, flags: u32) -> (RequestOutcome, Option<OwnerChange>) {
+    pub fn request(
+        &mut self,
+        name: &str,
+        peer: PeerId,
+        flags: u32,
+    ) -> (RequestOutcome, Option<OwnerChange>) {
         let Some(claims) = self.names.get_mut(name) else {
             self.names
                 .insert(name.to_owned(), VecDeque::from([Claim { peer, flags }]));
@@ -157,7 +162,10 @@ impl NameRegistry {
 
     /// The primary owner of `name`.
     pub fn owner(&self, name: &str) -> Option<PeerId> {
-        self.names.get(name).and_then(|claims| claims.front()).map(|claim| claim.peer)
+        self.names
+            .get(name)
+            .and_then(|claims| claims.front())
+            .map(|claim| claim.peer)
     }
 
     /// Primary owner first, then the queue.
@@ -207,7 +215,10 @@ mod tests {
     #[test]
     fn first_request_owns_and_second_queues() {
         let mut names = NameRegistry::default();
-        assert_eq!(names.request(N, A, 0), (RequestOutcome::PrimaryOwner, change(None, Some(A))));
+        assert_eq!(
+            names.request(N, A, 0),
+            (RequestOutcome::PrimaryOwner, change(None, Some(A)))
+        );
         assert_eq!(names.request(N, A, 0), (RequestOutcome::AlreadyOwner, None));
         assert_eq!(names.request(N, B, 0), (RequestOutcome::InQueue, None));
         assert_eq!(names.request(N, B, 0), (RequestOutcome::InQueue, None));
@@ -222,12 +233,17 @@ mod tests {
                 let mut names = NameRegistry::default();
                 names.request(N, A, owner_flags);
                 let (outcome, changed) = names.request(N, B, request_flags);
-                let replaces = request_flags & REPLACE_EXISTING != 0 && owner_flags & ALLOW_REPLACEMENT != 0;
+                let replaces =
+                    request_flags & REPLACE_EXISTING != 0 && owner_flags & ALLOW_REPLACEMENT != 0;
                 let context = format!("owner {owner_flags:#b} request {request_flags:#b}");
                 if replaces {
                     assert_eq!(outcome, RequestOutcome::PrimaryOwner, "{context}");
                     assert_eq!(changed, change(Some(A), Some(B)), "{context}");
-                    let expected = if owner_flags & DO_NOT_QUEUE != 0 { vec![B] } else { vec![B, A] };
+                    let expected = if owner_flags & DO_NOT_QUEUE != 0 {
+                        vec![B]
+                    } else {
+                        vec![B, A]
+                    };
                     assert_eq!(names.claimants(N), expected, "{context}");
                 } else if request_flags & DO_NOT_QUEUE != 0 {
                     assert_eq!(outcome, RequestOutcome::Exists, "{context}");
@@ -246,7 +262,10 @@ mod tests {
         let mut names = NameRegistry::default();
         names.request(N, A, 0);
         names.request(N, B, 0);
-        assert_eq!(names.request(N, B, DO_NOT_QUEUE), (RequestOutcome::Exists, None));
+        assert_eq!(
+            names.request(N, B, DO_NOT_QUEUE),
+            (RequestOutcome::Exists, None)
+        );
         assert_eq!(names.claimants(N), vec![A]);
     }
 
@@ -267,9 +286,15 @@ mod tests {
         names.request(N, B, 0);
         names.request(N, C, 0);
         assert_eq!(names.release(N, C), (ReleaseOutcome::Released, None));
-        assert_eq!(names.release(N, A), (ReleaseOutcome::Released, change(Some(A), Some(B))));
+        assert_eq!(
+            names.release(N, A),
+            (ReleaseOutcome::Released, change(Some(A), Some(B)))
+        );
         assert_eq!(names.release(N, A), (ReleaseOutcome::NotOwner, None));
-        assert_eq!(names.release(N, B), (ReleaseOutcome::Released, change(Some(B), None)));
+        assert_eq!(
+            names.release(N, B),
+            (ReleaseOutcome::Released, change(Some(B), None))
+        );
         assert_eq!(names.release(N, B), (ReleaseOutcome::NonExistent, None));
         assert!(names.is_empty());
     }

@@ -42,7 +42,10 @@ impl PendingCalls {
         self.calls.insert(key, Pending { callee, deadline });
         self.deadlines.insert((deadline, key));
         self.by_callee.entry(callee).or_default().insert(key);
-        self.by_caller.entry(key.caller).or_default().insert(key.serial);
+        self.by_caller
+            .entry(key.caller)
+            .or_default()
+            .insert(key.serial);
         true
     }
 
@@ -119,7 +122,10 @@ impl PendingCalls {
     pub fn remove_peer(&mut self, peer: PeerId) -> Vec<CallKey> {
         if let Some(serials) = self.by_caller.remove(&peer) {
             for serial in serials {
-                self.remove(CallKey { caller: peer, serial });
+                self.remove(CallKey {
+                    caller: peer,
+                    serial,
+                });
             }
         }
         let owed: Vec<CallKey> = self
@@ -155,7 +161,10 @@ mod tests {
         let mut calls = PendingCalls::default();
         assert!(calls.insert(key(A, 1), B, now));
         assert!(!calls.insert(key(A, 1), B, now), "duplicate serial");
-        assert!(!calls.take_reply(key(A, 1), C), "spoofed reply from a third peer");
+        assert!(
+            !calls.take_reply(key(A, 1), C),
+            "spoofed reply from a third peer"
+        );
         assert!(!calls.take_reply(key(A, 2), B), "unknown serial");
         assert!(calls.take_reply(key(A, 1), B));
         assert!(!calls.take_reply(key(A, 1), B), "second reply");
@@ -170,7 +179,10 @@ mod tests {
         calls.insert(key(A, 2), B, now + Duration::from_secs(1));
         calls.insert(key(C, 1), B, now + Duration::from_secs(2));
         assert_eq!(calls.next_deadline(), Some(now + Duration::from_secs(1)));
-        assert_eq!(calls.expire(now + Duration::from_secs(2)), vec![key(A, 2), key(C, 1)]);
+        assert_eq!(
+            calls.expire(now + Duration::from_secs(2)),
+            vec![key(A, 2), key(C, 1)]
+        );
         assert_eq!(calls.count_for_caller(A), 1);
         assert_eq!(calls.expire(now + Duration::from_secs(10)), vec![key(A, 1)]);
         assert!(calls.next_deadline().is_none());

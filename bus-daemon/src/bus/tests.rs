@@ -9,8 +9,8 @@ use pbus_identity::{Namespaces, PeerIdentity};
 use pbus_policy::Policy;
 use pbus_proto::frame::{encode_frame, FrameLimits, FrameReader};
 use pbus_proto::v1::{
-    AddMatchRequest, ContainerInfo, ErrorCode, Header, HeaderFlag, Hello, MatchRule, MessageKind, RequestNameReply,
-    RequestNameRequest, RequestNameResult, SenderInfo, Welcome,
+    AddMatchRequest, ContainerInfo, ErrorCode, Header, HeaderFlag, Hello, MatchRule, MessageKind,
+    RequestNameReply, RequestNameRequest, RequestNameResult, SenderInfo, Welcome,
 };
 use pbus_proto::{BUS_NAME, PROTOCOL_VERSION};
 use prost::Message;
@@ -70,7 +70,10 @@ impl Harness {
             features: 3,
             client_name: String::new(),
         };
-        let id = self.bus.add_peer((), Self::identity(uid, pid), &hello).unwrap();
+        let id = self
+            .bus
+            .add_peer((), Self::identity(uid, pid), &hello)
+            .unwrap();
         let welcome = self.drain(id);
         assert_eq!(welcome[0].header.kind, MessageKind::Welcome as i32);
         let welcome = Welcome::decode(welcome[0].body.as_slice()).unwrap();
@@ -101,7 +104,11 @@ impl Harness {
             })
             .unwrap_or_else(|_| panic!("bus queued a bad frame"));
         for (header, body) in frames {
-            out.push(Out { header, body, fds: 0 });
+            out.push(Out {
+                header,
+                body,
+                fds: 0,
+            });
         }
         if let Some(last) = out.last_mut() {
             last.fds = fd_count;
@@ -113,7 +120,9 @@ impl Harness {
         let mut bytes = Vec::new();
         encode_frame(&mut bytes, &header, body, 0);
         let header_bytes = header.encode_to_vec();
-        self.bus.dispatch(from, &header_bytes, body, fds, self.now).unwrap();
+        self.bus
+            .dispatch(from, &header_bytes, body, fds, self.now)
+            .unwrap();
     }
 
     fn call(&mut self, from: PeerId, destination: &str, member: &str, body: &[u8]) -> u64 {
@@ -154,22 +163,33 @@ impl Harness {
             .iter()
             .find(|f| f.header.reply_serial == serial)
             .expect("RequestName answered");
-        assert_eq!(reply.header.kind, MessageKind::MethodReturn as i32, "{:?}", reply.header.error);
-        RequestNameReply::decode(reply.body.as_slice()).unwrap().result()
+        assert_eq!(
+            reply.header.kind,
+            MessageKind::MethodReturn as i32,
+            "{:?}",
+            reply.header.error
+        );
+        RequestNameReply::decode(reply.body.as_slice())
+            .unwrap()
+            .result()
     }
 
     fn add_match(&mut self, peer: PeerId, rule: MatchRule) {
         let body = AddMatchRequest { rule: Some(rule) }.encode_to_vec();
         let serial = self.call(peer, BUS_NAME, "AddMatch", &body);
         let frames = self.drain(peer);
-        assert!(frames
-            .iter()
-            .any(|f| f.header.reply_serial == serial && f.header.kind == MessageKind::MethodReturn as i32));
+        assert!(frames.iter().any(|f| f.header.reply_serial == serial
+            && f.header.kind == MessageKind::MethodReturn as i32));
     }
 }
 
 fn error_code(frame: &Out) -> ErrorCode {
-    assert_eq!(frame.header.kind, MessageKind::Error as i32, "{:?}", frame.header);
+    assert_eq!(
+        frame.header.kind,
+        MessageKind::Error as i32,
+        "{:?}",
+        frame.header
+    );
     ErrorCode::try_from(frame.header.error.as_ref().unwrap().code).unwrap()
 }
 
@@ -180,7 +200,10 @@ fn wrong_protocol_version_is_refused() {
         protocol_version: 99,
         ..Hello::default()
     };
-    let error = h.bus.add_peer((), Harness::identity(0, 1), &hello).unwrap_err();
+    let error = h
+        .bus
+        .add_peer((), Harness::identity(0, 1), &hello)
+        .unwrap_err();
     assert_eq!(error.code(), ErrorCode::HandshakeFailed);
     assert_eq!(h.bus.peer_count(), 0);
 }
@@ -190,7 +213,10 @@ fn call_and_reply_are_routed_and_stamped() {
     let mut h = Harness::new();
     let service = h.connect(1000, 100);
     let client = h.connect(1000, 200);
-    assert_eq!(h.request_name(service, "org.example.S", 0), RequestNameResult::PrimaryOwner);
+    assert_eq!(
+        h.request_name(service, "org.example.S", 0),
+        RequestNameResult::PrimaryOwner
+    );
     // The client claims to be someone else; the bus overwrites it all.
     h.serial += 1;
     let forged = Header {
@@ -245,7 +271,10 @@ fn spoofed_reply_from_a_third_peer_is_refused() {
     let serial = h.call(client, &service.unique_name().into_string(), "Do", b"");
     h.drain(service);
     h.reply(spoofer, client, serial, b"fake");
-    assert!(h.drain(client).is_empty(), "the client must not see the spoofed reply");
+    assert!(
+        h.drain(client).is_empty(),
+        "the client must not see the spoofed reply"
+    );
     assert_eq!(error_code(&h.drain(spoofer)[0]), ErrorCode::UnexpectedReply);
     h.reply(service, client, serial, b"real");
     assert_eq!(h.drain(client)[0].body, b"real");
@@ -272,7 +301,10 @@ fn timeouts_fail_the_call_and_late_replies_are_refused() {
     let client = h.connect(1000, 2);
     let serial = h.call(client, &service.unique_name().into_string(), "Slow", b"");
     h.drain(service);
-    assert_eq!(h.bus.next_deadline(), Some(h.now + Duration::from_millis(1000)));
+    assert_eq!(
+        h.bus.next_deadline(),
+        Some(h.now + Duration::from_millis(1000))
+    );
     assert!(h.bus.take_timer_rearm());
     h.bus.expire_calls(h.now + Duration::from_millis(999));
     assert!(h.drain(client).is_empty());
@@ -299,8 +331,14 @@ fn disconnect_fails_owed_calls_and_promotes_queued_owners() {
             ..MatchRule::default()
         },
     );
-    assert_eq!(h.request_name(first, "org.example.N", 0), RequestNameResult::PrimaryOwner);
-    assert_eq!(h.request_name(second, "org.example.N", 0), RequestNameResult::InQueue);
+    assert_eq!(
+        h.request_name(first, "org.example.N", 0),
+        RequestNameResult::PrimaryOwner
+    );
+    assert_eq!(
+        h.request_name(second, "org.example.N", 0),
+        RequestNameResult::InQueue
+    );
     let serial = h.call(client, "org.example.N", "Do", b"");
     h.drain(first);
     h.drain(watcher);
@@ -310,10 +348,18 @@ fn disconnect_fails_owed_calls_and_promotes_queued_owners() {
     assert_eq!(error_code(&failed[0]), ErrorCode::NoReply);
     let acquired = h.drain(second);
     assert_eq!(acquired[0].header.member, "NameAcquired");
-    let changes: Vec<Vec<String>> = h.drain(watcher).into_iter().map(|f| f.header.args).collect();
+    let changes: Vec<Vec<String>> = h
+        .drain(watcher)
+        .into_iter()
+        .map(|f| f.header.args)
+        .collect();
     let first_name = first.unique_name().into_string();
     let second_name = second.unique_name().into_string();
-    assert!(changes.contains(&vec!["org.example.N".into(), first_name.clone(), second_name]));
+    assert!(changes.contains(&vec![
+        "org.example.N".into(),
+        first_name.clone(),
+        second_name
+    ]));
     assert!(changes.contains(&vec![first_name.clone(), first_name, String::new()]));
     // Calls now reach the new owner.
     h.call(client, "org.example.N", "Do", b"");
@@ -339,7 +385,10 @@ fn full_receiver_queue_is_an_error_for_the_sender_and_fatal_for_a_caller_that_do
     assert_eq!(errors.len(), 2, "the 5th and 6th calls are refused");
     for error in &errors {
         assert_eq!(error_code(error), ErrorCode::ReceiverQueueFull);
-        assert_eq!(error.header.error.as_ref().unwrap().detail, "max_queued_messages_per_receiver");
+        assert_eq!(
+            error.header.error.as_ref().unwrap().detail,
+            "max_queued_messages_per_receiver"
+        );
     }
     // Now the sender stops reading and the slow peer answers everything.
     let calls = h.drain(slow);
@@ -349,7 +398,10 @@ fn full_receiver_queue_is_an_error_for_the_sender_and_fatal_for_a_caller_that_do
     for call in &calls {
         h.reply(slow, sender, call.header.serial, b"");
     }
-    assert!(h.bus.is_doomed(sender), "a caller whose queue is full of its own replies goes");
+    assert!(
+        h.bus.is_doomed(sender),
+        "a caller whose queue is full of its own replies goes"
+    );
     assert_eq!(h.bus.take_doomed(), vec![sender]);
 }
 
@@ -369,7 +421,10 @@ fn pending_call_limit_names_the_limit() {
     h.call(client, &name, "C", b"");
     let error = &h.drain(client)[0];
     assert_eq!(error_code(error), ErrorCode::LimitsExceeded);
-    assert_eq!(error.header.error.as_ref().unwrap().detail, "max_pending_calls_per_connection");
+    assert_eq!(
+        error.header.error.as_ref().unwrap().detail,
+        "max_pending_calls_per_connection"
+    );
     // No-reply calls are not tracked, so they are not limited.
     h.serial += 1;
     let header = Header {
@@ -436,7 +491,10 @@ fn broadcasts_reach_each_matching_subscriber_once() {
     h.send(emitter, signal, b"payload", Vec::new());
     let got = h.drain(both);
     assert_eq!(got.len(), 1, "two matching rules, one copy");
-    assert_eq!(got[0].header.sender.as_ref().unwrap().unique_name, emitter.unique_name().as_str());
+    assert_eq!(
+        got[0].header.sender.as_ref().unwrap().unique_name,
+        emitter.unique_name().as_str()
+    );
     assert!(h.drain(member_only).is_empty(), "arg0 differs");
     assert!(h.drain(other).is_empty());
     assert!(h.drain(emitter).is_empty());
@@ -467,8 +525,14 @@ fn per_connection_name_and_match_limits() {
     };
     let mut h = Harness::with_limits(limits);
     let peer = h.connect(1000, 1);
-    assert_eq!(h.request_name(peer, "org.example.A", 0), RequestNameResult::PrimaryOwner);
-    assert_eq!(h.request_name(peer, "org.example.B", 0), RequestNameResult::PrimaryOwner);
+    assert_eq!(
+        h.request_name(peer, "org.example.A", 0),
+        RequestNameResult::PrimaryOwner
+    );
+    assert_eq!(
+        h.request_name(peer, "org.example.B", 0),
+        RequestNameResult::PrimaryOwner
+    );
     let body = RequestNameRequest {
         name: "org.example.C".into(),
         flags: 0,
@@ -476,9 +540,15 @@ fn per_connection_name_and_match_limits() {
     .encode_to_vec();
     h.call(peer, BUS_NAME, "RequestName", &body);
     let error = &h.drain(peer)[0];
-    assert_eq!(error.header.error.as_ref().unwrap().detail, "max_names_per_connection");
+    assert_eq!(
+        error.header.error.as_ref().unwrap().detail,
+        "max_names_per_connection"
+    );
     // Asking again for a name already held is not a new name.
-    assert_eq!(h.request_name(peer, "org.example.A", 0), RequestNameResult::AlreadyOwner);
+    assert_eq!(
+        h.request_name(peer, "org.example.A", 0),
+        RequestNameResult::AlreadyOwner
+    );
     h.add_match(peer, MatchRule::default());
     let body = AddMatchRequest {
         rule: Some(MatchRule {
@@ -489,7 +559,10 @@ fn per_connection_name_and_match_limits() {
     .encode_to_vec();
     h.call(peer, BUS_NAME, "AddMatch", &body);
     let error = &h.drain(peer)[0];
-    assert_eq!(error.header.error.as_ref().unwrap().detail, "max_matches_per_connection");
+    assert_eq!(
+        error.header.error.as_ref().unwrap().detail,
+        "max_matches_per_connection"
+    );
 }
 
 #[test]
@@ -501,7 +574,10 @@ fn connection_limits_per_uid() {
     let mut h = Harness::with_limits(limits);
     h.connect(1000, 1);
     let second = h.connect(1000, 2);
-    assert_eq!(h.bus.admit(1000).unwrap_err().to_wire().detail, "max_connections_per_uid");
+    assert_eq!(
+        h.bus.admit(1000).unwrap_err().to_wire().detail,
+        "max_connections_per_uid"
+    );
     assert!(h.bus.admit(1001).is_ok());
     h.bus.remove_peer(second);
     assert!(h.bus.admit(1000).is_ok());

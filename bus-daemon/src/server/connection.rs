@@ -55,7 +55,11 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
         }
     };
     let Ok(permit) = Arc::clone(&shared.handshake_slots).try_acquire_owned() else {
-        tracing::warn!(uid = identity.uid, pid = identity.pid, "refusing connection: too many incomplete handshakes");
+        tracing::warn!(
+            uid = identity.uid,
+            pid = identity.pid,
+            "refusing connection: too many incomplete handshakes"
+        );
         write_error_directly(
             &stream,
             &BusError::LimitExceeded {
@@ -89,9 +93,13 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
     let handshake_deadline = tokio::time::Instant::now() + limits.handshake_timeout();
     let mut stop = shared.shutdown.clone();
     let close = loop {
-        let want_write = state
-            .peer
-            .is_some_and(|id| shared.bus.borrow().peer(id).is_some_and(|peer| !peer.outbox_is_empty()));
+        let want_write = state.peer.is_some_and(|id| {
+            shared
+                .bus
+                .borrow()
+                .peer(id)
+                .is_some_and(|peer| !peer.outbox_is_empty())
+        });
         let handshaking = state.peer.is_none();
         tokio::select! {
             biased;
@@ -134,7 +142,12 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
 /// Reads what the socket has (up to the read budget), feeds it to the
 /// frame reader, dispatches complete frames, then flushes every queue that
 /// received something. Returns why the connection must close, if it must.
-fn read_ready(shared: &Shared, io: &Rc<PeerIo>, reader: &mut FrameReader<OwnedFd>, state: &mut State) -> Option<Close> {
+fn read_ready(
+    shared: &Shared,
+    io: &Rc<PeerIo>,
+    reader: &mut FrameReader<OwnedFd>,
+    state: &mut State,
+) -> Option<Close> {
     let mut bus = shared.bus.borrow_mut();
     let mut scratch = shared.scratch.borrow_mut();
     let now = Instant::now();
@@ -160,7 +173,9 @@ fn read_ready(shared: &Shared, io: &Rc<PeerIo>, reader: &mut FrameReader<OwnedFd
             break Some(frame_error(FrameError::SplitFdSets));
         }
         total += received.bytes;
-        let fed = reader.feed(&scratch[..received.bytes], fds, |frame| on_frame(&mut bus, io, state, frame, now));
+        let fed = reader.feed(&scratch[..received.bytes], fds, |frame| {
+            on_frame(&mut bus, io, state, frame, now)
+        });
         match fed {
             Ok(()) => {}
             Err(FeedError::Frame(error)) => break Some(frame_error(error)),
@@ -208,7 +223,9 @@ fn on_frame(
     let identity = state.identity.take().expect("identity is kept until HELLO");
     let (uid, pid, container) = (identity.uid, identity.pid, identity.container.clone());
     let listener = identity.listener.clone();
-    let id = bus.add_peer(Rc::clone(io), identity, &hello).map_err(Close::Refused)?;
+    let id = bus
+        .add_peer(Rc::clone(io), identity, &hello)
+        .map_err(Close::Refused)?;
     state.peer = Some(id);
     state.handshake_permit = None;
     tracing::info!(
@@ -228,12 +245,15 @@ fn parse_hello(frame: &RawFrame<'_, OwnedFd>) -> Result<Hello, BusError> {
     let header = Header::decode(frame.header)
         .map_err(|e| BusError::HandshakeFailed(format!("undecodable first frame: {e}")))?;
     if header.kind != MessageKind::Hello as i32 {
-        return Err(BusError::HandshakeFailed("the first frame must be HELLO".into()));
+        return Err(BusError::HandshakeFailed(
+            "the first frame must be HELLO".into(),
+        ));
     }
     if !frame.fds.is_empty() {
         return Err(BusError::HandshakeFailed("HELLO carries no fds".into()));
     }
-    Hello::decode(frame.body).map_err(|e| BusError::HandshakeFailed(format!("undecodable HELLO: {e}")))
+    Hello::decode(frame.body)
+        .map_err(|e| BusError::HandshakeFailed(format!("undecodable HELLO: {e}")))
 }
 
 /// Best-effort ERROR to a peer that has no queue yet (refused before or

@@ -46,7 +46,9 @@ impl BoundSocket {
                     tracing::warn!(path = %self.path.display(), %error, "cannot remove socket");
                 }
             }
-            _ => tracing::debug!(path = %self.path.display(), "socket file replaced by someone else; left alone"),
+            _ => {
+                tracing::debug!(path = %self.path.display(), "socket file replaced by someone else; left alone")
+            }
         }
     }
 }
@@ -79,8 +81,15 @@ impl FileStamp {
 pub fn bind(path: &Path) -> io::Result<BoundSocket> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() && !dir.exists() {
-            let mode = if pbus_sys::process::effective_uid() == 0 { 0o755 } else { 0o700 };
-            std::fs::DirBuilder::new().recursive(true).mode(mode).create(dir)?;
+            let mode = if pbus_sys::process::effective_uid() == 0 {
+                0o755
+            } else {
+                0o700
+            };
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(dir)?;
         }
     }
     match std::fs::symlink_metadata(path) {
@@ -166,7 +175,10 @@ mod tests {
         let dir = temp_dir();
         let path = dir.join("bus.sock");
         std::fs::write(&path, b"important").unwrap();
-        assert_eq!(bind(&path).unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(
+            bind(&path).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
         assert_eq!(std::fs::read(&path).unwrap(), b"important");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -83,7 +83,8 @@ impl Server {
         };
         let mut sockets = Vec::new();
         for path in &paths {
-            let socket = listener::bind(path).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+            let socket = listener::bind(path)
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
             tracing::info!(path = %path.display(), "listening");
             sockets.push(socket);
         }
@@ -118,7 +119,9 @@ impl Server {
             bus: RefCell::new(bus),
             scratch: RefCell::new(vec![0u8; SCRATCH_LEN]),
             host,
-            handshake_slots: Arc::new(Semaphore::new(self.config.limits.max_incomplete_handshakes as usize)),
+            handshake_slots: Arc::new(Semaphore::new(
+                self.config.limits.max_incomplete_handshakes as usize,
+            )),
             config: self.config,
             timer_wake: Notify::new(),
             shutdown: stop_rx,
@@ -128,7 +131,11 @@ impl Server {
         for socket in &self.sockets {
             let listener = tokio::net::UnixListener::from_std(socket.listener.try_clone()?)?;
             let path: Rc<str> = Rc::from(socket.path.to_string_lossy().as_ref());
-            accept_tasks.push(tokio::task::spawn_local(accept_loop(Rc::clone(&shared), listener, path)));
+            accept_tasks.push(tokio::task::spawn_local(accept_loop(
+                Rc::clone(&shared),
+                listener,
+                path,
+            )));
         }
         let timer = tokio::task::spawn_local(run_timer(Rc::clone(&shared)));
         shutdown.await;
