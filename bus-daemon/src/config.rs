@@ -20,9 +20,8 @@ pub struct Config {
     pub limits: Limits,
 }
 
-
 /// Every bound on what a client can make the daemon hold or do.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest frame (prefix + header + body) in bytes. Bigger payloads
@@ -58,6 +57,15 @@ pub struct Limits {
     pub max_queued_fds_per_receiver: u32,
     /// Messages queued for one receiver. Default 16384.
     pub max_queued_messages_per_receiver: u32,
+    /// Bytes queued for all receivers together; each sender uid may hold a
+    /// fair share. Default 1 GiB.
+    pub max_queued_bytes_total: u64,
+    /// Fds the daemon may hold for peers (their sockets and queued fds);
+    /// each uid may hold a fair share. 0 means RLIMIT_NOFILE minus 64.
+    /// Default 0.
+    pub max_fds_total: u64,
+    /// Incomplete handshakes of one uid. Default 32.
+    pub max_incomplete_handshakes_per_uid: u32,
 }
 
 impl Default for Limits {
@@ -79,6 +87,9 @@ impl Default for Limits {
             max_queued_bytes_per_receiver: 64 << 20,
             max_queued_fds_per_receiver: 1024,
             max_queued_messages_per_receiver: 16384,
+            max_queued_bytes_total: 1 << 30,
+            max_fds_total: 0,
+            max_incomplete_handshakes_per_uid: 32,
         }
     }
 }
@@ -123,6 +134,15 @@ impl Limits {
         }
         if self.max_connections == 0 || self.max_connections_per_uid == 0 {
             return bad("max_connections", "must be at least 1");
+        }
+        if self.max_queued_bytes_total < u64::from(self.max_frame_bytes) {
+            return bad(
+                "max_queued_bytes_total",
+                "must hold at least one maximum-size frame",
+            );
+        }
+        if self.max_incomplete_handshakes_per_uid == 0 {
+            return bad("max_incomplete_handshakes_per_uid", "must be at least 1");
         }
         if self.max_incomplete_handshakes == 0 || self.handshake_timeout_ms == 0 {
             return bad(
@@ -207,5 +227,28 @@ mod tests {
                 ..
             })
         ));
+    }
+}
+
+#[cfg(test)]
+mod documented_defaults {
+    use super::*;
+
+    /// docs/pbusd.toml documents every key with its default; keep it true.
+    #[test]
+    fn the_documented_file_is_exactly_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/pbusd.toml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config, Config::default());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let documented: toml::Table = toml::from_str(&text).unwrap();
+        let limits = documented["limits"].as_table().unwrap();
+        let defaults = toml::Table::try_from(Limits::default()).unwrap();
+        for key in defaults.keys() {
+            assert!(
+                limits.contains_key(key),
+                "docs/pbusd.toml does not document {key}"
+            );
+        }
     }
 }

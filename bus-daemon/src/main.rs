@@ -52,7 +52,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     if !args.listen.is_empty() {
         config.listen = args.listen.clone();
     }
-    match pbus_sys::process::raise_fd_limit() {
+    // Root may go up to the kernel's per-process maximum; others to their
+    // hard limit.
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .map(|max| max.min(1 << 20));
+    match pbus_sys::process::raise_fd_limit(nr_open) {
         Ok(limit) => tracing::debug!(soft = limit.soft, hard = limit.hard, "fd limit"),
         Err(error) => tracing::warn!(%error, "cannot raise the fd limit"),
     }

@@ -42,6 +42,9 @@ enum Command {
         /// Unique (`:1.5`) or well-known name; omit for pbusctl itself.
         name: Option<String>,
     },
+    /// Queued bytes, fds and messages per peer, their quota use per sender
+    /// uid, and daemon-wide totals.
+    Stats,
     /// Check that the bus answers, and how fast.
     Ping {
         /// Number of pings.
@@ -51,6 +54,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    pbus_sys::process::restore_default_sigpipe();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -82,6 +86,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { name } => {
             status(&connection, name.as_deref().unwrap_or(""), cli.json).await
         }
+        Command::Stats => stats(&connection, cli.json).await,
         Command::Ping { count } => ping(&connection, count, cli.json).await,
     }
 }
@@ -125,6 +130,19 @@ async fn status(connection: &Connection, name: &str, json: bool) -> anyhow::Resu
         );
     } else {
         output::print_identity(&identity);
+    }
+    Ok(())
+}
+
+async fn stats(connection: &Connection, json: bool) -> anyhow::Result<()> {
+    let stats = connection.stats().await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&output::stats_json(&stats))?
+        );
+    } else {
+        output::print_stats(&stats);
     }
     Ok(())
 }

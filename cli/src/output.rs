@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pbus_proto::v1::{ContainerRuntime, PeerIdentity};
+use pbus_proto::v1::{ContainerRuntime, GetStatsReply, PeerIdentity};
 use serde_json::{json, Value};
 
 /// Prints rows under headers, columns padded to their widest cell.
@@ -162,6 +162,159 @@ pub fn print_identity(identity: &PeerIdentity) {
     for (label, value) in fields {
         println!("{:<12} {value}", format!("{label}:"));
     }
+}
+
+/// Stats as JSON.
+pub fn stats_json(stats: &GetStatsReply) -> Value {
+    let peers: Vec<Value> = stats
+        .peers
+        .iter()
+        .map(|peer| {
+            let by_uid: Vec<Value> = peer
+                .queued_by_uid
+                .iter()
+                .map(|usage| {
+                    json!({
+                        "uid": usage.uid,
+                        "bytes": usage.bytes,
+                        "fds": usage.fds,
+                        "messages": usage.messages,
+                    })
+                })
+                .collect();
+            json!({
+                "unique_name": peer.unique_name,
+                "uid": peer.uid,
+                "pid": peer.pid,
+                "names": peer.names,
+                "queued": {
+                    "bytes": peer.queued_bytes,
+                    "fds": peer.queued_fds,
+                    "messages": peer.queued_messages,
+                },
+                "limits": {
+                    "bytes": peer.max_queued_bytes,
+                    "fds": peer.max_queued_fds,
+                    "messages": peer.max_queued_messages,
+                },
+                "queued_by_uid": by_uid,
+                "pending_calls": peer.pending_calls,
+                "match_rules": peer.match_rules,
+                "sent": peer.sent,
+                "received": peer.received,
+                "dropped_signals": peer.dropped_signals,
+            })
+        })
+        .collect();
+    let uids: Vec<Value> = stats
+        .uids
+        .iter()
+        .map(|uid| {
+            json!({
+                "uid": uid.uid,
+                "connections": uid.connections,
+                "queued_bytes": uid.queued_bytes,
+                "fds": uid.fds,
+            })
+        })
+        .collect();
+    json!({
+        "peers": peers,
+        "uids": uids,
+        "totals": {
+            "connections": stats.connections,
+            "names": stats.names,
+            "match_rules": stats.match_rules,
+            "pending_calls": stats.pending_calls,
+            "queued_bytes": stats.queued_bytes_total,
+            "max_queued_bytes": stats.max_queued_bytes_total,
+            "fds": stats.fds_total,
+            "max_fds": stats.max_fds_total,
+        },
+    })
+}
+
+/// Stats as tables: peers, then uids, then totals.
+pub fn print_stats(stats: &GetStatsReply) {
+    let percent = |used: u64, max: u64| if max == 0 { 0 } else { used * 100 / max };
+    let rows: Vec<Vec<String>> = stats
+        .peers
+        .iter()
+        .map(|peer| {
+            let quota: Vec<String> = peer
+                .queued_by_uid
+                .iter()
+                .map(|usage| {
+                    format!(
+                        "{}:{}B/{}fd/{}msg",
+                        usage.uid, usage.bytes, usage.fds, usage.messages
+                    )
+                })
+                .collect();
+            vec![
+                peer.unique_name.clone(),
+                peer.uid.to_string(),
+                peer.pid.to_string(),
+                format!(
+                    "{}B {}fd {}msg ({}%)",
+                    peer.queued_bytes,
+                    peer.queued_fds,
+                    peer.queued_messages,
+                    percent(peer.queued_bytes, peer.max_queued_bytes)
+                        .max(percent(peer.queued_fds, peer.max_queued_fds))
+                        .max(percent(peer.queued_messages, peer.max_queued_messages))
+                ),
+                if quota.is_empty() {
+                    "-".into()
+                } else {
+                    quota.join(" ")
+                },
+                peer.pending_calls.to_string(),
+                peer.match_rules.to_string(),
+                peer.sent.to_string(),
+                peer.received.to_string(),
+                peer.dropped_signals.to_string(),
+                if peer.names.is_empty() {
+                    "-".into()
+                } else {
+                    peer.names.join(",")
+                },
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "PEER", "UID", "PID", "QUEUED", "BY-UID", "PENDING", "MATCHES", "SENT", "RECEIVED",
+            "DROPPED", "NAMES",
+        ],
+        &rows,
+    );
+    println!();
+    let rows: Vec<Vec<String>> = stats
+        .uids
+        .iter()
+        .map(|uid| {
+            vec![
+                uid.uid.to_string(),
+                uid.connections.to_string(),
+                uid.queued_bytes.to_string(),
+                uid.fds.to_string(),
+            ]
+        })
+        .collect();
+    print_table(&["UID", "CONNECTIONS", "QUEUED-BYTES", "FDS"], &rows);
+    println!();
+    println!(
+        "connections {}  names {}  match rules {}  pending calls {}",
+        stats.connections, stats.names, stats.match_rules, stats.pending_calls
+    );
+    println!(
+        "queued bytes {} of {}  fds {} of {}",
+        stats.queued_bytes_total,
+        stats.max_queued_bytes_total,
+        stats.fds_total,
+        stats.max_fds_total
+    );
 }
 
 #[cfg(test)]

@@ -138,6 +138,13 @@ impl Connection {
         .await
     }
 
+    /// Queue and quota use of the peers this connection may see, and
+    /// daemon-wide totals.
+    pub async fn stats(&self) -> Result<pbus_proto::v1::GetStatsReply, Error> {
+        self.bus_call("GetStats", &pbus_proto::v1::GetStatsRequest {})
+            .await
+    }
+
     /// Pings the bus.
     pub async fn ping(&self) -> Result<PingReply, Error> {
         self.bus_call("Ping", &PingRequest {}).await

@@ -20,6 +20,7 @@ use prost::Message;
 use super::matches::Rule;
 use super::names::{flags, ReleaseOutcome, RequestOutcome};
 use super::{Bus, BusError, PeerId};
+use pbus_proto::v1::{GetStatsReply, GetStatsRequest, PeerStats, QuotaUse, UidStats};
 
 fn decode<M: Message + Default>(body: &[u8]) -> Result<M, BusError> {
     M::decode(body).map_err(|e| BusError::InvalidArgs(format!("undecodable request body: {e}")))
@@ -102,6 +103,11 @@ impl<Io> Bus<Io> {
                 };
                 let identity = self.wire_identity(&self.peers[&target], &self.peers[&from]);
                 reply!(identity)
+            }
+            "GetStats" => {
+                let _: GetStatsRequest = decode(body)?;
+                let stats = self.stats(from);
+                reply!(stats)
             }
             "Ping" => reply!(PingReply {
                 bus_id: self.bus_id.clone(),
@@ -268,6 +274,81 @@ impl<Io> Bus<Io> {
                 .map(|id| id.unique_name().into_string())
                 .collect(),
         })
+    }
+
+    /// Queue and quota use of every peer `from` may see (root sees all).
+    fn stats(&self, from: PeerId) -> GetStatsReply {
+        let asker = &self.peers[&from];
+        let privileged = asker.identity.uid == 0;
+        let mut peers: Vec<PeerStats> = self
+            .peers
+            .values()
+            .filter(|peer| {
+                privileged
+                    || peer.id == from
+                    || asker.policy.see(&peer.identity, &peer.unique_name).allowed
+            })
+            .map(|peer| {
+                let [bytes, fds, messages] = peer.quota.pools();
+                let mut by_uid: Vec<QuotaUse> = messages
+                    .shares()
+                    .iter()
+                    .map(|&(uid, count)| QuotaUse {
+                        uid,
+                        bytes: bytes.share_of(uid),
+                        fds: fds.share_of(uid),
+                        messages: count,
+                    })
+                    .collect();
+                by_uid.sort_by_key(|usage| usage.uid);
+                let mut names: Vec<String> = peer.names.iter().cloned().collect();
+                names.sort();
+                PeerStats {
+                    unique_name: peer.unique_name.clone(),
+                    uid: peer.identity.uid,
+                    pid: peer.identity.pid_seen_from(asker.identity.namespaces.pid),
+                    names,
+                    queued_bytes: peer.outbox.queued_bytes() as u64,
+                    queued_fds: peer.outbox.queued_fds() as u64,
+                    queued_messages: messages.used(),
+                    max_queued_bytes: bytes.capacity(),
+                    max_queued_fds: fds.capacity(),
+                    max_queued_messages: messages.capacity(),
+                    queued_by_uid: by_uid,
+                    pending_calls: self.calls.count_for_caller(peer.id) as u32,
+                    match_rules: peer.matches.len() as u32,
+                    sent: peer.counters.sent,
+                    received: peer.counters.received,
+                    dropped_signals: peer.counters.dropped_signals,
+                }
+            })
+            .collect();
+        peers.sort_by_key(|peer| PeerId::from_unique_name(&peer.unique_name));
+        let (global_bytes, global_fds) = self.global_pools();
+        let mut uids: Vec<UidStats> = self
+            .connections_per_uid
+            .iter()
+            .filter(|(uid, _)| privileged || **uid == asker.identity.uid)
+            .map(|(&uid, &connections)| UidStats {
+                uid,
+                connections,
+                queued_bytes: global_bytes.share_of(uid),
+                fds: global_fds.share_of(uid),
+            })
+            .collect();
+        uids.sort_by_key(|stats| stats.uid);
+        GetStatsReply {
+            peers,
+            uids,
+            queued_bytes_total: global_bytes.used(),
+            max_queued_bytes_total: global_bytes.capacity(),
+            fds_total: global_fds.used(),
+            max_fds_total: global_fds.capacity(),
+            connections: self.peers.len() as u32,
+            names: self.names.len() as u32,
+            match_rules: self.matches.len() as u32,
+            pending_calls: self.calls.len() as u32,
+        }
     }
 
     fn add_match(&mut self, from: PeerId, request: AddMatchRequest) -> Result<(), BusError> {

@@ -36,11 +36,14 @@ pub enum BusError {
         /// What was attempted.
         message: String,
     },
-    /// The receiver's queue cannot take the message.
-    #[error("the receiver's queue is full (limit {limit})")]
+    /// The receiver's queue cannot take the message: it is full, or the
+    /// sender's uid already holds its fair share of it.
+    #[error("{}", queue_full_message(limit, *fair_share))]
     ReceiverQueueFull {
         /// Configuration key of the limit that was hit.
         limit: &'static str,
+        /// The queue has room, but not for this sender's uid.
+        fair_share: bool,
     },
     /// Fds are not accepted here.
     #[error("{0}")]
@@ -66,6 +69,14 @@ pub enum BusError {
     /// The peer broke the wire protocol and is being disconnected.
     #[error("protocol violation: {0}")]
     ProtocolViolation(String),
+}
+
+fn queue_full_message(limit: &str, fair_share: bool) -> String {
+    if fair_share {
+        format!("the sender's uid holds its fair share of the receiver's queue (limit {limit})")
+    } else {
+        format!("the receiver's queue is full (limit {limit})")
+    }
 }
 
 impl BusError {
@@ -94,7 +105,7 @@ impl BusError {
     fn detail(&self) -> &str {
         match self {
             Self::AccessDenied { right, .. } => right,
-            Self::LimitExceeded { limit, .. } | Self::ReceiverQueueFull { limit } => limit,
+            Self::LimitExceeded { limit, .. } | Self::ReceiverQueueFull { limit, .. } => limit,
             _ => "",
         }
     }

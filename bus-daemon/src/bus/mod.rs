@@ -18,9 +18,10 @@ mod driver;
 pub mod error;
 pub mod matches;
 pub mod names;
+pub mod quota;
 pub mod replies;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -41,6 +42,7 @@ use crate::config::Limits;
 pub use error::BusError;
 use matches::{MatchId, MatchRegistry, SignalView};
 use names::{NameRegistry, OwnerChange};
+use quota::{FairPool, ReceiverQuota, Refusal, Released};
 use replies::{CallKey, PendingCalls};
 
 /// A connected peer; the number in its unique name `:1.<n>`.
@@ -89,8 +91,8 @@ pub struct Peer<Io> {
     /// the daemon; adjusted per receiver.
     sender_info: SenderInfo,
     outbox: OutQueue<OwnedFd>,
-    /// Stream offsets just past each queued frame, to count queued messages.
-    queued_frame_ends: VecDeque<u64>,
+    /// What the queued frames are charged to, released as they are written.
+    quota: ReceiverQuota,
     /// Well-known names this peer owns or is queued for.
     names: HashSet<String>,
     matches: Vec<MatchId>,
@@ -125,7 +127,12 @@ impl<Io> Peer<Io> {
 
     /// Messages waiting in this peer's queue.
     pub fn queued_messages(&self) -> usize {
-        self.queued_frame_ends.len()
+        self.quota.messages() as usize
+    }
+
+    /// The fair-share pools of this peer's queue (bytes, fds, messages).
+    pub fn quota(&self) -> &ReceiverQuota {
+        &self.quota
     }
 
     /// True when nothing waits to be written.
@@ -166,6 +173,10 @@ pub struct Bus<Io> {
     timer_needs_rearm: bool,
     /// The daemon's own pid namespace inode: peers there see its pid.
     own_pid_namespace: u64,
+    /// Bytes queued for all receivers, shared fairly among sender uids.
+    global_bytes: FairPool,
+    /// Fds the daemon holds (sockets and queued fds), shared fairly among uids.
+    global_fds: FairPool,
 }
 
 /// Features the daemon supports.
@@ -173,12 +184,14 @@ const DAEMON_FEATURES: u32 = Feature::FdPassing as u32 | Feature::Memfd as u32;
 
 impl<Io> Bus<Io> {
     /// An empty bus. `bus_id` identifies this daemon instance;
-    /// `own_pid_namespace` is the inode of the daemon's pid namespace.
+    /// `own_pid_namespace` is the inode of the daemon's pid namespace;
+    /// `fd_budget` is how many fds peers may make the daemon hold in all.
     pub fn new(
         limits: Limits,
         policy: Arc<Policy>,
         bus_id: String,
         own_pid_namespace: u64,
+        fd_budget: u64,
         now: Instant,
     ) -> Self {
         let bus_sender = SenderInfo {
@@ -195,7 +208,6 @@ impl<Io> Bus<Io> {
             names: NameRegistry::default(),
             matches: MatchRegistry::default(),
             calls: PendingCalls::default(),
-            limits,
             policy,
             bus_id,
             started: now,
@@ -207,6 +219,9 @@ impl<Io> Bus<Io> {
             bus_sender,
             timer_needs_rearm: false,
             own_pid_namespace,
+            global_bytes: FairPool::new(limits.max_queued_bytes_total, None),
+            global_fds: FairPool::new(fd_budget, None),
+            limits,
         }
     }
 
@@ -252,6 +267,35 @@ impl<Io> Bus<Io> {
     /// All peers.
     pub fn peers(&self) -> impl Iterator<Item = &Peer<Io>> {
         self.peers.values()
+    }
+
+    /// Claims the fd of a new connection's socket for `uid` from the
+    /// daemon-wide fd budget (fair share per uid). Released with
+    /// [`release_socket_fd`](Self::release_socket_fd) when it closes.
+    pub fn claim_socket_fd(&mut self, uid: u32) -> Result<(), BusError> {
+        self.global_fds
+            .check(uid, 1)
+            .map_err(|refusal| BusError::LimitExceeded {
+                limit: "max_fds_total",
+                message: match refusal {
+                    Refusal::Full => "the daemon holds all the fds it may".into(),
+                    Refusal::FairShare => {
+                        format!("uid {uid} holds its fair share of the daemon's fds")
+                    }
+                },
+            })?;
+        self.global_fds.charge(uid, 1);
+        Ok(())
+    }
+
+    /// Gives back a connection's socket fd.
+    pub fn release_socket_fd(&mut self, uid: u32) {
+        self.global_fds.release(uid, 1);
+    }
+
+    /// The daemon-wide pools: queued bytes and held fds.
+    pub fn global_pools(&self) -> (&FairPool, &FairPool) {
+        (&self.global_bytes, &self.global_fds)
     }
 
     /// Checks the per-uid and total connection limits for a new peer of `uid`.
@@ -304,7 +348,12 @@ impl<Io> Bus<Io> {
                 features,
                 sender_info,
                 outbox: OutQueue::default(),
-                queued_frame_ends: VecDeque::new(),
+                quota: ReceiverQuota::new(
+                    self.limits.max_queued_bytes_per_receiver,
+                    u64::from(self.limits.max_queued_fds_per_receiver),
+                    u64::from(self.limits.max_queued_messages_per_receiver),
+                    identity.uid,
+                ),
                 names: HashSet::new(),
                 matches: Vec::new(),
                 broadcast_stamp: 0,
@@ -336,7 +385,11 @@ impl<Io> Bus<Io> {
     /// (promoting queued owners), drops its match rules, fails calls it
     /// owed with `NoReply`, forgets calls it made, and closes queued fds.
     pub fn remove_peer(&mut self, id: PeerId) -> Option<Peer<Io>> {
-        let peer = self.peers.remove(&id)?;
+        let mut peer = self.peers.remove(&id)?;
+        let (global_bytes, global_fds) = (&mut self.global_bytes, &mut self.global_fds);
+        peer.quota
+            .release_all(|released| release_global(global_bytes, global_fds, released));
+        peer.outbox.clear();
         if let Some(count) = self.connections_per_uid.get_mut(&peer.identity.uid) {
             *count -= 1;
             if *count == 0 {
@@ -412,21 +465,15 @@ impl<Io> Bus<Io> {
             return Ok(Flushed::All);
         };
         let Peer {
-            io,
-            outbox,
-            queued_frame_ends,
-            ..
+            io, outbox, quota, ..
         } = peer;
         let result = outbox.flush(|data, fds| send(io, data, fds));
-        let written = outbox.written_total();
-        while queued_frame_ends.front().is_some_and(|&end| end <= written) {
-            queued_frame_ends.pop_front();
-        }
+        let (global_bytes, global_fds) = (&mut self.global_bytes, &mut self.global_fds);
+        quota.release_written(outbox.written_total(), |released| {
+            release_global(global_bytes, global_fds, released)
+        });
         if outbox.is_empty() {
             outbox.shrink();
-            if queued_frame_ends.capacity() > 64 {
-                *queued_frame_ends = VecDeque::new();
-            }
         }
         result
     }
@@ -601,7 +648,7 @@ impl<Io> Bus<Io> {
         }
         match self.stamp_and_queue(from, caller, header, body, fds) {
             Ok(()) => Ok(()),
-            Err(BusError::ReceiverQueueFull { limit }) => {
+            Err(BusError::ReceiverQueueFull { limit, .. }) => {
                 // The caller asked for this reply and does not read it: its
                 // own queue is the problem, so the caller goes.
                 self.doom(
@@ -843,13 +890,13 @@ impl<Io> Bus<Io> {
                     continue;
                 }
             };
-            match self.check_queue_room(id, frame.len(), copies.len()) {
+            let actor = sender_identity.as_ref().map(|identity| identity.uid);
+            let (bytes, fd_count) = (frame.len() as u64, copies.len() as u64);
+            match self.admit_frame(id, actor, bytes, fd_count) {
                 Ok(()) => {
                     let receiver = self.peers.get_mut(&id).expect("checked above");
                     let end = receiver.outbox.push_encoded(frame, copies);
-                    receiver.queued_frame_ends.push_back(end);
-                    receiver.counters.received += 1;
-                    mark_dirty(&mut self.dirty, receiver);
+                    self.record_frame(id, actor, bytes, fd_count, end);
                 }
                 Err(_) => {
                     let receiver = self.peers.get_mut(&id).expect("checked above");
@@ -865,26 +912,58 @@ impl<Io> Bus<Io> {
         }
     }
 
-    /// Does `to`'s queue have room for one more frame of `bytes` and `fds`?
-    fn check_queue_room(&self, to: PeerId, bytes: usize, fds: usize) -> Result<(), BusError> {
+    /// Can `to`'s queue take a frame of `bytes` and `fds` sent by uid
+    /// `actor` (`None` for the bus itself)? Checks the receiver's caps and
+    /// the actor's fair share of them, then the actor's fair share of the
+    /// daemon-wide queued bytes and fds.
+    fn admit_frame(
+        &self,
+        to: PeerId,
+        actor: Option<u32>,
+        bytes: u64,
+        fds: u64,
+    ) -> Result<(), BusError> {
         let receiver = &self.peers[&to];
-        let limits = &self.limits;
-        if receiver.queued_frame_ends.len() >= limits.max_queued_messages_per_receiver as usize {
-            return Err(BusError::ReceiverQueueFull {
-                limit: "max_queued_messages_per_receiver",
-            });
-        }
-        if (receiver.outbox.queued_bytes() + bytes) as u64 > limits.max_queued_bytes_per_receiver {
-            return Err(BusError::ReceiverQueueFull {
-                limit: "max_queued_bytes_per_receiver",
-            });
-        }
-        if receiver.outbox.queued_fds() + fds > limits.max_queued_fds_per_receiver as usize {
-            return Err(BusError::ReceiverQueueFull {
-                limit: "max_queued_fds_per_receiver",
-            });
+        let charged = actor.unwrap_or(receiver.identity.uid);
+        receiver
+            .quota
+            .check(charged, bytes, fds)
+            .map_err(|(limit, refusal)| BusError::ReceiverQueueFull {
+                limit,
+                fair_share: refusal == Refusal::FairShare,
+            })?;
+        if let Some(uid) = actor {
+            let global = |pool: &FairPool, amount: u64, limit: &'static str| {
+                pool.check(uid, amount)
+                    .map_err(|refusal| BusError::LimitExceeded {
+                        limit,
+                        message: match refusal {
+                            Refusal::Full => "the daemon holds as much as it may".into(),
+                            Refusal::FairShare => {
+                                format!("uid {uid} holds its fair share of the daemon")
+                            }
+                        },
+                    })
+            };
+            global(&self.global_bytes, bytes, "max_queued_bytes_total")?;
+            global(&self.global_fds, fds, "max_fds_total")?;
         }
         Ok(())
+    }
+
+    /// Charges a frame just queued for `to` (after [`admit_frame`](Self::admit_frame)).
+    fn record_frame(&mut self, to: PeerId, actor: Option<u32>, bytes: u64, fds: u64, end: u64) {
+        if let Some(uid) = actor {
+            self.global_bytes.charge(uid, bytes);
+            self.global_fds.charge(uid, fds);
+        }
+        let receiver = self.peers.get_mut(&to).expect("receiver exists");
+        let charged = actor.unwrap_or(receiver.identity.uid);
+        receiver
+            .quota
+            .charge(charged, bytes, fds, end, actor.is_some());
+        receiver.counters.received += 1;
+        mark_dirty(&mut self.dirty, receiver);
     }
 
     /// Stamps `header` with `from`'s identity (as `to` should see it) and
@@ -902,14 +981,14 @@ impl<Io> Bus<Io> {
         let mut info = std::mem::take(&mut sender.sender_info);
         info.pid = sender.identity.pid_seen_from(receiver_ns);
         header.sender = Some(info);
-        let frame_len = pbus_proto::frame::encoded_frame_len(header, body.len());
-        let result = self.check_queue_room(to, frame_len, fds.len());
+        let actor = Some(sender.identity.uid);
+        let frame_len = pbus_proto::frame::encoded_frame_len(header, body.len()) as u64;
+        let fd_count = fds.len() as u64;
+        let result = self.admit_frame(to, actor, frame_len, fd_count);
         if result.is_ok() {
             let receiver = self.peers.get_mut(&to).expect("receiver exists");
             let end = receiver.outbox.push(header, body, fds);
-            receiver.queued_frame_ends.push_back(end);
-            receiver.counters.received += 1;
-            mark_dirty(&mut self.dirty, receiver);
+            self.record_frame(to, actor, frame_len, fd_count, end);
         }
         let info = header.sender.take().expect("just set");
         self.peers
@@ -923,8 +1002,7 @@ impl<Io> Bus<Io> {
     /// frames for queue limits (they are small and bounded by what the peer
     /// asked for); a peer that lets them pile up is disconnected instead.
     fn queue_from_bus(&mut self, to: PeerId, mut header: Header, body: &[u8]) {
-        let over_limit = self.check_queue_room(to, body.len() + 64, 0).is_err();
-        let Some(receiver) = self.peers.get_mut(&to) else {
+        let Some(receiver) = self.peers.get(&to) else {
             return;
         };
         let mut info = self.bus_sender.clone();
@@ -932,10 +1010,18 @@ impl<Io> Bus<Io> {
             info.pid = 0;
         }
         header.sender = Some(info);
-        let end = receiver.outbox.push(&header, body, Vec::new());
-        receiver.queued_frame_ends.push_back(end);
-        receiver.counters.received += 1;
-        mark_dirty(&mut self.dirty, receiver);
+        let frame_len = pbus_proto::frame::encoded_frame_len(&header, body.len()) as u64;
+        // Frames from the bus are always queued (and charged, so the books
+        // balance when they are written); a peer that lets them exceed its
+        // caps is not reading what it asked for, and goes.
+        let over_limit = self.admit_frame(to, None, frame_len, 0).is_err();
+        let end =
+            self.peers
+                .get_mut(&to)
+                .expect("checked above")
+                .outbox
+                .push(&header, body, Vec::new());
+        self.record_frame(to, None, frame_len, 0, end);
         if over_limit {
             self.doom(to, "its queue is full of messages from the bus");
         }
@@ -1154,6 +1240,12 @@ impl<Io> Bus<Io> {
             },
         }
     }
+}
+
+/// Gives a released queue charge back to the daemon-wide pools.
+fn release_global(bytes: &mut FairPool, fds: &mut FairPool, released: Released) {
+    bytes.release(released.actor, released.bytes);
+    fds.release(released.actor, released.fds);
 }
 
 fn mark_dirty<Io>(dirty: &mut Vec<PeerId>, peer: &mut Peer<Io>) {

@@ -42,7 +42,14 @@ impl Harness {
     fn with_limits(limits: Limits) -> Self {
         let now = Instant::now();
         Self {
-            bus: Bus::new(limits, Policy::builtin(), "test-bus".into(), HOST_NS, now),
+            bus: Bus::new(
+                limits,
+                Policy::builtin(),
+                "test-bus".into(),
+                HOST_NS,
+                1 << 20,
+                now,
+            ),
             now,
             serial: 0,
         }
@@ -581,4 +588,67 @@ fn connection_limits_per_uid() {
     assert!(h.bus.admit(1001).is_ok());
     h.bus.remove_peer(second);
     assert!(h.bus.admit(1000).is_ok());
+}
+
+#[test]
+fn a_flooding_uid_cannot_starve_another_at_the_same_receiver() {
+    let limits = Limits {
+        max_queued_messages_per_receiver: 100,
+        ..Limits::default()
+    };
+    let mut h = Harness::with_limits(limits);
+    let receiver = h.connect(1000, 1);
+    // The built-in policy lets other uids talk to uid 1000 only if they
+    // are root, so root is the foreign uid here. (Shares among several
+    // foreign uids are covered by the FairPool tests.)
+    let root_flooder = h.connect(0, 4);
+    let mut delivered = 0;
+    let mut first_refusal = None;
+    for _ in 0..100 {
+        h.call(
+            root_flooder,
+            &receiver.unique_name().into_string(),
+            "Flood",
+            b"",
+        );
+        let errors = h.drain(root_flooder);
+        if let Some(error) = errors.first() {
+            first_refusal.get_or_insert_with(|| error.header.error.clone().unwrap());
+        } else {
+            delivered += 1;
+        }
+    }
+    // A lone foreign uid gets at most half of the queue...
+    assert_eq!(delivered, 50);
+    let refusal = first_refusal.expect("the flood was refused at some point");
+    assert_eq!(refusal.code, ErrorCode::ReceiverQueueFull as i32);
+    assert_eq!(refusal.detail, "max_queued_messages_per_receiver");
+    assert!(
+        refusal.message.contains("fair share"),
+        "{}",
+        refusal.message
+    );
+    // ...and the receiver's own uid can still use the rest.
+    let same_uid = h.connect(1000, 6);
+    for _ in 0..50 {
+        h.call(same_uid, &receiver.unique_name().into_string(), "Mine", b"");
+    }
+    assert!(
+        h.drain(same_uid).is_empty(),
+        "the receiver's own uid is not limited by the share"
+    );
+    h.call(
+        same_uid,
+        &receiver.unique_name().into_string(),
+        "Overflow",
+        b"",
+    );
+    let full = h.drain(same_uid);
+    assert!(full[0]
+        .header
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("is full"));
 }

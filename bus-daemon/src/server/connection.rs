@@ -41,8 +41,65 @@ struct State {
     peer: Option<PeerId>,
     /// Identity captured at accept, moved into the bus at HELLO.
     identity: Option<PeerIdentity>,
-    /// Handshake slot, released when the handshake completes.
-    handshake_permit: Option<OwnedSemaphorePermit>,
+    /// Handshake slots (daemon-wide and per uid), released when the
+    /// handshake completes.
+    handshake_permit: Option<(OwnedSemaphorePermit, UidHandshakeSlot)>,
+}
+
+/// One of a uid's incomplete-handshake slots; freed on drop.
+struct UidHandshakeSlot {
+    shared: Rc<Shared>,
+    uid: u32,
+}
+
+impl UidHandshakeSlot {
+    fn enter(shared: &Rc<Shared>, uid: u32) -> Option<Self> {
+        let mut counts = shared.handshakes_per_uid.borrow_mut();
+        let count = counts.entry(uid).or_default();
+        if *count >= shared.config.limits.max_incomplete_handshakes_per_uid {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            shared: Rc::clone(shared),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidHandshakeSlot {
+    fn drop(&mut self) {
+        let mut counts = self.shared.handshakes_per_uid.borrow_mut();
+        if let Some(count) = counts.get_mut(&self.uid) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// The connection's socket fd, charged to its uid in the daemon-wide fd
+/// budget for as long as the connection lives.
+struct SocketFdClaim {
+    shared: Rc<Shared>,
+    uid: u32,
+}
+
+impl SocketFdClaim {
+    fn claim(shared: &Rc<Shared>, uid: u32) -> Result<Self, BusError> {
+        shared.bus.borrow_mut().claim_socket_fd(uid)?;
+        Ok(Self {
+            shared: Rc::clone(shared),
+            uid,
+        })
+    }
+}
+
+impl Drop for SocketFdClaim {
+    fn drop(&mut self) {
+        self.shared.bus.borrow_mut().release_socket_fd(self.uid);
+    }
 }
 
 /// Serves one accepted connection until it closes or the daemon stops.
@@ -53,6 +110,22 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
             tracing::warn!(%error, listener = %listener, "refusing connection: peer not identified");
             return;
         }
+    };
+    let uid = identity.uid;
+    let Some(uid_slot) = UidHandshakeSlot::enter(&shared, uid) else {
+        tracing::warn!(
+            uid,
+            pid = identity.pid,
+            "refusing connection: too many incomplete handshakes of this uid"
+        );
+        write_error_directly(
+            &stream,
+            &BusError::LimitExceeded {
+                limit: "max_incomplete_handshakes_per_uid",
+                message: format!("uid {uid} has too many connections completing their handshake"),
+            },
+        );
+        return;
     };
     let Ok(permit) = Arc::clone(&shared.handshake_slots).try_acquire_owned() else {
         tracing::warn!(
@@ -69,11 +142,19 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
         );
         return;
     };
-    if let Err(error) = shared.bus.borrow().admit(identity.uid) {
-        tracing::warn!(uid = identity.uid, pid = identity.pid, %error, "refusing connection");
+    if let Err(error) = shared.bus.borrow().admit(uid) {
+        tracing::warn!(uid, pid = identity.pid, %error, "refusing connection");
         write_error_directly(&stream, &error);
         return;
     }
+    let _socket_fd = match SocketFdClaim::claim(&shared, uid) {
+        Ok(claim) => claim,
+        Err(error) => {
+            tracing::warn!(uid, pid = identity.pid, %error, "refusing connection");
+            write_error_directly(&stream, &error);
+            return;
+        }
+    };
     let io = Rc::new(PeerIo {
         stream,
         wake: Notify::new(),
@@ -88,7 +169,7 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
     let mut state = State {
         peer: None,
         identity: Some(identity),
-        handshake_permit: Some(permit),
+        handshake_permit: Some((permit, uid_slot)),
     };
     let handshake_deadline = tokio::time::Instant::now() + limits.handshake_timeout();
     let mut stop = shared.shutdown.clone();

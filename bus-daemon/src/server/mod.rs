@@ -14,6 +14,7 @@ mod connection;
 pub mod listener;
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -54,6 +55,8 @@ struct Shared {
     host: HostContext,
     config: Config,
     handshake_slots: Arc<Semaphore>,
+    /// Incomplete handshakes per uid.
+    handshakes_per_uid: RefCell<HashMap<u32, u32>>,
     timer_wake: Notify,
     shutdown: watch::Receiver<bool>,
     /// Never sent on: dropped with the last `Rc<Shared>`, i.e. when every
@@ -107,14 +110,16 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
         let bus_id = random_bus_id();
+        let fd_budget = fd_budget(&self.config);
         let bus = Bus::new(
             self.config.limits.clone(),
             self.policy,
             bus_id.clone(),
             host.pid_namespace,
+            fd_budget,
             Instant::now(),
         );
-        tracing::info!(bus_id, "bus started");
+        tracing::info!(bus_id, fd_budget, "bus started");
         let shared = Rc::new(Shared {
             bus: RefCell::new(bus),
             scratch: RefCell::new(vec![0u8; SCRATCH_LEN]),
@@ -122,6 +127,7 @@ impl Server {
             handshake_slots: Arc::new(Semaphore::new(
                 self.config.limits.max_incomplete_handshakes as usize,
             )),
+            handshakes_per_uid: RefCell::new(HashMap::new()),
             config: self.config,
             timer_wake: Notify::new(),
             shutdown: stop_rx,
@@ -154,6 +160,22 @@ impl Server {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Fds below the soft RLIMIT_NOFILE kept for the daemon itself
+/// (listeners, logs, the runtime).
+const FD_RESERVE: u64 = 64;
+
+/// How many fds peers may make the daemon hold: `max_fds_total`, or the
+/// soft RLIMIT_NOFILE minus a reserve.
+fn fd_budget(config: &Config) -> u64 {
+    let from_rlimit = pbus_sys::process::fd_limit()
+        .map(|limit| limit.soft.saturating_sub(FD_RESERVE))
+        .unwrap_or(1024 - FD_RESERVE);
+    match config.limits.max_fds_total {
+        0 => from_rlimit,
+        configured => configured.min(from_rlimit),
     }
 }
 
