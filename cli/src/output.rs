@@ -236,7 +236,7 @@ pub fn stats_json(stats: &GetStatsReply) -> Value {
 
 /// Stats as tables: peers, then uids, then totals.
 pub fn print_stats(stats: &GetStatsReply) {
-    let percent = |used: u64, max: u64| if max == 0 { 0 } else { used * 100 / max };
+    let percent = |used: u64, max: u64| (used * 100).checked_div(max).unwrap_or(0);
     let rows: Vec<Vec<String>> = stats
         .peers
         .iter()
