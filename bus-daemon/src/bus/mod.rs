@@ -862,6 +862,12 @@ impl<Io> Bus<Io> {
                 continue;
             }
             receiver.broadcast_stamp = stamp;
+            if !fds.is_empty() && !receiver.accepts_fds() {
+                // Memfd payloads need fd passing; this subscriber cannot
+                // take them, so it misses this signal.
+                receiver.counters.dropped_signals += 1;
+                continue;
+            }
             let pid_ns = receiver.identity.namespaces.pid;
             let frame = match encoded.iter().position(|(ns, _)| *ns == pid_ns) {
                 Some(index) => &encoded[index].1,
