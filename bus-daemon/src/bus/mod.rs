@@ -203,6 +203,7 @@ impl<Io> Bus<Io> {
             label: None,
             container: None,
         };
+        let daemon_uid = bus_sender.uid;
         Self {
             peers: HashMap::new(),
             names: NameRegistry::default(),
@@ -219,8 +220,11 @@ impl<Io> Bus<Io> {
             bus_sender,
             timer_needs_rearm: false,
             own_pid_namespace,
-            global_bytes: FairPool::new(limits.max_queued_bytes_total, None),
-            global_fds: FairPool::new(fd_budget, None),
+            // The daemon's own uid (root on a system bus, the user on a
+            // session bus) owns these pools: like a receiver on its own
+            // queue, it is held only to the total.
+            global_bytes: FairPool::new(limits.max_queued_bytes_total, Some(daemon_uid)),
+            global_fds: FairPool::new(fd_budget, Some(daemon_uid)),
             limits,
         }
     }
