@@ -226,6 +226,14 @@ macro_rules! name_type {
             }
         }
 
+        impl $name {
+            /// Checks `value` against this kind's rules without allocating.
+            pub fn validate(value: &str) -> Result<(), NameError> {
+                let check: fn(&str) -> Result<(), NameError> = $check;
+                check(value)
+            }
+        }
+
         impl TryFrom<&str> for $name {
             type Error = NameError;
             fn try_from(value: &str) -> Result<Self, NameError> {

@@ -564,11 +564,9 @@ impl<Io> Bus<Io> {
                 "a method call needs a non-zero serial".into(),
             ));
         }
-        MemberName::try_from(header.member.as_str())
-            .map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+        MemberName::validate(&header.member).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         if !header.path.is_empty() {
-            ObjectPath::try_from(header.path.as_str())
-                .map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+            ObjectPath::validate(&header.path).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         }
         if header.destination == BUS_NAME {
             if !fds.is_empty() {
@@ -672,11 +670,9 @@ impl<Io> Bus<Io> {
         body: &[u8],
         fds: Vec<OwnedFd>,
     ) -> Result<(), BusError> {
-        MemberName::try_from(header.member.as_str())
-            .map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+        MemberName::validate(&header.member).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         if !header.path.is_empty() {
-            ObjectPath::try_from(header.path.as_str())
-                .map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+            ObjectPath::validate(&header.path).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         }
         if !header.destination.is_empty() {
             let to = self.resolve(&header.destination)?;
