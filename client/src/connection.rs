@@ -378,6 +378,13 @@ impl Connection {
     /// Closes the connection now; pending calls fail with `Disconnected`.
     pub fn close(&self) {
         let _ = self.inner.closed.send(true);
+        // The socket itself stays open while any handle holds `inner`; shut
+        // it down now so the bus sees the disconnect at once (and releases
+        // this connection's names). Shutdown acts on the socket, so a
+        // duplicate of the fd will do.
+        if let Ok(fd) = self.inner.stream.as_fd().try_clone_to_owned() {
+            let _ = std::os::unix::net::UnixStream::from(fd).shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// True once the connection is closed.

@@ -365,12 +365,22 @@ fn finish(shared: &Shared, io: &Rc<PeerIo>, state: &State, close: Option<Close>)
     let mut bus = shared.bus.borrow_mut();
     match state.peer {
         Some(id) => {
+            // When the daemon stops, every connection ends the same way: what
+            // removing this peer causes for the others (NoReply to its
+            // callers, NameOwnerChanged, queue promotions) is not sent, since
+            // they are about to be disconnected too. A caller must see its
+            // connection end, not be told its callee went away.
+            let stopping = *shared.shutdown.borrow();
             if let Some(Close::Refused(error)) = &close {
                 bus.queue_error_to(id, 0, error);
             }
-            let _ = bus.flush_peer(id, send_frames);
+            if !stopping {
+                let _ = bus.flush_peer(id, send_frames);
+            }
             bus.remove_peer(id);
-            after_dispatch(shared, &mut bus);
+            if !stopping {
+                after_dispatch(shared, &mut bus);
+            }
             tracing::info!(peer = %id.unique_name(), reason, "peer disconnected");
         }
         None => {

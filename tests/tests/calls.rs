@@ -1,0 +1,289 @@
+//! Method calls through the real daemon: typed round trips, application
+//! errors, the bus's routing errors (NameHasNoOwner, NoSuchPeer,
+//! UnknownMethod from a peer and from the bus itself), and how pending
+//! calls end when the callee disconnects (NoReply) or never answers
+//! (Timeout, enforced by the bus).
+#![forbid(unsafe_code)]
+
+use std::time::{Duration, Instant};
+
+use pbus::{Connection, Error, MethodError, RequestNameFlags, RequestNameResult};
+use pbus_proto::v1::{ErrorCode, MessageKind, PingReply, PingRequest};
+use pbus_proto::BUS_NAME;
+use pbus_tests::messages::Text;
+use pbus_tests::{within, TestBus, TIMEOUT};
+use prost::Name;
+use tokio::sync::mpsc;
+
+const SERVICE: &str = "org.pbus.test.Calls";
+
+/// Owns `name` on `connection`; panics unless it becomes the primary owner.
+async fn own(connection: &Connection, name: &str) {
+    assert_eq!(
+        connection
+            .request_name(name, RequestNameFlags::default())
+            .await
+            .unwrap(),
+        RequestNameResult::PrimaryOwner
+    );
+}
+
+/// Serves `Hang`: tells `arrived` about each call and never answers.
+fn serve_hang(connection: &Connection) -> mpsc::UnboundedReceiver<String> {
+    let (arrived, rx) = mpsc::unbounded_channel();
+    connection
+        .serve("Hang", move |request: Text, _call| {
+            let arrived = arrived.clone();
+            async move {
+                let _ = arrived.send(request.text);
+                std::future::pending::<Result<Text, MethodError>>().await
+            }
+        })
+        .unwrap();
+    rx
+}
+
+fn assert_remote(error: &Error, code: ErrorCode, name: &str) {
+    match error {
+        Error::Remote {
+            code: got_code,
+            name: got_name,
+            ..
+        } => {
+            assert_eq!(*got_code, code, "{error}");
+            assert_eq!(got_name, name, "{error}");
+        }
+        other => panic!("expected a remote {name}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_replies_and_errors() {
+    let bus = TestBus::start();
+    let service = bus.connect().await;
+    own(&service, SERVICE).await;
+    service
+        .serve("Echo", |request: Text, call: pbus::MethodCall| async move {
+            Ok(Text::new(format!(
+                "{}|{}",
+                request.text,
+                call.incoming.sender().unique_name
+            )))
+        })
+        .unwrap();
+    service
+        .serve("Fail", |_request: Text, _call| async move {
+            Err::<Text, _>(MethodError::new("org.pbus.test.Error.Broken", "it broke"))
+        })
+        .unwrap();
+    service
+        .serve("Refuse", |_request: Text, _call| async move {
+            Err::<Text, _>(MethodError::invalid_args("bad input"))
+        })
+        .unwrap();
+    let caller = bus.connect().await;
+
+    // Typed round trip, by well-known and by unique name.
+    let reply: Text = caller
+        .call(SERVICE, "Echo", &Text::new("hello"))
+        .await
+        .unwrap();
+    assert_eq!(reply.text, format!("hello|{}", caller.unique_name()));
+    let reply: Text = caller
+        .call(service.unique_name(), "Echo", &Text::new("direct"))
+        .await
+        .unwrap();
+    assert_eq!(reply.text, format!("direct|{}", caller.unique_name()));
+
+    // An application error arrives with its name and message.
+    let error = caller
+        .call::<Text, Text>(SERVICE, "Fail", &Text::new("x"))
+        .await
+        .unwrap_err();
+    match &error {
+        Error::Remote {
+            code,
+            name,
+            message,
+            ..
+        } => {
+            assert_eq!(*code, ErrorCode::Failed);
+            assert_eq!(name, "org.pbus.test.Error.Broken");
+            assert_eq!(message, "it broke");
+        }
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+    let error = caller
+        .call::<Text, Text>(SERVICE, "Refuse", &Text::new("x"))
+        .await
+        .unwrap_err();
+    assert_remote(&error, ErrorCode::InvalidArgs, "org.pbus.Error.InvalidArgs");
+
+    // Routing errors from the bus.
+    let error = caller
+        .call::<Text, Text>("org.pbus.test.Nobody", "Echo", &Text::new("x"))
+        .await
+        .unwrap_err();
+    assert_remote(
+        &error,
+        ErrorCode::NameHasNoOwner,
+        "org.pbus.Error.NameHasNoOwner",
+    );
+    let error = caller
+        .call::<Text, Text>(":1.999999", "Echo", &Text::new("x"))
+        .await
+        .unwrap_err();
+    assert_remote(&error, ErrorCode::NoSuchPeer, "org.pbus.Error.NoSuchPeer");
+
+    // Unknown methods: on a serving peer, on a peer that serves nothing,
+    // and on the bus.
+    let error = caller
+        .call::<Text, Text>(SERVICE, "NoSuchMethod", &Text::new("x"))
+        .await
+        .unwrap_err();
+    assert_remote(
+        &error,
+        ErrorCode::UnknownMethod,
+        "org.pbus.Error.UnknownMethod",
+    );
+    let idle = bus.connect().await;
+    let error = caller
+        .call::<Text, Text>(idle.unique_name(), "Echo", &Text::new("x"))
+        .await
+        .unwrap_err();
+    assert_remote(
+        &error,
+        ErrorCode::UnknownMethod,
+        "org.pbus.Error.UnknownMethod",
+    );
+    let error = caller
+        .call::<PingRequest, PingReply>(BUS_NAME, "Frobnicate", &PingRequest {})
+        .await
+        .unwrap_err();
+    assert_remote(
+        &error,
+        ErrorCode::UnknownMethod,
+        "org.pbus.Error.UnknownMethod",
+    );
+    // The bus's own known method still works.
+    let ping: PingReply = caller
+        .call(BUS_NAME, "Ping", &PingRequest {})
+        .await
+        .unwrap();
+    assert_eq!(ping.bus_id, caller.bus_id());
+
+    // The same errors at the wire level, from the bus itself.
+    let mut raw = bus.raw().await;
+    for (destination, member, code) in [
+        ("org.pbus.test.Nobody", "Echo", ErrorCode::NameHasNoOwner),
+        (":1.999999", "Echo", ErrorCode::NoSuchPeer),
+        (BUS_NAME, "Frobnicate", ErrorCode::UnknownMethod),
+    ] {
+        let serial = raw
+            .send_call(destination, member, &Text::full_name(), &[], 0)
+            .await
+            .unwrap();
+        let reply = raw.recv_reply(serial, TIMEOUT).await.unwrap();
+        assert_eq!(reply.error_code(), Some(code), "{destination} {member}");
+        assert_eq!(reply.sender_name(), BUS_NAME, "errors come from the bus");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callee_disconnect_fails_the_call_with_no_reply() {
+    let bus = TestBus::start();
+    let caller = bus.connect().await;
+
+    // A library callee that is closed while the call waits.
+    let callee = bus.connect().await;
+    own(&callee, SERVICE).await;
+    let mut arrived = serve_hang(&callee);
+    let pending = tokio::spawn({
+        let caller = caller.clone();
+        async move {
+            caller
+                .method_call(SERVICE, "Hang")
+                .timeout(Duration::from_secs(60))
+                .call::<Text, Text>(&Text::new("first"))
+                .await
+        }
+    });
+    assert_eq!(
+        within("the call to arrive", TIMEOUT, arrived.recv()).await,
+        Some("first".into())
+    );
+    callee.close();
+    let error = within("NoReply", TIMEOUT, pending)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_remote(&error, ErrorCode::NoReply, "org.pbus.Error.NoReply");
+
+    // A raw callee that reads the call and hangs up.
+    let mut raw_callee = bus.raw().await;
+    let name = raw_callee.unique_name().to_owned();
+    let pending = tokio::spawn({
+        let caller = caller.clone();
+        async move {
+            caller
+                .method_call(&name, "Anything")
+                .timeout(Duration::from_secs(60))
+                .call::<Text, Text>(&Text::new("second"))
+                .await
+        }
+    });
+    let call = raw_callee
+        .recv_until(TIMEOUT, |frame| frame.kind() == MessageKind::MethodCall)
+        .await
+        .unwrap();
+    assert_eq!(call.header.member, "Anything");
+    drop(raw_callee);
+    let error = within("NoReply", TIMEOUT, pending)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_remote(&error, ErrorCode::NoReply, "org.pbus.Error.NoReply");
+
+    // The caller's connection is unaffected.
+    caller.ping().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_call_times_out_at_the_bus() {
+    let bus = TestBus::start();
+    let callee = bus.connect().await;
+    own(&callee, SERVICE).await;
+    let mut arrived = serve_hang(&callee);
+    let caller = bus.connect().await;
+
+    let timeout = Duration::from_millis(200);
+    let started = Instant::now();
+    let error = caller
+        .method_call(SERVICE, "Hang")
+        .timeout(timeout)
+        .call::<Text, Text>(&Text::new("wait"))
+        .await
+        .unwrap_err();
+    let elapsed = started.elapsed();
+    // A remote Timeout (not the library's local one, which only fires a
+    // second later) proves the bus enforced the deadline, and on time.
+    assert_remote(&error, ErrorCode::Timeout, "org.pbus.Error.Timeout");
+    assert!(elapsed >= timeout, "timed out early, after {elapsed:?}");
+    assert_eq!(
+        arrived.recv().await,
+        Some("wait".into()),
+        "the call was delivered"
+    );
+
+    // The same at the wire level: the ERROR comes from the bus.
+    let mut raw = bus.raw().await;
+    let started = Instant::now();
+    let serial = raw
+        .send_call(SERVICE, "Hang", &Text::full_name(), &[], 200)
+        .await
+        .unwrap();
+    let reply = raw.recv_reply(serial, TIMEOUT).await.unwrap();
+    assert_eq!(reply.error_code(), Some(ErrorCode::Timeout));
+    assert_eq!(reply.sender_name(), BUS_NAME);
+    assert!(started.elapsed() >= timeout);
+}
