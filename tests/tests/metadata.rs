@@ -182,13 +182,15 @@ async fn unprivileged_uid_is_stamped_and_policed() {
     assert_stamp_is_real(&caller, std::process::id(), service.unique_name());
     assert_peer_identity_is_real(&service, &server_name, server.pid()).await;
 
-    // Uid 65534 calling a root-owned name is denied by policy.
+    // Uid 65534 calling a root-owned name is denied by policy: the default
+    // policy does not even let it see the name, so to it the name has no
+    // owner (a denied client cannot learn that the name exists).
     let (mut child, _, result) = run_caller(&bus, &nobody, binary).await;
     assert_eq!(
         result,
         format!(
-            "error {} org.pbus.Error.AccessDenied talk",
-            ErrorCode::AccessDenied as i32
+            "error {} org.pbus.Error.NameHasNoOwner -",
+            ErrorCode::NameHasNoOwner as i32
         )
     );
     // ... and the service never saw the call.

@@ -714,25 +714,83 @@ impl<Io> Bus<Io> {
         header: &Header,
         fds: &[OwnedFd],
     ) -> Result<(), BusError> {
-        let sender = &self.peers[&from];
-        let receiver = &self.peers[&to];
-        let talk = sender
-            .policy
-            .talk(&receiver.identity, &header.destination, &header.member);
-        if !talk.allowed {
-            return Err(BusError::AccessDenied {
-                right: talk.right.as_str(),
-                target: format!(" to send to {}", header.destination),
-            });
-        }
-        let receive = receiver.policy.receive(&sender.identity);
-        if !receive.allowed {
-            return Err(BusError::AccessDenied {
-                right: receive.right.as_str(),
-                target: format!(" ({} may not receive from this sender)", header.destination),
-            });
+        if from != to {
+            self.check_unicast_policy(from, to, header, fds)?;
         }
         self.check_fds(from, to, header, fds)
+    }
+
+    /// The policy side of a unicast: the sender must see the receiver (a
+    /// receiver it may not see does not exist for it: the error is the same
+    /// as for a name nobody owns), may talk to it, may pass plain fds and
+    /// memfds of this size; the receiver must accept it.
+    fn check_unicast_policy(&self, from: PeerId, to: PeerId, header: &Header, fds: &[OwnedFd]) -> Result<(), BusError> {
+        let sender = &self.peers[&from];
+        let receiver = &self.peers[&to];
+        if !sender.policy.see(&receiver.identity, &header.destination).allowed {
+            return Err(if header.destination.starts_with(':') {
+                BusError::NoSuchPeer(header.destination.clone())
+            } else {
+                BusError::NameHasNoOwner(header.destination.clone())
+            });
+        }
+        let receiver_names = self.owned_names(receiver);
+        let denied = |right: pbus_policy::Right| BusError::AccessDenied {
+            right: right.as_str(),
+            target: String::new(),
+        };
+        let talk = sender.policy.talk(&receiver.identity, &receiver_names, &header.member);
+        if !talk.allowed {
+            return Err(denied(talk.right));
+        }
+        let sender_names = self.owned_names(sender);
+        let receive = receiver.policy.receive(&sender.identity, &sender_names, &header.member);
+        if !receive.allowed {
+            return Err(denied(receive.right));
+        }
+        if fds.len() > header.memfds.len() {
+            let pass = sender.policy.pass_fds(&receiver.identity, &receiver_names);
+            if !pass.allowed {
+                return Err(denied(pass.right));
+            }
+        }
+        if !header.memfds.is_empty() {
+            if let Some(max) = sender.policy.max_memfd_bytes(&receiver.identity, &receiver_names) {
+                if header.memfds.iter().any(|memfd| memfd.length > max) {
+                    return Err(denied(pbus_policy::Right::Memfd));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The well-known names `peer` is primary owner of.
+    fn owned_names<'a>(&self, peer: &'a Peer<Io>) -> Vec<&'a str> {
+        peer.names
+            .iter()
+            .filter(|name| self.names.owner(name) == Some(peer.id))
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// May `receiver` get broadcast `header` from `sender`? The same rights
+    /// as a unicast, except that fds in broadcasts are memfds only.
+    fn broadcast_allowed(&self, sender: &Peer<Io>, receiver: &Peer<Io>, header: &Header) -> bool {
+        if sender.id == receiver.id {
+            return true;
+        }
+        let receiver_names = self.owned_names(receiver);
+        if !sender.policy.talk(&receiver.identity, &receiver_names, &header.member).allowed {
+            return false;
+        }
+        let sender_names = self.owned_names(sender);
+        if !receiver.policy.receive(&sender.identity, &sender_names, &header.member).allowed {
+            return false;
+        }
+        match (header.memfds.is_empty(), sender.policy.max_memfd_bytes(&receiver.identity, &receiver_names)) {
+            (false, Some(max)) => header.memfds.iter().all(|memfd| memfd.length <= max),
+            _ => true,
+        }
     }
 
     fn check_fds(
@@ -820,12 +878,7 @@ impl<Io> Bus<Io> {
                 let Some(receiver) = peers.get(id) else {
                     return false;
                 };
-                !receiver.doomed
-                    && receiver.policy.receive(&sender.identity).allowed
-                    && sender
-                        .policy
-                        .talk(&receiver.identity, "", &header.member)
-                        .allowed
+                !receiver.doomed && self.broadcast_allowed(sender, receiver, header)
             });
         }
         self.deliver_to_each(Some(from), receivers, stamp, header, body, fds);

@@ -1,0 +1,620 @@
+//! Per-peer snapshots: the rules whose subject matches one peer, indexed so
+//! that each check is a few hash lookups.
+//!
+//! At connect time [`Policy::snapshot`](crate::Policy::snapshot) tests every
+//! rule's subject against the peer and keeps the matching ones. The kept set
+//! (a list of rule numbers) keys a cache of [`Compiled`] indexes, so peers
+//! with the same matching rules (every peer of one uid on the host, every
+//! peer of one container) share one index; a [`PeerPolicy`] is that shared
+//! index plus the few facts about the peer that relations (`same-uid`,
+//! `same-container`) compare against.
+//!
+//! Per right, a [`NameIndex`] holds entries in buckets: exact names in a
+//! hash map, `prefix.*` patterns in a hash map keyed by the prefix, and `*`
+//! entries in a list. Each bucket is sorted most specific first, so the
+//! first entry whose member and peer conditions hold is the bucket's
+//! answer. A check walks exact name, then the name's dotted prefixes
+//! (`org.example.Foo` -> `org.example`, `org`; a bit mask skips depths no
+//! rule uses), then `*`: the first bucket with an answer decides for that
+//! name, the most specific answer across the message's names decides the
+//! check. This module knows nothing about files or syntax.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path};
+use std::sync::Arc;
+
+use pbus_identity::PeerIdentity;
+
+use crate::hash::FxHashMap;
+use crate::rule::{Facts, NamePattern, PeerSel, Rule};
+use crate::{Decision, FileAccess, Right, RuleRef, Specificity};
+
+/// One rule's contribution to one right, as stored in a bucket.
+#[derive(Debug)]
+struct Entry {
+    spec: Specificity,
+    allow: bool,
+    member: Option<Box<str>>,
+    peer: Option<PeerSel>,
+    max_bytes: Option<u64>,
+    info: RuleRef,
+}
+
+impl Entry {
+    fn new(rule: &Rule, object: u32) -> Self {
+        Self {
+            spec: Specificity {
+                object,
+                member: rule.member.is_some(),
+                who: rule.who,
+                deny: !rule.allow,
+            },
+            allow: rule.allow,
+            member: rule.member.clone(),
+            peer: rule.peer.clone(),
+            max_bytes: rule.max_bytes,
+            info: Arc::clone(&rule.info),
+        }
+    }
+
+    /// Most specific first; equal ones in policy order.
+    fn order(a: &Self, b: &Self) -> std::cmp::Ordering {
+        b.spec
+            .cmp(&a.spec)
+            .then_with(|| a.info.index.cmp(&b.info.index))
+    }
+
+    /// True when `self` beats `other`.
+    fn beats(&self, other: &Self) -> bool {
+        Self::order(self, other).is_lt()
+    }
+
+    #[inline]
+    fn applies(&self, member: Option<&str>, me: &Facts, target: Option<&PeerIdentity>) -> bool {
+        if let Some(want) = &self.member {
+            if member != Some(&**want) {
+                return false;
+            }
+        }
+        match (&self.peer, target) {
+            (None, _) => true,
+            (Some(sel), Some(target)) => sel.check(me, target).is_ok(),
+            (Some(_), None) => false,
+        }
+    }
+}
+
+#[inline]
+fn first_applying<'a>(
+    bucket: &'a [Entry],
+    member: Option<&str>,
+    me: &Facts,
+    target: Option<&PeerIdentity>,
+) -> Option<&'a Entry> {
+    bucket.iter().find(|e| e.applies(member, me, target))
+}
+
+fn freeze<K>(map: FxHashMap<K, Vec<Entry>>) -> FxHashMap<K, Box<[Entry]>>
+where
+    K: std::hash::Hash + Eq,
+{
+    map.into_iter()
+        .map(|(k, mut v)| {
+            v.sort_by(Entry::order);
+            (k, v.into_boxed_slice())
+        })
+        .collect()
+}
+
+/// Entries for one name-bearing right.
+#[derive(Debug, Default)]
+struct NameIndex {
+    exact: FxHashMap<Box<str>, Box<[Entry]>>,
+    prefix: FxHashMap<Box<str>, Box<[Entry]>>,
+    /// Bit `d` set: some prefix pattern has `d` elements (127 stands for
+    /// 127 or more).
+    prefix_depths: u128,
+    any: Box<[Entry]>,
+}
+
+#[derive(Default)]
+struct NameIndexBuilder {
+    exact: FxHashMap<Box<str>, Vec<Entry>>,
+    prefix: FxHashMap<Box<str>, Vec<Entry>>,
+    prefix_depths: u128,
+    any: Vec<Entry>,
+}
+
+fn depth_bit(depth: u32) -> u128 {
+    1u128 << depth.min(127)
+}
+
+impl NameIndexBuilder {
+    fn add(&mut self, rule: &Rule) {
+        let entry = Entry::new(rule, rule.name.rank());
+        match &rule.name {
+            NamePattern::Any => self.any.push(entry),
+            NamePattern::Exact(name) => self.exact.entry(name.clone()).or_default().push(entry),
+            NamePattern::Prefix { prefix, depth } => {
+                self.prefix_depths |= depth_bit(*depth);
+                self.prefix.entry(prefix.clone()).or_default().push(entry);
+            }
+        }
+    }
+
+    fn build(mut self) -> NameIndex {
+        self.any.sort_by(Entry::order);
+        NameIndex {
+            exact: freeze(self.exact),
+            prefix: freeze(self.prefix),
+            prefix_depths: self.prefix_depths,
+            any: self.any.into_boxed_slice(),
+        }
+    }
+}
+
+impl NameIndex {
+    /// The deciding entry for a message addressed to / about `names`.
+    #[inline]
+    fn decide(
+        &self,
+        names: &[&str],
+        member: Option<&str>,
+        me: &Facts,
+        target: Option<&PeerIdentity>,
+    ) -> Option<&Entry> {
+        let mut best: Option<&Entry> = None;
+        if !self.exact.is_empty() || self.prefix_depths != 0 {
+            for name in names {
+                if let Some(found) = self.decide_name(name, member, me, target) {
+                    if best.is_none_or(|b| found.beats(b)) {
+                        best = Some(found);
+                    }
+                }
+            }
+        }
+        best.or_else(|| first_applying(&self.any, member, me, target))
+    }
+
+    /// The most specific entry naming `name` exactly or by prefix.
+    #[inline]
+    fn decide_name(
+        &self,
+        name: &str,
+        member: Option<&str>,
+        me: &Facts,
+        target: Option<&PeerIdentity>,
+    ) -> Option<&Entry> {
+        if name.starts_with(':') {
+            // Unique names are covered by `*` only.
+            return None;
+        }
+        if !self.exact.is_empty() {
+            if let Some(bucket) = self.exact.get(name) {
+                if let Some(e) = first_applying(bucket, member, me, target) {
+                    return Some(e);
+                }
+            }
+        }
+        if self.prefix_depths == 0 {
+            return None;
+        }
+        // The prefix before the k-th dot from the left has k elements.
+        let mut depth = name.bytes().filter(|&b| b == b'.').count() as u32;
+        for (at, _) in name.rmatch_indices('.') {
+            if self.prefix_depths & depth_bit(depth) != 0 {
+                if let Some(bucket) = self.prefix.get(&name[..at]) {
+                    if let Some(e) = first_applying(bucket, member, me, target) {
+                        return Some(e);
+                    }
+                }
+            }
+            depth -= 1;
+        }
+        None
+    }
+}
+
+/// One file rule, in the bucket of its path prefix.
+#[derive(Debug)]
+struct FileEntry {
+    spec: Specificity,
+    allow: bool,
+    access: FileAccess,
+    info: RuleRef,
+}
+
+/// File rules keyed by normalized path prefix.
+#[derive(Debug, Default)]
+struct FileIndex {
+    by_prefix: FxHashMap<Box<[u8]>, Box<[FileEntry]>>,
+}
+
+/// Normalizes an absolute path for file checks: `/a/b` with no `.`, empty
+/// or trailing components. Returns the bytes and the end offset of every
+/// ancestor prefix (`/` first is offset 0, meaning the root).
+pub(crate) fn normalize_path(path: &Path) -> Result<(Vec<u8>, Vec<usize>), &'static str> {
+    let mut components = path.components();
+    if components.next() != Some(Component::RootDir) {
+        return Err("path is not absolute");
+    }
+    let mut out = Vec::with_capacity(path.as_os_str().len());
+    let mut ends = vec![0];
+    for component in components {
+        match component {
+            Component::Normal(c) => {
+                out.push(b'/');
+                out.extend_from_slice(c.as_bytes());
+                ends.push(out.len());
+            }
+            Component::CurDir => {}
+            Component::ParentDir => return Err("path has a `..` component"),
+            Component::RootDir | Component::Prefix(_) => return Err("path is not normalizable"),
+        }
+    }
+    Ok((out, ends))
+}
+
+impl FileIndex {
+    fn decide(&self, normalized: &[u8], ends: &[usize], kind: FileKind) -> Option<&FileEntry> {
+        for &end in ends.iter().rev() {
+            let key: &[u8] = if end == 0 { b"/" } else { &normalized[..end] };
+            if let Some(bucket) = self.by_prefix.get(key) {
+                if let Some(e) = bucket.iter().find(|e| kind.covered_by(e.access)) {
+                    return Some(e);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// One kind of file access, checked separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FileKind {
+    Create,
+    Write,
+    Read,
+}
+
+impl FileKind {
+    /// Most privileged first: the order kinds are checked and reported in.
+    pub const ORDER: [Self; 3] = [Self::Create, Self::Write, Self::Read];
+
+    pub fn covered_by(self, access: FileAccess) -> bool {
+        match self {
+            Self::Create => access.create,
+            Self::Write => access.write,
+            Self::Read => access.read,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Write => "write",
+            Self::Read => "read",
+        }
+    }
+}
+
+/// The indexes built from one set of subject-matching rules; shared by all
+/// peers with that set.
+#[derive(Debug, Default)]
+pub(crate) struct Compiled {
+    see: NameIndex,
+    own: NameIndex,
+    talk: NameIndex,
+    receive: NameIndex,
+    pass_fds: NameIndex,
+    memfd: NameIndex,
+    monitor: Box<[Entry]>,
+    file: FileIndex,
+    /// How many rules went in, for `Debug` and stats.
+    rules: usize,
+}
+
+impl Compiled {
+    /// Indexes `rules[i]` for every `i` in `ids`.
+    pub fn build(rules: &[Rule], ids: &[u32]) -> Self {
+        let mut see = NameIndexBuilder::default();
+        let mut own = NameIndexBuilder::default();
+        let mut talk = NameIndexBuilder::default();
+        let mut receive = NameIndexBuilder::default();
+        let mut pass_fds = NameIndexBuilder::default();
+        let mut memfd = NameIndexBuilder::default();
+        let mut monitor = Vec::new();
+        let mut file: FxHashMap<Box<[u8]>, Vec<FileEntry>> = FxHashMap::default();
+        for &id in ids {
+            let rule = &rules[id as usize];
+            for right in rule.rights.iter() {
+                match right {
+                    Right::See => see.add(rule),
+                    Right::Own => own.add(rule),
+                    Right::Talk => talk.add(rule),
+                    Right::Receive => receive.add(rule),
+                    Right::PassFds => pass_fds.add(rule),
+                    Right::Memfd => memfd.add(rule),
+                    Right::Monitor => monitor.push(Entry::new(rule, 0)),
+                    Right::File => {
+                        let path = rule.path.as_ref().expect("parser requires a path");
+                        file.entry(path.normalized.as_bytes().into())
+                            .or_default()
+                            .push(FileEntry {
+                                spec: Specificity {
+                                    object: path.depth,
+                                    member: false,
+                                    who: rule.who,
+                                    deny: !rule.allow,
+                                },
+                                allow: rule.allow,
+                                access: rule.access,
+                                info: Arc::clone(&rule.info),
+                            });
+                    }
+                }
+            }
+        }
+        monitor.sort_by(Entry::order);
+        let by_prefix = file
+            .into_iter()
+            .map(|(k, mut v)| {
+                v.sort_by(|a, b| {
+                    b.spec
+                        .cmp(&a.spec)
+                        .then_with(|| a.info.index.cmp(&b.info.index))
+                });
+                (k, v.into_boxed_slice())
+            })
+            .collect();
+        Self {
+            see: see.build(),
+            own: own.build(),
+            talk: talk.build(),
+            receive: receive.build(),
+            pass_fds: pass_fds.build(),
+            memfd: memfd.build(),
+            monitor: monitor.into_boxed_slice(),
+            file: FileIndex { by_prefix },
+            rules: ids.len(),
+        }
+    }
+}
+
+/// Reason text for a check no rule answered.
+pub(crate) fn no_rule_reason(right: Right) -> &'static str {
+    match right {
+        Right::See => "no rule lets this peer see the name",
+        Right::Own => "no rule lets this peer own the name",
+        Right::Talk => "no rule lets this peer talk to the receiver",
+        Right::Receive => "no rule lets this peer receive from the sender",
+        Right::PassFds => "no rule lets this peer pass fds to the receiver",
+        Right::Monitor => "no rule lets this peer monitor the bus",
+        Right::Memfd => "no memfd rule applies: no policy cap",
+        Right::File => "no rule grants this access under the path",
+    }
+}
+
+pub(crate) const ALLOWED_BY_RULE: &str = "allowed by the most specific matching rule";
+pub(crate) const DENIED_BY_RULE: &str = "denied by the most specific matching rule";
+
+fn decision(right: Right, entry: Option<&Entry>) -> Decision {
+    match entry {
+        Some(e) => Decision {
+            allowed: e.allow,
+            right,
+            rule: Some(Arc::clone(&e.info)),
+            reason: Cow::Borrowed(if e.allow {
+                ALLOWED_BY_RULE
+            } else {
+                DENIED_BY_RULE
+            }),
+        },
+        None => Decision {
+            allowed: false,
+            right,
+            rule: None,
+            reason: Cow::Borrowed(no_rule_reason(right)),
+        },
+    }
+}
+
+/// The memfd cap an entry means: its `max-bytes` for allow (none: no cap),
+/// 0 for deny.
+fn memfd_cap(entry: Option<&Entry>) -> Option<u64> {
+    match entry {
+        Some(e) if e.allow => e.max_bytes,
+        Some(_) => Some(0),
+        None => None,
+    }
+}
+
+struct PeerInner {
+    compiled: Arc<Compiled>,
+    facts: Facts,
+}
+
+/// A policy compiled for one subject peer at connect time.
+///
+/// Cheap to clone (one `Arc`). The checks take the other party's identity
+/// and the names involved, and return a [`Decision`] naming the deciding
+/// rule. Replies to pending calls and the bus's own name (`org.pbus.Bus`)
+/// are not subject to policy: the daemon does not ask.
+#[derive(Clone)]
+pub struct PeerPolicy {
+    inner: Arc<PeerInner>,
+}
+
+impl fmt::Debug for PeerPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerPolicy")
+            .field("uid", &self.inner.facts.uid)
+            .field("rules", &self.inner.compiled.rules)
+            .finish()
+    }
+}
+
+impl PeerPolicy {
+    pub(crate) fn new(compiled: Arc<Compiled>, facts: Facts) -> Self {
+        Self {
+            inner: Arc::new(PeerInner { compiled, facts }),
+        }
+    }
+
+    /// Number of rules whose subject matched this peer.
+    pub fn rule_count(&self) -> usize {
+        self.inner.compiled.rules
+    }
+
+    /// True when `self` and `other` share one compiled index (their
+    /// subjects matched the same rules).
+    pub fn shares_index_with(&self, other: &PeerPolicy) -> bool {
+        Arc::ptr_eq(&self.inner.compiled, &other.inner.compiled)
+    }
+
+    fn index(&self) -> &Compiled {
+        &self.inner.compiled
+    }
+
+    /// May this peer own `name`?
+    pub fn own(&self, name: &str) -> Decision {
+        let entry = self
+            .index()
+            .own
+            .decide(&[name], None, &self.inner.facts, None);
+        decision(Right::Own, entry)
+    }
+
+    /// May this peer learn that `name` (a well-known name, or the owner's
+    /// unique name, which only `*` rules cover) owned by `owner` exists?
+    pub fn see(&self, owner: &PeerIdentity, name: &str) -> Decision {
+        let entry = self
+            .index()
+            .see
+            .decide(&[name], None, &self.inner.facts, Some(owner));
+        decision(Right::See, entry)
+    }
+
+    /// May this peer send `member` to `receiver`? `names` are the
+    /// destination if it is a well-known name plus every well-known name the
+    /// receiver owns (may be empty); the most specific rule across all of
+    /// them decides, and with no names only `name = "*"` rules apply.
+    #[inline]
+    pub fn talk(&self, receiver: &PeerIdentity, names: &[&str], member: &str) -> Decision {
+        let entry =
+            self.index()
+                .talk
+                .decide(names, Some(member), &self.inner.facts, Some(receiver));
+        decision(Right::Talk, entry)
+    }
+
+    /// May this peer (as receiver) accept `member` from `sender`, which owns
+    /// `names`?
+    pub fn receive(&self, sender: &PeerIdentity, names: &[&str], member: &str) -> Decision {
+        let entry =
+            self.index()
+                .receive
+                .decide(names, Some(member), &self.inner.facts, Some(sender));
+        decision(Right::Receive, entry)
+    }
+
+    /// May this peer attach fds to a message for `receiver`, addressed as /
+    /// owning `names`?
+    pub fn pass_fds(&self, receiver: &PeerIdentity, names: &[&str]) -> Decision {
+        let entry = self
+            .index()
+            .pass_fds
+            .decide(names, None, &self.inner.facts, Some(receiver));
+        decision(Right::PassFds, entry)
+    }
+
+    /// The largest sealed memfd payload (bytes) this peer may attach to a
+    /// message for `receiver`; `None` means no policy cap (no memfd rule
+    /// applies, or the deciding rule has no `max-bytes`). A deciding deny
+    /// rule means `Some(0)`.
+    pub fn max_memfd_bytes(&self, receiver: &PeerIdentity, names: &[&str]) -> Option<u64> {
+        memfd_cap(
+            self.index()
+                .memfd
+                .decide(names, None, &self.inner.facts, Some(receiver)),
+        )
+    }
+
+    /// The memfd check as a [`Decision`] (allowed unless a deny rule
+    /// decides) together with the cap, for logs and `explain`.
+    pub fn memfd(&self, receiver: &PeerIdentity, names: &[&str]) -> (Decision, Option<u64>) {
+        let entry = self
+            .index()
+            .memfd
+            .decide(names, None, &self.inner.facts, Some(receiver));
+        let mut d = decision(Right::Memfd, entry);
+        if entry.is_none() {
+            d.allowed = true;
+        }
+        (d, memfd_cap(entry))
+    }
+
+    /// May this peer watch traffic not addressed to it?
+    pub fn monitor(&self) -> Decision {
+        decision(Right::Monitor, self.index().monitor.first())
+    }
+
+    /// May the broker open `path` with `access` for this peer? The path
+    /// must be absolute; `..` components are refused outright, `.` and
+    /// repeated slashes are ignored, and prefixes match whole components
+    /// (`/srv/data` covers `/srv/data/x`, not `/srv/database`). Each kind of
+    /// access asked for must be allowed by the most specific rule covering
+    /// that kind.
+    pub fn file_access(&self, path: &Path, access: FileAccess) -> Decision {
+        let (normalized, ends) = match normalize_path(path) {
+            Ok(n) => n,
+            Err(why) => {
+                return Decision {
+                    allowed: false,
+                    right: Right::File,
+                    rule: None,
+                    reason: Cow::Borrowed(why),
+                }
+            }
+        };
+        let mut first: Option<Decision> = None;
+        for kind in FileKind::ORDER {
+            if !kind.covered_by(access) {
+                continue;
+            }
+            let d = match self.index().file.decide(&normalized, &ends, kind) {
+                Some(e) => Decision {
+                    allowed: e.allow,
+                    right: Right::File,
+                    rule: Some(Arc::clone(&e.info)),
+                    reason: Cow::Owned(format!(
+                        "{} access {} by the most specific matching rule",
+                        kind.as_str(),
+                        if e.allow { "allowed" } else { "denied" }
+                    )),
+                },
+                None => Decision {
+                    allowed: false,
+                    right: Right::File,
+                    rule: None,
+                    reason: Cow::Owned(format!(
+                        "no rule grants {} access under this path",
+                        kind.as_str()
+                    )),
+                },
+            };
+            if !d.allowed {
+                return d;
+            }
+            first.get_or_insert(d);
+        }
+        first.unwrap_or(Decision {
+            allowed: false,
+            right: Right::File,
+            rule: None,
+            reason: Cow::Borrowed("no access kind asked for"),
+        })
+    }
+}
