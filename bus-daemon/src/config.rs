@@ -16,6 +16,9 @@ pub const HARD_MAX_FDS_PER_MESSAGE: u32 = 253;
 pub struct Config {
     /// Socket paths to listen on. Empty means the default path.
     pub listen: Vec<PathBuf>,
+    /// Policy file or directory of `*.toml` files; none means the built-in
+    /// default policy. Re-read on SIGHUP and `ReloadPolicy`.
+    pub policy: Option<PathBuf>,
     /// Resource limits.
     pub limits: Limits,
 }

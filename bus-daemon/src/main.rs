@@ -21,6 +21,9 @@ struct Args {
     /// TOML configuration file (limits, listen paths). Every key is optional.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Policy file or directory (overrides the config file's `policy`).
+    #[arg(long, value_name = "PATH")]
+    policy: Option<PathBuf>,
     /// Print the bus address (`unix:path=...`) on stdout once listening.
     #[arg(long)]
     print_address: bool,
@@ -52,6 +55,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     if !args.listen.is_empty() {
         config.listen = args.listen.clone();
     }
+    if args.policy.is_some() {
+        config.policy = args.policy.clone();
+    }
     // Root may go up to the kernel's per-process maximum; others to their
     // hard limit.
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
@@ -62,7 +68,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         Ok(limit) => tracing::debug!(soft = limit.soft, hard = limit.hard, "fd limit"),
         Err(error) => tracing::warn!(%error, "cannot raise the fd limit"),
     }
-    let policy = pbus_policy::Policy::builtin();
+    let policy = match &config.policy {
+        Some(path) => pbus_policy::Policy::load(path)
+            .map_err(|errors| anyhow::anyhow!("invalid policy {}:\n{errors}", path.display()))?,
+        None => pbus_policy::Policy::builtin(),
+    };
+    tracing::info!(
+        files = policy.origins().len(),
+        rules = policy.rule_count(),
+        builtin = policy.includes_builtin(),
+        "policy loaded"
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -78,7 +94,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     })
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
+/// Resolves on the first SIGTERM or SIGINT. (SIGHUP reloads the policy;
+/// the server handles it.)
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod output;
+mod policy_cmd;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -45,6 +46,22 @@ enum Command {
     /// Queued bytes, fds and messages per peer, their quota use per sender
     /// uid, and daemon-wide totals.
     Stats,
+    /// Print the traffic on the bus: broadcast signals, and (with the
+    /// monitor right) copies of calls, replies and unicast signals.
+    Monitor {
+        /// Only messages from this sender.
+        #[arg(long)]
+        sender: Option<String>,
+        /// Only this method or signal name.
+        #[arg(long)]
+        member: Option<String>,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Policy tools: check files, explain decisions, reload.
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
     /// Check that the bus answers, and how fast.
     Ping {
         /// Number of pings.
@@ -80,8 +97,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(address) = cli.address.clone() {
         builder = builder.address(address);
     }
+    if let Command::Policy(command) = cli.command {
+        // `policy check` and offline `explain` need no bus.
+        return policy_cmd::run(command, cli.json, || async { Ok(builder.build().await?) }).await;
+    }
     let connection = builder.build().await?;
     match cli.command {
+        Command::Policy(_) => unreachable!("handled above"),
+        Command::Monitor {
+            sender,
+            member,
+            count,
+        } => {
+            monitor(
+                &connection,
+                sender.as_deref(),
+                member.as_deref(),
+                count,
+                cli.json,
+            )
+            .await
+        }
         Command::List { unique } => list(&connection, unique, cli.json).await,
         Command::Status { name } => {
             status(&connection, name.as_deref().unwrap_or(""), cli.json).await
@@ -145,6 +181,45 @@ async fn stats(connection: &Connection, json: bool) -> anyhow::Result<()> {
         output::print_stats(&stats);
     }
     Ok(())
+}
+
+async fn monitor(
+    connection: &Connection,
+    sender: Option<&str>,
+    member: Option<&str>,
+    count: Option<u64>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut rule = pbus::MatchRule::new();
+    if let Some(sender) = sender {
+        rule = rule.sender(sender);
+    }
+    if let Some(member) = member {
+        rule = rule.member(member);
+    }
+    let mut broadcasts = connection.subscribe(rule.clone()).await?;
+    let mut copies = match connection.subscribe(rule.eavesdrop(true)).await {
+        Ok(stream) => Some(stream),
+        Err(error) => {
+            eprintln!("pbusctl: only broadcast signals are shown: {error}");
+            None
+        }
+    };
+    let mut seen = 0u64;
+    loop {
+        let message = tokio::select! {
+            message = broadcasts.next() => message,
+            message = async { copies.as_mut().expect("guarded").next().await }, if copies.is_some() => message,
+        };
+        let Some(message) = message else {
+            anyhow::bail!("the bus closed the connection");
+        };
+        output::print_message(&message, json);
+        seen += 1;
+        if count.is_some_and(|count| seen >= count) {
+            return Ok(());
+        }
+    }
 }
 
 async fn ping(connection: &Connection, count: u32, json: bool) -> anyhow::Result<()> {

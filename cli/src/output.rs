@@ -164,6 +164,60 @@ pub fn print_identity(identity: &PeerIdentity) {
     }
 }
 
+/// One monitored message: a line for people, a JSON object for machines.
+pub fn print_message(message: &pbus::Incoming, json: bool) {
+    use pbus_proto::v1::MessageKind;
+    let header = message.header();
+    let kind = match MessageKind::try_from(header.kind).unwrap_or(MessageKind::Unspecified) {
+        MessageKind::MethodCall => "call",
+        MessageKind::MethodReturn => "return",
+        MessageKind::Error => "error",
+        MessageKind::Signal => "signal",
+        _ => "other",
+    };
+    let sender = message.sender();
+    let destination = if header.destination.is_empty() {
+        "*"
+    } else {
+        header.destination.as_str()
+    };
+    let error = header.error.as_ref().map(|e| e.name.as_str()).unwrap_or("");
+    if json {
+        println!(
+            "{}",
+            json!({
+                "kind": kind,
+                "sender": sender.unique_name,
+                "uid": sender.uid,
+                "pid": sender.pid,
+                "destination": destination,
+                "path": header.path,
+                "member": header.member,
+                "serial": header.serial,
+                "reply_serial": header.reply_serial,
+                "payload_type": header.payload_type,
+                "body_bytes": message.body().len(),
+                "args": header.args,
+                "error": error,
+            })
+        );
+    } else {
+        let what = match kind {
+            "return" | "error" => format!("reply to #{} {error}", header.reply_serial),
+            _ => format!("{} {}", header.path, header.member),
+        };
+        println!(
+            "{kind:<6} {} (uid {} pid {}) -> {destination} #{} {what} [{} {} bytes]",
+            sender.unique_name,
+            sender.uid,
+            sender.pid,
+            header.serial,
+            header.payload_type,
+            message.body().len()
+        );
+    }
+}
+
 /// Stats as JSON.
 pub fn stats_json(stats: &GetStatsReply) -> Value {
     let peers: Vec<Value> = stats

@@ -145,6 +145,36 @@ impl Connection {
             .await
     }
 
+    /// Asks the bus to re-read its policy files (root or the daemon's uid
+    /// only). An invalid policy leaves the old one in force and the error
+    /// says why, with file, line and column.
+    pub async fn reload_policy(&self) -> Result<pbus_proto::v1::ReloadPolicyReply, Error> {
+        self.bus_call("ReloadPolicy", &pbus_proto::v1::ReloadPolicyRequest {})
+            .await
+    }
+
+    /// How the policy in force decides `right` for `subject` (a peer name;
+    /// empty for this connection) on `target` (and `member` for talk and
+    /// receive).
+    pub async fn explain_policy(
+        &self,
+        subject: &str,
+        right: &str,
+        target: &str,
+        member: &str,
+    ) -> Result<pbus_proto::v1::ExplainPolicyReply, Error> {
+        self.bus_call(
+            "ExplainPolicy",
+            &pbus_proto::v1::ExplainPolicyRequest {
+                subject: subject.to_owned(),
+                right: right.to_owned(),
+                target: target.to_owned(),
+                member: member.to_owned(),
+            },
+        )
+        .await
+    }
+
     /// Pings the bus.
     pub async fn ping(&self) -> Result<PingReply, Error> {
         self.bus_call("Ping", &PingRequest {}).await

@@ -845,6 +845,18 @@ async fn read_loop(
 fn handle_frame(weak: &WeakConnection, header: Header, body: &[u8], fds: Vec<OwnedFd>) {
     let inner = &weak.inner;
     let kind = MessageKind::try_from(header.kind).unwrap_or(MessageKind::Unspecified);
+    if header.flags & HeaderFlag::MonitorCopy as u32 != 0 {
+        // Addressed to someone else: only eavesdropping subscriptions see it.
+        match Incoming::from_parts(header, body, fds) {
+            Ok(copy) => inner
+                .subscriptions
+                .lock()
+                .expect("subscriptions lock")
+                .deliver(copy),
+            Err(error) => tracing::warn!(%error, "dropping malformed monitor copy"),
+        }
+        return;
+    }
     match kind {
         MessageKind::MethodReturn | MessageKind::Error => {
             let waiting = inner

@@ -9,7 +9,7 @@ use pbus_proto::v1::{ErrorCode, ErrorInfo};
 #[non_exhaustive]
 pub enum Error {
     /// A socket or file operation failed.
-    #[error("I/O error: {0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// The bus address is malformed or missing.
     #[error("bad bus address: {0}")]

@@ -76,6 +76,14 @@ impl MatchRule {
         self
     }
 
+    /// Also receive copies of calls, replies and unicast signals addressed
+    /// to other peers (needs the `monitor` right). Copies are flagged
+    /// `MONITOR_COPY` and carry no fds or memfd payloads.
+    pub fn eavesdrop(mut self, enabled: bool) -> Self {
+        self.rule.eavesdrop = enabled;
+        self
+    }
+
     /// The rule as sent to the bus.
     pub fn to_wire(&self) -> v1::MatchRule {
         self.rule.clone()
@@ -181,8 +189,12 @@ impl Subscriptions {
                 }
             }
         }
+        let copy = signal.header().flags & pbus_proto::v1::HeaderFlag::MonitorCopy as u32 != 0;
         let signal = Arc::new(signal);
         for entry in &self.entries {
+            if copy && !entry.rule.rule.eavesdrop {
+                continue;
+            }
             if entry.rule.matches(&signal, &self.owners) {
                 let _ = entry.tx.send(Arc::clone(&signal));
             }

@@ -20,7 +20,11 @@ use prost::Message;
 use super::matches::Rule;
 use super::names::{flags, ReleaseOutcome, RequestOutcome};
 use super::{Bus, BusError, PeerId};
-use pbus_proto::v1::{GetStatsReply, GetStatsRequest, PeerStats, QuotaUse, UidStats};
+use pbus_policy::{Operation, Right};
+use pbus_proto::v1::{
+    ExplainPolicyReply, ExplainPolicyRequest, GetStatsReply, GetStatsRequest, PeerStats, QuotaUse,
+    ReloadPolicyRequest, UidStats,
+};
 
 fn decode<M: Message + Default>(body: &[u8]) -> Result<M, BusError> {
     M::decode(body).map_err(|e| BusError::InvalidArgs(format!("undecodable request body: {e}")))
@@ -103,6 +107,22 @@ impl<Io> Bus<Io> {
                 };
                 let identity = self.wire_identity(&self.peers[&target], &self.peers[&from]);
                 reply!(identity)
+            }
+            "ReloadPolicy" => {
+                let _: ReloadPolicyRequest = decode(body)?;
+                if !self.is_privileged(from) {
+                    return Err(BusError::AccessDenied {
+                        right: "reload",
+                        target: " (only root or the daemon's uid may reload the policy)".into(),
+                    });
+                }
+                // Reading files is the server's job; it answers the caller.
+                self.reload_requests.push((from, serial));
+                Ok(())
+            }
+            "ExplainPolicy" => {
+                let reply = self.explain_policy(from, decode(body)?)?;
+                reply!(reply)
             }
             "GetStats" => {
                 let _: GetStatsRequest = decode(body)?;
@@ -354,17 +374,30 @@ impl<Io> Bus<Io> {
     fn add_match(&mut self, from: PeerId, request: AddMatchRequest) -> Result<(), BusError> {
         let rule =
             Rule::from_wire(request.rule.unwrap_or_default()).map_err(BusError::InvalidArgs)?;
-        if rule.eavesdrop {
-            return Err(BusError::NotSupported(
-                "eavesdropping match rules need the monitor right".into(),
-            ));
-        }
         let peer = &self.peers[&from];
-        if peer.matches.len() >= self.limits.max_matches_per_connection as usize {
+        if peer.matches.len() + peer.monitor_matches.len()
+            >= self.limits.max_matches_per_connection as usize
+        {
             return Err(BusError::LimitExceeded {
                 limit: "max_matches_per_connection",
                 message: "too many match rules".into(),
             });
+        }
+        if rule.eavesdrop {
+            let decision = peer.policy.monitor();
+            if !decision.allowed {
+                return Err(BusError::AccessDenied {
+                    right: decision.right.as_str(),
+                    target: " to eavesdrop".into(),
+                });
+            }
+            let id = self.monitors.add(from, rule);
+            self.peers
+                .get_mut(&from)
+                .expect("caller exists")
+                .monitor_matches
+                .push(id);
+            return Ok(());
         }
         let id = self.matches.add(from, rule);
         self.peers
@@ -379,13 +412,122 @@ impl<Io> Bus<Io> {
         let rule =
             Rule::from_wire(request.rule.unwrap_or_default()).map_err(BusError::InvalidArgs)?;
         let peer = self.peers.get_mut(&from).expect("caller exists");
-        let position = peer
-            .matches
+        let (ids, registry) = if rule.eavesdrop {
+            (&mut peer.monitor_matches, &mut self.monitors)
+        } else {
+            (&mut peer.matches, &mut self.matches)
+        };
+        let position = ids
             .iter()
-            .position(|id| self.matches.rule(*id) == Some(&rule))
+            .position(|id| registry.rule(*id) == Some(&rule))
             .ok_or_else(|| BusError::InvalidArgs("no such match rule".into()))?;
-        let id = peer.matches.swap_remove(position);
-        self.matches.remove(id);
+        let id = ids.swap_remove(position);
+        registry.remove(id);
         Ok(())
+    }
+
+    /// Root and the daemon's own uid may administer the bus.
+    fn is_privileged(&self, peer: PeerId) -> bool {
+        let uid = self.peers[&peer].identity.uid;
+        uid == 0 || uid == self.bus_sender.uid
+    }
+
+    /// How the policy decides one operation between live peers.
+    fn explain_policy(
+        &self,
+        from: PeerId,
+        request: ExplainPolicyRequest,
+    ) -> Result<ExplainPolicyReply, BusError> {
+        let subject = if request.subject.is_empty() {
+            from
+        } else {
+            self.visible_owner(from, &request.subject)?
+        };
+        if subject != from && !self.is_privileged(from) {
+            return Err(BusError::AccessDenied {
+                right: "monitor",
+                target: " (only root may explain other peers' rights)".into(),
+            });
+        }
+        let right = Right::parse(&request.right)
+            .ok_or_else(|| BusError::InvalidArgs(format!("unknown right {:?}", request.right)))?;
+        let subject_peer = &self.peers[&subject];
+        let target = || -> Result<&super::Peer<Io>, BusError> {
+            let id = self.visible_owner(from, &request.target)?;
+            Ok(&self.peers[&id])
+        };
+        let names_of = |peer: &super::Peer<Io>| -> Vec<String> {
+            let mut names: Vec<String> = self
+                .owned_names(peer)
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            if !request.target.starts_with(':') && !names.contains(&request.target) {
+                names.push(request.target.clone());
+            }
+            names
+        };
+        let operation = match right {
+            Right::Own => Operation::Own {
+                name: well_known(&request.target)?.into_string(),
+            },
+            Right::See => Operation::See {
+                owner: (*target()?.identity).clone(),
+                name: request.target.clone(),
+            },
+            Right::Talk => {
+                let receiver = target()?;
+                Operation::Talk {
+                    receiver: (*receiver.identity).clone(),
+                    names: names_of(receiver),
+                    member: request.member.clone(),
+                }
+            }
+            Right::Receive => {
+                let sender = target()?;
+                Operation::Receive {
+                    sender: (*sender.identity).clone(),
+                    names: self
+                        .owned_names(sender)
+                        .into_iter()
+                        .map(str::to_owned)
+                        .collect(),
+                    member: request.member.clone(),
+                }
+            }
+            Right::PassFds => {
+                let receiver = target()?;
+                Operation::PassFds {
+                    receiver: (*receiver.identity).clone(),
+                    names: names_of(receiver),
+                }
+            }
+            Right::Memfd => {
+                let receiver = target()?;
+                Operation::Memfd {
+                    receiver: (*receiver.identity).clone(),
+                    names: names_of(receiver),
+                }
+            }
+            Right::Monitor => Operation::Monitor,
+            Right::File => {
+                return Err(BusError::NotSupported(
+                    "file rights are explained offline: pbusctl policy explain --file".into(),
+                ))
+            }
+        };
+        let explanation = self.policy.explain(&subject_peer.identity, &operation);
+        Ok(ExplainPolicyReply {
+            allowed: explanation.decision.allowed,
+            right: explanation.decision.right.as_str().to_owned(),
+            rule: explanation
+                .decision
+                .rule
+                .as_ref()
+                .map(|rule| rule.to_string())
+                .unwrap_or_default(),
+            reason: explanation.decision.reason.to_string(),
+            explanation: explanation.to_string(),
+        })
     }
 }

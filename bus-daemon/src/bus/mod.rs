@@ -96,6 +96,8 @@ pub struct Peer<Io> {
     /// Well-known names this peer owns or is queued for.
     names: HashSet<String>,
     matches: Vec<MatchId>,
+    /// Eavesdropping rules (in `Bus::monitors`), for monitors.
+    monitor_matches: Vec<MatchId>,
     /// Last broadcast this peer received, to deliver each broadcast once.
     broadcast_stamp: u64,
     dirty: bool,
@@ -157,6 +159,11 @@ pub struct Bus<Io> {
     peers: HashMap<PeerId, Peer<Io>>,
     names: NameRegistry,
     matches: MatchRegistry,
+    /// Eavesdropping rules of monitors: copies of unicast traffic.
+    monitors: MatchRegistry,
+    /// Callers waiting for a policy reload (done by the server, which may
+    /// read files); answered by [`Bus::finish_policy_reload`].
+    reload_requests: Vec<(PeerId, u64)>,
     calls: PendingCalls,
     limits: Limits,
     policy: Arc<Policy>,
@@ -208,6 +215,8 @@ impl<Io> Bus<Io> {
             peers: HashMap::new(),
             names: NameRegistry::default(),
             matches: MatchRegistry::default(),
+            monitors: MatchRegistry::default(),
+            reload_requests: Vec::new(),
             calls: PendingCalls::default(),
             policy,
             bus_id,
@@ -360,6 +369,7 @@ impl<Io> Bus<Io> {
                 ),
                 names: HashSet::new(),
                 matches: Vec::new(),
+                monitor_matches: Vec::new(),
                 broadcast_stamp: 0,
                 dirty: false,
                 doomed: false,
@@ -402,6 +412,9 @@ impl<Io> Bus<Io> {
         }
         for match_id in &peer.matches {
             self.matches.remove(*match_id);
+        }
+        for match_id in &peer.monitor_matches {
+            self.monitors.remove(*match_id);
         }
         let mut names: Vec<&String> = peer.names.iter().collect();
         names.sort();
@@ -724,10 +737,20 @@ impl<Io> Bus<Io> {
     /// receiver it may not see does not exist for it: the error is the same
     /// as for a name nobody owns), may talk to it, may pass plain fds and
     /// memfds of this size; the receiver must accept it.
-    fn check_unicast_policy(&self, from: PeerId, to: PeerId, header: &Header, fds: &[OwnedFd]) -> Result<(), BusError> {
+    fn check_unicast_policy(
+        &self,
+        from: PeerId,
+        to: PeerId,
+        header: &Header,
+        fds: &[OwnedFd],
+    ) -> Result<(), BusError> {
         let sender = &self.peers[&from];
         let receiver = &self.peers[&to];
-        if !sender.policy.see(&receiver.identity, &header.destination).allowed {
+        if !sender
+            .policy
+            .see(&receiver.identity, &header.destination)
+            .allowed
+        {
             return Err(if header.destination.starts_with(':') {
                 BusError::NoSuchPeer(header.destination.clone())
             } else {
@@ -739,12 +762,16 @@ impl<Io> Bus<Io> {
             right: right.as_str(),
             target: String::new(),
         };
-        let talk = sender.policy.talk(&receiver.identity, &receiver_names, &header.member);
+        let talk = sender
+            .policy
+            .talk(&receiver.identity, &receiver_names, &header.member);
         if !talk.allowed {
             return Err(denied(talk.right));
         }
         let sender_names = self.owned_names(sender);
-        let receive = receiver.policy.receive(&sender.identity, &sender_names, &header.member);
+        let receive = receiver
+            .policy
+            .receive(&sender.identity, &sender_names, &header.member);
         if !receive.allowed {
             return Err(denied(receive.right));
         }
@@ -755,7 +782,10 @@ impl<Io> Bus<Io> {
             }
         }
         if !header.memfds.is_empty() {
-            if let Some(max) = sender.policy.max_memfd_bytes(&receiver.identity, &receiver_names) {
+            if let Some(max) = sender
+                .policy
+                .max_memfd_bytes(&receiver.identity, &receiver_names)
+            {
                 if header.memfds.iter().any(|memfd| memfd.length > max) {
                     return Err(denied(pbus_policy::Right::Memfd));
                 }
@@ -780,14 +810,27 @@ impl<Io> Bus<Io> {
             return true;
         }
         let receiver_names = self.owned_names(receiver);
-        if !sender.policy.talk(&receiver.identity, &receiver_names, &header.member).allowed {
+        if !sender
+            .policy
+            .talk(&receiver.identity, &receiver_names, &header.member)
+            .allowed
+        {
             return false;
         }
         let sender_names = self.owned_names(sender);
-        if !receiver.policy.receive(&sender.identity, &sender_names, &header.member).allowed {
+        if !receiver
+            .policy
+            .receive(&sender.identity, &sender_names, &header.member)
+            .allowed
+        {
             return false;
         }
-        match (header.memfds.is_empty(), sender.policy.max_memfd_bytes(&receiver.identity, &receiver_names)) {
+        match (
+            header.memfds.is_empty(),
+            sender
+                .policy
+                .max_memfd_bytes(&receiver.identity, &receiver_names),
+        ) {
             (false, Some(max)) => header.memfds.iter().all(|memfd| memfd.length <= max),
             _ => true,
         }
@@ -1048,6 +1091,9 @@ impl<Io> Bus<Io> {
             let receiver = self.peers.get_mut(&to).expect("receiver exists");
             let end = receiver.outbox.push(header, body, fds);
             self.record_frame(to, actor, frame_len, fd_count, end);
+            if !self.monitors.is_empty() {
+                self.copy_to_monitors(from, to, header, body);
+            }
         }
         let info = header.sender.take().expect("just set");
         self.peers
@@ -1055,6 +1101,130 @@ impl<Io> Bus<Io> {
             .expect("sender exists")
             .sender_info = info;
         result
+    }
+
+    /// Queues a copy of a unicast frame (already stamped) for every monitor
+    /// whose eavesdropping rule matches it, other than its sender and its
+    /// receiver. Copies carry no fds and no memfd payloads, are flagged
+    /// MONITOR_COPY, and are charged to the monitor itself; a monitor whose
+    /// queue is full misses them.
+    fn copy_to_monitors(&mut self, from: PeerId, to: PeerId, header: &Header, body: &[u8]) {
+        let mut watchers = Vec::new();
+        {
+            let sender = &self.peers[&from];
+            let view = SignalView {
+                sender: &sender.unique_name,
+                path: &header.path,
+                member: &header.member,
+                args: &header.args,
+            };
+            let names = &self.names;
+            self.monitors.for_each_candidate(
+                &view,
+                sender.names.iter().map(String::as_str),
+                |peer, rule| {
+                    if peer != from
+                        && peer != to
+                        && rule.matches(&view, |name| names.owner(name) == Some(from))
+                    {
+                        watchers.push(peer);
+                    }
+                },
+            );
+        }
+        if watchers.is_empty() {
+            return;
+        }
+        watchers.sort();
+        watchers.dedup();
+        let mut copy = header.clone();
+        copy.flags |= HeaderFlag::MonitorCopy as u32;
+        copy.memfds.clear();
+        copy.body_in_memfd = false;
+        let sender_identity = Arc::clone(&self.peers[&from].identity);
+        for id in watchers {
+            let Some(monitor) = self.peers.get(&id) else {
+                continue;
+            };
+            if monitor.doomed {
+                continue;
+            }
+            if let Some(sender) = copy.sender.as_mut() {
+                sender.pid = sender_identity.pid_seen_from(monitor.identity.namespaces.pid);
+            }
+            let frame_len = pbus_proto::frame::encoded_frame_len(&copy, body.len()) as u64;
+            if self.admit_frame(id, None, frame_len, 0).is_err() {
+                if let Some(monitor) = self.peers.get_mut(&id) {
+                    monitor.counters.dropped_signals += 1;
+                }
+                continue;
+            }
+            let end = self.peers.get_mut(&id).expect("checked above").outbox.push(
+                &copy,
+                body,
+                Vec::new(),
+            );
+            self.record_frame(id, None, frame_len, 0, end);
+        }
+    }
+
+    /// Replaces the policy and recompiles every peer's snapshot; returns the
+    /// number of peers. Connections are kept; names already owned are kept.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) -> usize {
+        for peer in self.peers.values_mut() {
+            peer.policy = policy.snapshot(&peer.identity);
+        }
+        self.policy = policy;
+        self.peers.len()
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// Callers of `ReloadPolicy` since the last call; the server reloads
+    /// and answers them with [`finish_policy_reload`](Self::finish_policy_reload).
+    pub fn take_reload_requests(&mut self) -> Vec<(PeerId, u64)> {
+        std::mem::take(&mut self.reload_requests)
+    }
+
+    /// True when a peer asked for a policy reload.
+    pub fn reload_requested(&self) -> bool {
+        !self.reload_requests.is_empty()
+    }
+
+    /// Answers `ReloadPolicy` callers: with the new policy (installed here)
+    /// or with the reason it was refused (the old policy stays).
+    pub fn finish_policy_reload(
+        &mut self,
+        callers: &[(PeerId, u64)],
+        result: Result<Arc<Policy>, String>,
+    ) -> Result<usize, String> {
+        match result {
+            Ok(policy) => {
+                let reply = pbus_proto::v1::ReloadPolicyReply {
+                    files: policy.origins().len() as u32,
+                    rules: policy.rule_count() as u32,
+                    peers: self.peers.len() as u32,
+                    builtin: policy.includes_builtin(),
+                };
+                let peers = self.set_policy(policy);
+                for &(caller, serial) in callers {
+                    self.queue_bus_reply(caller, serial, &reply);
+                }
+                Ok(peers)
+            }
+            Err(why) => {
+                let error = BusError::InvalidArgs(format!(
+                    "policy not reloaded, the old one stays in force: {why}"
+                ));
+                for &(caller, serial) in callers {
+                    self.queue_error_to(caller, serial, &error);
+                }
+                Err(why)
+            }
+        }
     }
 
     /// Queues a frame from the bus itself. The bus never refuses its own

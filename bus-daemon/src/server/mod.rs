@@ -144,6 +144,7 @@ impl Server {
             )));
         }
         let timer = tokio::task::spawn_local(run_timer(Rc::clone(&shared)));
+        let reloader = tokio::task::spawn_local(reload_on_sighup(Rc::clone(&shared)));
         shutdown.await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
@@ -151,6 +152,7 @@ impl Server {
             let _ = task.await;
         }
         let _ = timer.await;
+        let _ = reloader.await;
         // Every connection task holds a sender; recv() returns None once the
         // last one has finished and removed its peer.
         drop(shared);
@@ -237,9 +239,60 @@ async fn run_timer(shared: Rc<Shared>) {
     }
 }
 
-/// After the core ran: flush every peer that received frames, wake peers
-/// whose sockets are full, close doomed peers, rearm the call timer.
+/// Re-reads the policy on SIGHUP.
+async fn reload_on_sighup(shared: Rc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut stop = shared.shutdown.clone();
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot handle SIGHUP; policy reload only via ReloadPolicy");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = hangups.recv() => {
+                tracing::info!("SIGHUP: reloading the policy");
+                let mut bus = shared.bus.borrow_mut();
+                reload_policy(&shared, &mut bus, &[]);
+                after_dispatch(&shared, &mut bus);
+            }
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+/// Loads the configured policy and installs it (recompiling every peer's
+/// snapshot, dropping no connection), or keeps the old one and says why;
+/// `callers` of ReloadPolicy get the outcome.
+fn reload_policy(shared: &Shared, bus: &mut SharedBus, callers: &[(crate::bus::PeerId, u64)]) {
+    let loaded = match &shared.config.policy {
+        Some(path) => Policy::load(path).map_err(|errors| errors.to_string()),
+        None => Ok(Policy::builtin()),
+    };
+    match bus.finish_policy_reload(callers, loaded) {
+        Ok(peers) => {
+            let policy = bus.policy();
+            tracing::info!(
+                files = policy.origins().len(),
+                rules = policy.rule_count(),
+                peers,
+                "policy reloaded"
+            );
+        }
+        Err(why) => tracing::warn!(%why, "policy reload refused; the old policy stays in force"),
+    }
+}
+
+/// After the core ran: answer policy reload requests, flush every peer that
+/// received frames, wake peers whose sockets are full, close doomed peers,
+/// rearm the call timer.
 fn after_dispatch(shared: &Shared, bus: &mut SharedBus) {
+    if bus.reload_requested() {
+        let callers = bus.take_reload_requests();
+        reload_policy(shared, bus, &callers);
+    }
     flush_dirty(bus);
     for id in bus.take_doomed() {
         if let Some(peer) = bus.peer(id) {
