@@ -132,10 +132,23 @@ impl ConnectionBuilder {
         };
         let mut out = OutQueue::<OwnedFd>::default();
         out.push(&header, &hello.encode_to_vec(), Vec::new());
-        // The first frame is small; write it fully before anything else.
+        // The first frame is small; write it fully before anything else. If
+        // the bus already refused the connection (a limit) the write fails,
+        // but its ERROR frame is still waiting to be read: read it below.
         while !out.is_empty() {
             stream.writable().await?;
-            out.flush(|data, fds| send_on(&stream, data, fds))?;
+            match out.flush(|data, fds| send_on(&stream, data, fds)) {
+                Ok(_) => {}
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    break;
+                }
+                Err(error) => return Err(error.into()),
+            }
         }
         let mut reader = FrameReader::new(FrameLimits {
             max_frame_bytes: 1 << 20,

@@ -508,8 +508,12 @@ impl<Io> Bus<Io> {
 
     /// Fails every call whose deadline has passed with `Timeout`.
     pub fn expire_calls(&mut self, now: Instant) {
-        for key in self.calls.expire(now) {
-            self.queue_error_to(key.caller, key.serial, &BusError::Timeout(0));
+        for (key, timeout_ms) in self.calls.expire(now) {
+            self.queue_error_to(
+                key.caller,
+                key.serial,
+                &BusError::Timeout(u64::from(timeout_ms)),
+            );
         }
     }
 
@@ -615,7 +619,7 @@ impl<Io> Bus<Io> {
             {
                 self.timer_needs_rearm = true;
             }
-            if !self.calls.insert(key, to, deadline) {
+            if !self.calls.insert(key, to, deadline, timeout_ms) {
                 return Err(BusError::InvalidArgs(format!(
                     "serial {} is already waiting for a reply",
                     header.serial

@@ -21,6 +21,8 @@ pub struct CallKey {
 struct Pending {
     callee: PeerId,
     deadline: Instant,
+    /// The timeout the call was given, for the error message.
+    timeout_ms: u32,
 }
 
 /// Every call waiting for an answer.
@@ -35,11 +37,24 @@ pub struct PendingCalls {
 impl PendingCalls {
     /// Records a call. Returns false if the caller already has a pending
     /// call with this serial (the new one is not recorded).
-    pub fn insert(&mut self, key: CallKey, callee: PeerId, deadline: Instant) -> bool {
+    pub fn insert(
+        &mut self,
+        key: CallKey,
+        callee: PeerId,
+        deadline: Instant,
+        timeout_ms: u32,
+    ) -> bool {
         if self.calls.contains_key(&key) {
             return false;
         }
-        self.calls.insert(key, Pending { callee, deadline });
+        self.calls.insert(
+            key,
+            Pending {
+                callee,
+                deadline,
+                timeout_ms,
+            },
+        );
         self.deadlines.insert((deadline, key));
         self.by_callee.entry(callee).or_default().insert(key);
         self.by_caller
@@ -104,15 +119,17 @@ impl PendingCalls {
         self.deadlines.first().map(|(deadline, _)| *deadline)
     }
 
-    /// Removes and returns every call whose deadline is at or before `now`.
-    pub fn expire(&mut self, now: Instant) -> Vec<CallKey> {
+    /// Removes and returns every call whose deadline is at or before `now`,
+    /// with the timeout it had.
+    pub fn expire(&mut self, now: Instant) -> Vec<(CallKey, u32)> {
         let mut expired = Vec::new();
         while let Some(&(deadline, key)) = self.deadlines.first() {
             if deadline > now {
                 break;
             }
-            self.remove(key);
-            expired.push(key);
+            if let Some(pending) = self.remove(key) {
+                expired.push((key, pending.timeout_ms));
+            }
         }
         expired
     }
@@ -159,8 +176,8 @@ mod tests {
     fn only_the_callee_can_answer_once() {
         let now = Instant::now();
         let mut calls = PendingCalls::default();
-        assert!(calls.insert(key(A, 1), B, now));
-        assert!(!calls.insert(key(A, 1), B, now), "duplicate serial");
+        assert!(calls.insert(key(A, 1), B, now, 0));
+        assert!(!calls.insert(key(A, 1), B, now, 0), "duplicate serial");
         assert!(
             !calls.take_reply(key(A, 1), C),
             "spoofed reply from a third peer"
@@ -175,16 +192,23 @@ mod tests {
     fn expiry_is_in_deadline_order() {
         let now = Instant::now();
         let mut calls = PendingCalls::default();
-        calls.insert(key(A, 1), B, now + Duration::from_secs(3));
-        calls.insert(key(A, 2), B, now + Duration::from_secs(1));
-        calls.insert(key(C, 1), B, now + Duration::from_secs(2));
+        calls.insert(key(A, 1), B, now + Duration::from_secs(3), 0);
+        calls.insert(key(A, 2), B, now + Duration::from_secs(1), 0);
+        calls.insert(key(C, 1), B, now + Duration::from_secs(2), 0);
         assert_eq!(calls.next_deadline(), Some(now + Duration::from_secs(1)));
         assert_eq!(
-            calls.expire(now + Duration::from_secs(2)),
+            calls
+                .expire(now + Duration::from_secs(2))
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>(),
             vec![key(A, 2), key(C, 1)]
         );
         assert_eq!(calls.count_for_caller(A), 1);
-        assert_eq!(calls.expire(now + Duration::from_secs(10)), vec![key(A, 1)]);
+        assert_eq!(
+            calls.expire(now + Duration::from_secs(10)),
+            vec![(key(A, 1), 0)]
+        );
         assert!(calls.next_deadline().is_none());
     }
 
@@ -192,9 +216,9 @@ mod tests {
     fn disconnect_fails_owed_calls_and_drops_own() {
         let now = Instant::now();
         let mut calls = PendingCalls::default();
-        calls.insert(key(A, 1), B, now);
-        calls.insert(key(C, 7), B, now);
-        calls.insert(key(B, 3), A, now);
+        calls.insert(key(A, 1), B, now, 0);
+        calls.insert(key(C, 7), B, now, 0);
+        calls.insert(key(B, 3), A, now, 0);
         assert_eq!(calls.remove_peer(B), vec![key(A, 1), key(C, 7)]);
         assert!(calls.is_empty());
     }
