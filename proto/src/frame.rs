@@ -342,7 +342,7 @@ impl<F> FrameReader<F> {
                 return Ok(());
             }
             let offset = self.consumed;
-            let frame_fds = self.claim_fds(offset, prefix.fd_count)?;
+            let frame_fds = self.claim_fds(offset, prefix.frame_len(), prefix.fd_count)?;
             let (header, body) = split_frame(&self.partial, prefix);
             let result = on_frame(RawFrame {
                 header,
@@ -371,7 +371,7 @@ impl<F> FrameReader<F> {
                 break;
             }
             let offset = self.consumed;
-            let frame_fds = self.claim_fds(offset, prefix.fd_count)?;
+            let frame_fds = self.claim_fds(offset, prefix.frame_len(), prefix.fd_count)?;
             let (header, body) = split_frame(&data[..total], prefix);
             self.consumed += total as u64;
             data = &data[total..];
@@ -409,9 +409,17 @@ impl<F> FrameReader<F> {
         }
     }
 
-    fn claim_fds(&mut self, offset: u64, declared: u16) -> Result<Vec<F>, FrameError> {
+    fn claim_fds(&mut self, offset: u64, frame_len: u64, declared: u16) -> Result<Vec<F>, FrameError> {
         self.check_unclaimed(offset)?;
         if declared == 0 {
+            // If this frame reaches the end of the oldest set's range, no
+            // later frame can start inside that range: the fds were sent
+            // with this frame, which did not declare them.
+            if let Some(set) = self.fd_sets.front() {
+                if set.start <= offset && offset < set.end && offset + frame_len >= set.end {
+                    return Err(FrameError::UnclaimedFds { count: set.fds.len() });
+                }
+            }
             return Ok(Vec::new());
         }
         match self.fd_sets.front() {
