@@ -30,9 +30,6 @@ use crate::{Error, MethodError};
 pub const DEFAULT_MEMFD_THRESHOLD: usize = 64 << 10;
 /// Queued outgoing bytes above which senders wait for the bus to read.
 const SEND_HIGH_WATER: usize = 4 << 20;
-/// Extra time the client waits beyond a call's timeout, since the bus
-/// enforces the timeout itself and answers with `Timeout`.
-const LOCAL_TIMEOUT_GRACE: Duration = Duration::from_secs(1);
 /// Read buffer of the background reader.
 const READ_BUFFER: usize = 64 << 10;
 
@@ -612,10 +609,12 @@ impl Connection {
             serial,
         };
         self.send(header, outgoing).await?;
-        let result = match tokio::time::timeout(timeout + LOCAL_TIMEOUT_GRACE, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Error::Disconnected),
-            Err(_) => Err(Error::Timeout),
+        // No local timer: the bus enforces the timeout and always answers
+        // (reply, error or Timeout); if the bus goes away the connection
+        // closes and every pending call fails with Disconnected.
+        let result = match rx.await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Disconnected),
         };
         drop(guard);
         result
@@ -910,7 +909,7 @@ fn handle_frame(weak: &WeakConnection, header: Header, body: &[u8], fds: Vec<Own
                 .cloned();
             let member = header.member.clone();
             let incoming = Incoming::from_parts(header, body, fds);
-            tokio::spawn(async move {
+            let mut task: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
                 let result = match (handler, incoming) {
                     (_, Err(error)) => Err(MethodError::invalid_args(error.to_string())),
                     (None, Ok(_)) => Err(MethodError::with_code(
@@ -931,6 +930,14 @@ fn handle_frame(weak: &WeakConnection, header: Header, body: &[u8], fds: Vec<Own
                     }
                 }
             });
+            // Run the handler right here until its first wait: most answer
+            // at once, and then the reply goes out without a task switch.
+            // One that waits continues as a task of its own (tokio polls it
+            // again, so every waker it registered is refreshed).
+            let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+            if task.as_mut().poll(&mut context).is_pending() {
+                tokio::spawn(task);
+            }
         }
         MessageKind::Signal => match Incoming::from_parts(header, body, fds) {
             Ok(signal) => inner

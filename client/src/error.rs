@@ -26,9 +26,6 @@ pub enum Error {
         /// The limit or right involved, when the bus names one.
         detail: String,
     },
-    /// No answer within the call's timeout (measured locally).
-    #[error("no reply within the timeout")]
-    Timeout,
     /// The connection to the bus is gone.
     #[error("disconnected from the bus")]
     Disconnected,
