@@ -135,25 +135,83 @@ struct Stored {
     rule: Rule,
 }
 
-/// Where a rule is filed.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum IndexKey {
-    Member(String),
-    Path(String),
-    Sender(String),
-    Any,
+/// The rules that share a member, split by exact path.
+#[derive(Debug, Default)]
+struct MemberBucket {
+    /// Rules on this member and an exact path.
+    by_path: HashMap<String, Vec<MatchId>>,
+    /// Rules on this member and no exact path (any path, or a namespace).
+    other: Vec<MatchId>,
 }
 
-impl IndexKey {
-    fn of(rule: &Rule) -> Self {
+/// Every rule filed under its most selective fields: member and exact
+/// path, else member, else exact path, else sender, else the catch-all
+/// list. All lookups borrow the signal's strings: no allocation.
+#[derive(Debug, Default)]
+struct Index {
+    by_member: HashMap<String, MemberBucket>,
+    by_path: HashMap<String, Vec<MatchId>>,
+    by_sender: HashMap<String, Vec<MatchId>>,
+    any: Vec<MatchId>,
+}
+
+fn exact_path(rule: &Rule) -> Option<&str> {
+    match (&rule.path, rule.path_namespace) {
+        (Some(path), false) => Some(path),
+        _ => None,
+    }
+}
+
+impl Index {
+    fn bucket_mut(&mut self, rule: &Rule) -> &mut Vec<MatchId> {
         if let Some(member) = &rule.member {
-            Self::Member(member.clone())
-        } else if let (Some(path), false) = (&rule.path, rule.path_namespace) {
-            Self::Path(path.clone())
+            let bucket = self.by_member.entry(member.clone()).or_default();
+            match exact_path(rule) {
+                Some(path) => bucket.by_path.entry(path.to_owned()).or_default(),
+                None => &mut bucket.other,
+            }
+        } else if let Some(path) = exact_path(rule) {
+            self.by_path.entry(path.to_owned()).or_default()
         } else if let Some(sender) = &rule.sender {
-            Self::Sender(sender.clone())
+            self.by_sender.entry(sender.clone()).or_default()
         } else {
-            Self::Any
+            &mut self.any
+        }
+    }
+
+    fn insert(&mut self, rule: &Rule, id: MatchId) {
+        self.bucket_mut(rule).push(id);
+    }
+
+    fn remove(&mut self, rule: &Rule, id: MatchId) {
+        let bucket = self.bucket_mut(rule);
+        if let Some(position) = bucket.iter().position(|&other| other == id) {
+            bucket.swap_remove(position);
+        }
+        // Drop emptied buckets so unused keys do not pile up.
+        if let Some(member) = &rule.member {
+            if let Some(member_bucket) = self.by_member.get_mut(member.as_str()) {
+                if let Some(path) = exact_path(rule) {
+                    if member_bucket.by_path.get(path).is_some_and(Vec::is_empty) {
+                        member_bucket.by_path.remove(path);
+                    }
+                }
+                if member_bucket.by_path.is_empty() && member_bucket.other.is_empty() {
+                    self.by_member.remove(member.as_str());
+                }
+            }
+        } else if let Some(path) = exact_path(rule) {
+            if self.by_path.get(path).is_some_and(Vec::is_empty) {
+                self.by_path.remove(path);
+            }
+        } else if let Some(sender) = &rule.sender {
+            if self
+                .by_sender
+                .get(sender.as_str())
+                .is_some_and(Vec::is_empty)
+            {
+                self.by_sender.remove(sender.as_str());
+            }
         }
     }
 }
@@ -161,8 +219,8 @@ impl IndexKey {
 /// Every match rule of every peer, indexed.
 #[derive(Debug, Default)]
 pub struct MatchRegistry {
-    rules: HashMap<MatchId, Stored>,
-    index: HashMap<IndexKey, Vec<MatchId>>,
+    rules: HashMap<MatchId, Stored, super::IdHash>,
+    index: Index,
     next_id: u64,
 }
 
@@ -171,24 +229,15 @@ impl MatchRegistry {
     pub fn add(&mut self, peer: PeerId, rule: Rule) -> MatchId {
         self.next_id += 1;
         let id = MatchId(self.next_id);
-        self.index.entry(IndexKey::of(&rule)).or_default().push(id);
+        self.index.insert(&rule, id);
         self.rules.insert(id, Stored { peer, rule });
         id
     }
 
     /// Removes a rule.
     pub fn remove(&mut self, id: MatchId) {
-        let Some(stored) = self.rules.remove(&id) else {
-            return;
-        };
-        let key = IndexKey::of(&stored.rule);
-        if let Some(bucket) = self.index.get_mut(&key) {
-            if let Some(position) = bucket.iter().position(|&other| other == id) {
-                bucket.swap_remove(position);
-            }
-            if bucket.is_empty() {
-                self.index.remove(&key);
-            }
+        if let Some(stored) = self.rules.remove(&id) {
+            self.index.remove(&stored.rule, id);
         }
     }
 
@@ -208,31 +257,33 @@ impl MatchRegistry {
     }
 
     /// Calls `visit(peer, rule)` for every rule that could match `signal`:
-    /// those filed under its member, its path, one of `sender_names`, or no
-    /// key. Each rule is visited at most once; a peer may appear repeatedly.
+    /// those filed under its member (with its path or no exact path), its
+    /// path, its sender or one of `sender_names`, or no key. Each rule is
+    /// visited at most once; a peer may appear repeatedly.
     pub fn for_each_candidate<'a>(
         &self,
         signal: &SignalView<'_>,
         sender_names: impl Iterator<Item = &'a str>,
         mut visit: impl FnMut(PeerId, &Rule),
     ) {
-        let mut scan = |key: IndexKey| {
-            if let Some(bucket) = self.index.get(&key) {
-                for id in bucket {
-                    let stored = &self.rules[id];
-                    visit(stored.peer, &stored.rule);
-                }
+        let mut scan = |bucket: Option<&Vec<MatchId>>| {
+            for id in bucket.into_iter().flatten() {
+                let stored = &self.rules[id];
+                visit(stored.peer, &stored.rule);
             }
         };
-        scan(IndexKey::Member(signal.member.to_owned()));
+        if let Some(bucket) = self.index.by_member.get(signal.member) {
+            scan(bucket.by_path.get(signal.path));
+            scan(Some(&bucket.other));
+        }
         if !signal.path.is_empty() {
-            scan(IndexKey::Path(signal.path.to_owned()));
+            scan(self.index.by_path.get(signal.path));
         }
-        scan(IndexKey::Sender(signal.sender.to_owned()));
+        scan(self.index.by_sender.get(signal.sender));
         for name in sender_names {
-            scan(IndexKey::Sender(name.to_owned()));
+            scan(self.index.by_sender.get(name));
         }
-        scan(IndexKey::Any);
+        scan(Some(&self.index.any));
     }
 }
 
@@ -328,6 +379,28 @@ mod tests {
             ],
             ..MatchRule::default()
         }));
+    }
+
+    #[test]
+    fn rules_on_the_same_member_but_another_path_are_not_visited() {
+        let mut registry = MatchRegistry::default();
+        for i in 0..1000 {
+            registry.add(PeerId(1), rule("", &format!("/noise/{i}"), "Changed", &[]));
+        }
+        let wanted = registry.add(PeerId(2), rule("", "/bench", "Changed", &[]));
+        let mut visited = Vec::new();
+        let signal = view(":1.9", "/bench", "Changed", &[]);
+        registry.for_each_candidate(&signal, std::iter::empty(), |peer, _| visited.push(peer));
+        assert_eq!(visited, vec![PeerId(2)]);
+        registry.remove(wanted);
+        for i in 0..1000 {
+            registry.remove(MatchId(i + 1));
+        }
+        assert!(registry.is_empty());
+        assert!(
+            registry.index.by_member.is_empty(),
+            "emptied buckets are dropped"
+        );
     }
 
     #[test]

@@ -45,6 +45,30 @@ use names::{NameRegistry, OwnerChange};
 use quota::{FairPool, ReceiverQuota, Refusal, Released};
 use replies::{CallKey, PendingCalls};
 
+/// A hasher for ids the bus assigns itself (peer and rule numbers): they
+/// are not chosen by clients, so a fast multiplicative hash is safe.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0 ^ value).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// `BuildHasher` for [`IdHasher`].
+pub type IdHash = std::hash::BuildHasherDefault<IdHasher>;
+
 /// A connected peer; the number in its unique name `:1.<n>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerId(pub u64);
@@ -156,7 +180,7 @@ impl<Io> Peer<Io> {
 /// The whole bus state.
 #[derive(Debug)]
 pub struct Bus<Io> {
-    peers: HashMap<PeerId, Peer<Io>>,
+    peers: HashMap<PeerId, Peer<Io>, IdHash>,
     names: NameRegistry,
     matches: MatchRegistry,
     /// Eavesdropping rules of monitors: copies of unicast traffic.
@@ -212,7 +236,7 @@ impl<Io> Bus<Io> {
         };
         let daemon_uid = bus_sender.uid;
         Self {
-            peers: HashMap::new(),
+            peers: HashMap::default(),
             names: NameRegistry::default(),
             matches: MatchRegistry::default(),
             monitors: MatchRegistry::default(),
