@@ -20,6 +20,7 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
 use crate::procs::die_with_parent;
 use crate::stats::{Histogram, SparseHistogram};
 use crate::systems::dbus::client::DbusClient;
+use crate::systems::pbus::client::PbusClient;
 use crate::systems::relay::client::RelayClient;
 use crate::systems::{CallSpec, Client, ClientKind, LightRole};
 
@@ -136,6 +137,8 @@ pub fn run(kind: ClientKind, address: &str, job: &str) -> Result<()> {
         match kind {
             ClientKind::Relay => drive(&RelayClient, address, job).await,
             ClientKind::Dbus => drive(&DbusClient, address, job).await,
+            ClientKind::Pbus => drive(&PbusClient { from_vec: false }, address, job).await,
+            ClientKind::PbusVec => drive(&PbusClient { from_vec: true }, address, job).await,
         }
     })
 }

@@ -397,6 +397,13 @@ impl Connection {
         }
     }
 
+    /// Resolves once the connection is closed (by the bus, by an error, or
+    /// by [`close`](Self::close)).
+    pub async fn closed(&self) {
+        let mut closed = self.inner.closed.subscribe();
+        let _ = closed.wait_for(|closed| *closed).await;
+    }
+
     /// True once the connection is closed.
     pub fn is_closed(&self) -> bool {
         *self.inner.closed.borrow() || self.inner.out.lock().expect("out lock").closed

@@ -18,6 +18,7 @@
 //! [`crate::worker::run`], and list the system in [`all`].
 
 pub mod dbus;
+pub mod pbus;
 pub mod relay;
 
 use std::time::{Duration, Instant};
@@ -35,12 +36,13 @@ use crate::stats::Histogram;
 /// Names of all systems the bench knows, in the order results and ratios
 /// are listed (ratios are "earlier / later"). `pbus` is first so that its
 /// ratios against every baseline are printed once it is registered.
-pub const CANONICAL_ORDER: [&str; 4] = ["pbus", "relay", "dbus-broker", "dbus-daemon"];
+pub const CANONICAL_ORDER: [&str; 5] = ["pbus", "pbus-vec", "relay", "dbus-broker", "dbus-daemon"];
 
 /// Every system compiled into this build, in [`CANONICAL_ORDER`].
 pub fn all() -> Vec<Box<dyn System>> {
     vec![
-        // The pbus system (systems/pbus.rs) goes first once it exists.
+        Box::new(pbus::Pbus { from_vec: false }),
+        Box::new(pbus::Pbus { from_vec: true }),
         Box::new(relay::Relay),
         Box::new(dbus::broker::DbusBroker),
         Box::new(dbus::daemon::DbusDaemon),
@@ -55,6 +57,11 @@ pub enum ClientKind {
     /// D-Bus through zbus (plus a minimal hand-written D-Bus client for the
     /// mass-connection workloads).
     Dbus,
+    /// The pbus library (plus a minimal pbus client for the mass workloads),
+    /// large payloads as sealed memfds.
+    Pbus,
+    /// The same, large payloads handed over as a `Vec`.
+    PbusVec,
 }
 
 impl ClientKind {
@@ -63,6 +70,8 @@ impl ClientKind {
         match self {
             ClientKind::Relay => "relay",
             ClientKind::Dbus => "dbus",
+            ClientKind::Pbus => "pbus",
+            ClientKind::PbusVec => "pbus-vec",
         }
     }
 }

@@ -1,0 +1,163 @@
+//! The `pbus` system: `pbusd` with the `pbus` client library, and
+//! `pbus-vec`, the same for the large-payload scenarios only, with the
+//! payload handed to the library as a `Vec` (copied into a fresh memfd on
+//! every call) instead of an already sealed memfd (the zero-copy API the
+//! `pbus` rows use).
+//!
+//! - The harness side starts `pbusd` privately on a socket in the instance
+//!   directory (`--listen`, `--print-address`, a configuration with the
+//!   limits raised to what the workloads need), through `pbus-bench
+//!   exec-child` so that it dies with the harness.
+//! - [`client`] is the worker side, on the `pbus` library.
+//! - [`wire`] is a minimal pbus client built on `pbus-proto` framing for the
+//!   mass-connection workloads (idle connections, connect rate, fanout
+//!   subscribers and unrelated match rules), like the D-Bus `wire` client,
+//!   so that the daemon, not a client library, is what is measured there.
+
+pub mod client;
+pub mod wire;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures::future::LocalBoxFuture;
+use tempfile::TempDir;
+
+use crate::procs::{self_command, ChildProc, LogTail};
+use crate::scenario::Scenario;
+use crate::systems::{ClientKind, Instance, System};
+
+/// Object path of the benchmark service and of the fanout signal.
+pub const PATH: &str = "/org/pbus/bench";
+/// Method answered with the reply payload.
+pub const METHOD_CALL: &str = "Call";
+/// Method sent without expecting a reply, counted by the server.
+pub const METHOD_ONEWAY: &str = "Oneway";
+/// Method answered with the number of one-way messages received (u64 LE).
+pub const METHOD_COUNT: &str = "Count";
+/// Member of the fanout signal.
+pub const SIGNAL_MEMBER: &str = "Tick";
+/// Path the fanout signal is emitted on.
+pub const FANOUT_PATH: &str = "/org/pbus/bench/fanout";
+
+/// The well-known name owned by server number `target`.
+pub fn server_name(target: u32) -> String {
+    format!("org.pbus.Bench.S{target}")
+}
+
+/// The path of unrelated match rule number `n`: same member as the fanout
+/// signal, another path (the shape the D-Bus baselines use too).
+pub fn noise_path(n: usize) -> String {
+    format!("/org/pbus/bench/noise/{n}")
+}
+
+/// Limits raised so no workload hits them (10,000 connections from one
+/// uid, 10,000 match rules on a few connections, GiB payloads in memfds).
+const CONFIG: &str = "[limits]
+max_connections = 60000
+max_connections_per_uid = 60000
+max_incomplete_handshakes = 4096
+max_incomplete_handshakes_per_uid = 4096
+max_matches_per_connection = 100000
+max_pending_calls_per_connection = 100000
+max_queued_messages_per_receiver = 1000000
+max_queued_bytes_per_receiver = 1073741824
+max_queued_bytes_total = 4294967296
+";
+
+/// Where `pbusd` is: `$PBUSD_BIN`, next to this binary (cargo puts every
+/// workspace binary in the same directory), or on `PATH`.
+fn pbusd_path() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("PBUSD_BIN") {
+        return Some(PathBuf::from(path));
+    }
+    let beside = std::env::current_exe().ok()?.with_file_name("pbusd");
+    if beside.exists() {
+        return Some(beside);
+    }
+    crate::procs::find_program("pbusd")
+}
+
+/// The pbus system (zero-copy payloads) or its from-a-`Vec` variant.
+pub struct Pbus {
+    /// Large payloads from a `Vec` (copied into a memfd per call).
+    pub from_vec: bool,
+}
+
+impl System for Pbus {
+    fn name(&self) -> &'static str {
+        if self.from_vec {
+            "pbus-vec"
+        } else {
+            "pbus"
+        }
+    }
+
+    fn client(&self) -> ClientKind {
+        if self.from_vec {
+            ClientKind::PbusVec
+        } else {
+            ClientKind::Pbus
+        }
+    }
+
+    fn version(&self) -> Option<String> {
+        Some(format!("pbusd {}", env!("CARGO_PKG_VERSION")))
+    }
+
+    fn check_available(&self) -> Result<(), String> {
+        match pbusd_path() {
+            Some(path) if path.exists() => Ok(()),
+            _ => Err(
+                "`pbusd` not found next to pbus-bench, on PATH or in $PBUSD_BIN \
+                      (cargo build --release --workspace builds it)"
+                    .into(),
+            ),
+        }
+    }
+
+    fn skip_reason(&self, scenario: Scenario) -> Option<String> {
+        let large = matches!(
+            scenario,
+            Scenario::Rt1MiB | Scenario::Rt16MiB | Scenario::Rt256MiB | Scenario::Rt1GiB
+        );
+        (self.from_vec && !large).then(|| {
+            "pbus-vec only differs from pbus for payloads above the memfd threshold".into()
+        })
+    }
+
+    fn start(&self, dir: TempDir) -> LocalBoxFuture<'_, Result<Instance>> {
+        Box::pin(async move {
+            let program = pbusd_path().context("pbusd disappeared")?;
+            start_pbusd(&program, dir).await
+        })
+    }
+}
+
+async fn start_pbusd(program: &Path, dir: TempDir) -> Result<Instance> {
+    let socket = dir.path().join("bus.sock");
+    let config = dir.path().join("pbusd.toml");
+    std::fs::write(&config, CONFIG).context("writing the pbusd configuration")?;
+    let mut cmd = self_command(["exec-child", "--"])?;
+    cmd.arg(program)
+        .arg("--listen")
+        .arg(&socket)
+        .arg("--config")
+        .arg(&config)
+        .arg("--print-address")
+        .env("RUST_LOG", "warn");
+    let log = LogTail::default();
+    let mut proc = ChildProc::spawn_logged(cmd, "pbusd", &log)?;
+    let printed = match proc.read_line(Duration::from_secs(10)).await {
+        Ok(line) => line,
+        Err(e) => return Err(log.explain(e, "pbusd")),
+    };
+    if !printed.starts_with("unix:path=") {
+        bail!("pbusd printed an unexpected address: {printed}");
+    }
+    let pid = proc.pid();
+    let mut instance = Instance::new(printed.trim().to_owned(), pid, vec![proc], dir);
+    instance.set_log(log, None);
+    Ok(instance)
+}
