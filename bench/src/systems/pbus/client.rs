@@ -49,12 +49,12 @@ pub struct PbusConn {
 
 async fn connect_bus(address: &str, name: &str) -> Result<Connection> {
     let address: pbus::Address = address.parse().context("parsing the pbus address")?;
-    Ok(Connection::builder()
+    Connection::builder()
         .address(address)
         .client_name(name)
         .build()
         .await
-        .context("connecting to pbusd")?)
+        .context("connecting to pbusd")
 }
 
 /// Builds the request for each call: inline bytes, or the shared memfd.
