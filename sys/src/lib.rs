@@ -16,6 +16,8 @@ pub mod fdpass;
 pub mod memfd;
 pub mod ns;
 pub mod process;
+#[cfg(feature = "tokio")]
+pub mod reactor;
 
 use std::io;
 

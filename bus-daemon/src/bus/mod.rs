@@ -180,7 +180,9 @@ impl<Io> Peer<Io> {
 /// The whole bus state.
 #[derive(Debug)]
 pub struct Bus<Io> {
-    peers: HashMap<PeerId, Peer<Io>, IdHash>,
+    /// Boxed: the map's spare capacity then costs a pointer per slot, not
+    /// a whole peer.
+    peers: HashMap<PeerId, Box<Peer<Io>>, IdHash>,
     names: NameRegistry,
     matches: MatchRegistry,
     /// Eavesdropping rules of monitors: copies of unicast traffic.
@@ -298,12 +300,12 @@ impl<Io> Bus<Io> {
 
     /// A peer by id.
     pub fn peer(&self, id: PeerId) -> Option<&Peer<Io>> {
-        self.peers.get(&id)
+        self.peers.get(&id).map(|peer| &**peer)
     }
 
     /// All peers.
     pub fn peers(&self) -> impl Iterator<Item = &Peer<Io>> {
-        self.peers.values()
+        self.peers.values().map(|peer| &**peer)
     }
 
     /// Claims the fd of a new connection's socket for `uid` from the
@@ -376,7 +378,7 @@ impl<Io> Bus<Io> {
         let identity = Arc::new(identity);
         self.peers.insert(
             id,
-            Peer {
+            Box::new(Peer {
                 io,
                 id,
                 unique_name: unique_name.clone(),
@@ -399,7 +401,7 @@ impl<Io> Bus<Io> {
                 doomed: false,
                 connected_at: SystemTime::now(),
                 counters: PeerCounters::default(),
-            },
+            }),
         );
         let welcome = Welcome {
             protocol_version: PROTOCOL_VERSION,
@@ -453,7 +455,7 @@ impl<Io> Bus<Io> {
             self.queue_error_to(key.caller, key.serial, &error);
         }
         self.announce_owner_change(&peer.unique_name, Some((id, &peer.identity)), None);
-        Some(peer)
+        Some(*peer)
     }
 
     /// Peers with newly queued frames since the last call; the server
@@ -507,7 +509,7 @@ impl<Io> Bus<Io> {
         };
         let Peer {
             io, outbox, quota, ..
-        } = peer;
+        } = &mut **peer;
         let result = outbox.flush(|data, fds| send(io, data, fds));
         let (global_bytes, global_fds) = (&mut self.global_bytes, &mut self.global_fds);
         quota.release_written(outbox.written_total(), |released| {

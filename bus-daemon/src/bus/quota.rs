@@ -122,6 +122,10 @@ impl FairPool {
         self.used -= amount;
         if *share == 0 {
             self.shares.swap_remove(index);
+            if self.shares.is_empty() {
+                // An idle pool keeps no allocation (many idle peers).
+                self.shares = Vec::new();
+            }
         }
     }
 
@@ -280,7 +284,8 @@ impl ReceiverQuota {
             self.frames.pop_front();
             self.release(frame, &mut on_global);
         }
-        if self.frames.is_empty() && self.frames.capacity() > 64 {
+        if self.frames.is_empty() {
+            // Idle peers keep no allocation.
             self.frames = std::collections::VecDeque::new();
         }
     }

@@ -16,9 +16,16 @@ use pbus_identity::PeerIdentity;
 use pbus_proto::frame::{encode_frame, FeedError, FrameError, FrameLimits, FrameReader, RawFrame};
 use pbus_proto::v1::{Header, Hello, MessageKind};
 use prost::Message;
+use std::cell::Cell;
+use std::future::Future;
+use std::os::unix::net::UnixStream;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use pbus_proto::frame::Flushed;
+use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::io::Interest;
-use tokio::net::UnixStream;
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{after_dispatch, send_frames, PeerIo, Shared, SharedBus, READ_BUDGET};
 use crate::bus::{BusError, PeerId};
@@ -155,12 +162,21 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
             return;
         }
     };
+    let socket =
+        match pbus_sys::reactor::register_owned(stream, Interest::READABLE | Interest::WRITABLE) {
+            Ok(socket) => socket,
+            Err(error) => {
+                tracing::warn!(uid, %error, "cannot register a connection");
+                return;
+            }
+        };
     let io = Rc::new(PeerIo {
-        stream,
-        wake: Notify::new(),
-        closing: std::cell::Cell::new(false),
+        socket,
+        waker: Cell::new(None),
+        closing: Cell::new(false),
     });
-    let limits = shared.config.limits.clone();
+    let _registration = ConnectionRegistration::register(&shared, &io);
+    let limits = &shared.config.limits;
     let mut reader = FrameReader::new(FrameLimits {
         max_frame_bytes: limits.max_frame_bytes,
         max_header_bytes: limits.max_header_bytes,
@@ -171,61 +187,140 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
         identity: Some(identity),
         handshake_permit: Some((permit, uid_slot)),
     };
-    let handshake_deadline = tokio::time::Instant::now() + limits.handshake_timeout();
-    let mut stop = shared.shutdown.clone();
+    // Boxed so that the timer's memory is given back once the handshake is
+    // done: an idle connection holds no timer.
+    let mut handshake_timer = Some(Box::pin(tokio::time::sleep(limits.handshake_timeout())));
     let close = loop {
-        let want_write = state.peer.is_some_and(|id| {
-            shared
-                .bus
-                .borrow()
-                .peer(id)
-                .is_some_and(|peer| !peer.outbox_is_empty())
-        });
-        let handshaking = state.peer.is_none();
-        tokio::select! {
-            biased;
-            _ = stop.changed() => break None,
-            _ = io.wake.notified() => {
-                if io.closing.get() {
-                    break None;
-                }
-            }
-            ready = io.stream.readable() => {
-                if let Err(error) = ready {
-                    break Some(Close::Io(error));
-                }
-                if let Some(close) = read_ready(&shared, &io, &mut reader, &mut state) {
-                    break Some(close);
-                }
-            }
-            ready = io.stream.writable(), if want_write => {
-                if let Err(error) = ready {
-                    break Some(Close::Io(error));
-                }
-                let mut bus = shared.bus.borrow_mut();
-                if let Some(id) = state.peer {
-                    if let Err(error) = bus.flush_peer(id, send_frames) {
-                        break Some(Close::Io(error));
-                    }
-                }
-            }
-            _ = tokio::time::sleep_until(handshake_deadline), if handshaking => {
+        let event =
+            std::future::poll_fn(|cx| next_event(&shared, &io, &state, &mut handshake_timer, cx))
+                .await;
+        match event {
+            Event::Close => break None,
+            Event::HandshakeTimeout => {
                 break Some(Close::Refused(BusError::HandshakeFailed(format!(
                     "handshake not completed within {} ms",
                     limits.handshake_timeout_ms
-                ))));
+                ))))
+            }
+            Event::Failed(error) => break Some(Close::Io(error)),
+            Event::Readable(mut ready) => {
+                if let Some(close) = read_ready(&shared, &io, &mut ready, &mut reader, &mut state) {
+                    break Some(close);
+                }
+                if state.peer.is_some() {
+                    handshake_timer = None;
+                }
+            }
+            Event::Writable(mut ready) => {
+                let Some(id) = state.peer else { continue };
+                match shared.bus.borrow_mut().flush_peer(id, send_frames) {
+                    Ok(Flushed::All) => {}
+                    Ok(Flushed::Blocked) => ready.clear_ready(),
+                    Err(error) => break Some(Close::Io(error)),
+                }
             }
         }
     };
     finish(&shared, &io, &state, close);
 }
 
+/// What woke a connection's task.
+enum Event<'a> {
+    /// The daemon stops, or the core doomed this peer.
+    Close,
+    /// The handshake did not complete in time.
+    HandshakeTimeout,
+    /// Polling the socket failed.
+    Failed(io::Error),
+    /// The socket has something to read.
+    Readable(AsyncFdReadyGuard<'a, UnixStream>),
+    /// The socket has room again and this peer's queue is not empty.
+    Writable(AsyncFdReadyGuard<'a, UnixStream>),
+}
+
+/// One poll of everything a connection waits for, in a single future
+/// (no per-wake-up futures to build and drop): closing, the socket's
+/// readability, its writability when the peer's queue has something, and
+/// the handshake timer while it runs.
+fn next_event<'a>(
+    shared: &Shared,
+    io: &'a PeerIo,
+    state: &State,
+    handshake_timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    cx: &mut Context<'_>,
+) -> Poll<Event<'a>> {
+    if io.closing.get() {
+        return Poll::Ready(Event::Close);
+    }
+    io.register(cx.waker());
+    match io.socket.poll_read_ready(cx) {
+        Poll::Ready(Ok(ready)) => return Poll::Ready(Event::Readable(ready)),
+        Poll::Ready(Err(error)) => return Poll::Ready(Event::Failed(error)),
+        Poll::Pending => {}
+    }
+    let want_write = state.peer.is_some_and(|id| {
+        shared
+            .bus
+            .borrow()
+            .peer(id)
+            .is_some_and(|peer| !peer.outbox_is_empty())
+    });
+    if want_write {
+        match io.socket.poll_write_ready(cx) {
+            Poll::Ready(Ok(ready)) => return Poll::Ready(Event::Writable(ready)),
+            Poll::Ready(Err(error)) => return Poll::Ready(Event::Failed(error)),
+            Poll::Pending => {}
+        }
+    }
+    if let Some(timer) = handshake_timer {
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::HandshakeTimeout);
+        }
+    }
+    Poll::Pending
+}
+
+/// Keeps a connection in the daemon's list (to close it at shutdown).
+struct ConnectionRegistration {
+    shared: Rc<Shared>,
+    id: u64,
+}
+
+impl ConnectionRegistration {
+    fn register(shared: &Rc<Shared>, io: &Rc<PeerIo>) -> Self {
+        let id = shared.next_connection.get() + 1;
+        shared.next_connection.set(id);
+        shared
+            .connections
+            .borrow_mut()
+            .insert(id, Rc::downgrade(io));
+        if *shared.shutdown.borrow() {
+            io.close();
+        }
+        Self {
+            shared: Rc::clone(shared),
+            id,
+        }
+    }
+}
+
+impl Drop for ConnectionRegistration {
+    fn drop(&mut self) {
+        self.shared.connections.borrow_mut().remove(&self.id);
+    }
+}
+
 /// Reads what the socket has (up to the read budget), feeds it to the
 /// frame reader, dispatches complete frames, then flushes every queue that
 /// received something. Returns why the connection must close, if it must.
+///
+/// A read shorter than the buffer that brought no fds emptied the socket,
+/// so readiness is cleared without another recvmsg just to see EAGAIN
+/// (tokio keeps any readiness that arrived meanwhile).
 fn read_ready(
     shared: &Shared,
     io: &Rc<PeerIo>,
+    ready: &mut AsyncFdReadyGuard<'_, UnixStream>,
     reader: &mut FrameReader<OwnedFd>,
     state: &mut State,
 ) -> Option<Close> {
@@ -235,12 +330,13 @@ fn read_ready(
     let mut total = 0usize;
     let close = loop {
         let mut fds = Vec::new();
-        let received = io.stream.try_io(Interest::READABLE, || {
-            pbus_sys::fdpass::recv_with_fds(&io.stream, &mut scratch, &mut fds)
-        });
+        let received = pbus_sys::fdpass::recv_with_fds(io.socket.get_ref(), &mut scratch, &mut fds);
         let received = match received {
             Ok(received) => received,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => break None,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                ready.clear_ready();
+                break None;
+            }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => break Some(Close::Io(error)),
         };
@@ -254,6 +350,7 @@ fn read_ready(
             break Some(frame_error(FrameError::SplitFdSets));
         }
         total += received.bytes;
+        let drained = received.bytes < scratch.len() && received.fds == 0;
         let fed = reader.feed(&scratch[..received.bytes], fds, |frame| {
             on_frame(&mut bus, io, state, frame, now)
         });
@@ -263,6 +360,10 @@ fn read_ready(
             Err(FeedError::Consumer(close)) => break Some(close),
         }
         if state.peer.is_some_and(|id| bus.is_doomed(id)) {
+            break None;
+        }
+        if drained {
+            ready.clear_ready();
             break None;
         }
         if total >= READ_BUDGET {
@@ -348,9 +449,7 @@ fn write_error_directly(stream: &UnixStream, error: &BusError) {
     };
     let mut bytes = Vec::new();
     encode_frame(&mut bytes, &header, &[], 0);
-    let _ = stream.try_io(Interest::WRITABLE, || {
-        pbus_sys::fdpass::send_with_fds(stream, &[IoSlice::new(&bytes)], &[])
-    });
+    let _ = pbus_sys::fdpass::send_with_fds(stream, &[IoSlice::new(&bytes)], &[]);
 }
 
 /// Tells a refused peer why, removes it from the bus (releasing its names,
@@ -385,7 +484,7 @@ fn finish(shared: &Shared, io: &Rc<PeerIo>, state: &State, close: Option<Close>)
         }
         None => {
             if let Some(Close::Refused(error)) = &close {
-                write_error_directly(&io.stream, error);
+                write_error_directly(io.socket.get_ref(), error);
             }
             tracing::info!(reason, "connection closed before the handshake completed");
         }

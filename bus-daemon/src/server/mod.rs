@@ -25,23 +25,61 @@ use std::time::Instant;
 use pbus_identity::HostContext;
 use pbus_policy::Policy;
 use pbus_proto::frame::Flushed;
+use std::rc::Weak;
+use std::task::Waker;
+
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 use crate::bus::Bus;
 use crate::config::Config;
 use listener::BoundSocket;
 
-/// What the server layer keeps per peer, stored inside the core's `Peer`.
-#[derive(Debug)]
+/// What the server layer keeps per connection (stored inside the core's
+/// `Peer` once the handshake is done).
 pub struct PeerIo {
-    stream: UnixStream,
-    /// Wakes the peer's task: its queue needs the socket to become writable,
-    /// or it must close.
-    wake: Notify,
-    /// Set when the core doomed the peer.
+    /// The socket, non-blocking, registered with the runtime. Sends to it
+    /// from any task are plain non-blocking syscalls; tokio's readiness is
+    /// only used by the connection's own task to wait.
+    socket: AsyncFd<std::os::unix::net::UnixStream>,
+    /// The connection task's waker: woken when its queue needs the socket
+    /// to become writable, or when it must close.
+    waker: Cell<Option<Waker>>,
+    /// Set when the core doomed the peer or the daemon stops.
     closing: Cell<bool>,
+}
+
+impl std::fmt::Debug for PeerIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerIo")
+            .field("socket", self.socket.get_ref())
+            .field("closing", &self.closing.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerIo {
+    /// Wakes the connection's task so it re-checks its state.
+    fn wake(&self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Remembers the task's waker (cloning only when it changed).
+    fn register(&self, waker: &Waker) {
+        match self.waker.take() {
+            Some(old) if old.will_wake(waker) => self.waker.set(Some(old)),
+            _ => self.waker.set(Some(waker.clone())),
+        }
+    }
+
+    /// Asks the connection's task to close.
+    fn close(&self) {
+        self.closing.set(true);
+        self.wake();
+    }
 }
 
 type SharedBus = Bus<Rc<PeerIo>>;
@@ -59,6 +97,9 @@ struct Shared {
     handshakes_per_uid: RefCell<HashMap<u32, u32>>,
     timer_wake: Notify,
     shutdown: watch::Receiver<bool>,
+    /// Every live connection, handshake done or not, to close at shutdown.
+    connections: RefCell<HashMap<u64, Weak<PeerIo>, crate::bus::IdHash>>,
+    next_connection: Cell<u64>,
     /// Never sent on: dropped with the last `Rc<Shared>`, i.e. when every
     /// task has finished, which is what shutdown waits for.
     _all_tasks_done: mpsc::Sender<()>,
@@ -131,11 +172,16 @@ impl Server {
             config: self.config,
             timer_wake: Notify::new(),
             shutdown: stop_rx,
+            connections: RefCell::new(HashMap::default()),
+            next_connection: Cell::new(0),
             _all_tasks_done: alive_tx,
         });
         let mut accept_tasks = Vec::new();
         for socket in &self.sockets {
-            let listener = tokio::net::UnixListener::from_std(socket.listener.try_clone()?)?;
+            let listener = pbus_sys::reactor::register_owned(
+                socket.listener.try_clone()?,
+                Interest::READABLE,
+            )?;
             let path: Rc<str> = Rc::from(socket.path.to_string_lossy().as_ref());
             accept_tasks.push(tokio::task::spawn_local(accept_loop(
                 Rc::clone(&shared),
@@ -148,6 +194,11 @@ impl Server {
         shutdown.await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
+        let connections: Vec<Weak<PeerIo>> =
+            shared.connections.borrow().values().cloned().collect();
+        for io in connections.iter().filter_map(Weak::upgrade) {
+            io.close();
+        }
         for task in accept_tasks {
             let _ = task.await;
         }
@@ -197,21 +248,51 @@ fn random_bus_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-async fn accept_loop(shared: Rc<Shared>, listener: tokio::net::UnixListener, path: Rc<str>) {
+/// Accepts connections, as many as are waiting per wake-up, and starts a
+/// task for each.
+async fn accept_loop(
+    shared: Rc<Shared>,
+    listener: AsyncFd<std::os::unix::net::UnixListener>,
+    path: Rc<str>,
+) {
     let mut stop = shared.shutdown.clone();
     loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::task::spawn_local(connection::serve(Rc::clone(&shared), stream, Rc::clone(&path)));
-                }
+        let mut ready = tokio::select! {
+            ready = listener.readable() => match ready {
+                Ok(ready) => ready,
                 Err(error) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tracing::error!(%error, "listener failed");
+                    break;
                 }
             },
             _ = stop.changed() => break,
+        };
+        loop {
+            match listener.get_ref().accept() {
+                Ok((stream, _)) => {
+                    if let Err(error) = stream.set_nonblocking(true) {
+                        tracing::warn!(%error, "cannot make an accepted socket non-blocking");
+                        continue;
+                    }
+                    tokio::task::spawn_local(connection::serve(
+                        Rc::clone(&shared),
+                        stream,
+                        Rc::clone(&path),
+                    ));
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    ready.clear_ready();
+                    break;
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    drop(ready);
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    break;
+                }
+            }
         }
     }
 }
@@ -296,8 +377,7 @@ fn after_dispatch(shared: &Shared, bus: &mut SharedBus) {
     flush_dirty(bus);
     for id in bus.take_doomed() {
         if let Some(peer) = bus.peer(id) {
-            peer.io.closing.set(true);
-            peer.io.wake.notify_one();
+            peer.io.close();
         }
     }
     if bus.take_timer_rearm() {
@@ -311,7 +391,7 @@ fn flush_dirty(bus: &mut SharedBus) {
             Ok(Flushed::All) => {}
             Ok(Flushed::Blocked) => {
                 if let Some(peer) = bus.peer(id) {
-                    peer.io.wake.notify_one();
+                    peer.io.wake();
                 }
             }
             Err(error) => {
@@ -323,9 +403,9 @@ fn flush_dirty(bus: &mut SharedBus) {
 }
 
 /// One non-blocking sendmsg of queued bytes (and their fds) to a peer.
+/// A full socket answers `WouldBlock`; the peer's task then waits for
+/// writability (tokio's readiness for it is cleared there).
 fn send_frames(io: &Rc<PeerIo>, data: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
-    io.stream.try_io(Interest::WRITABLE, || {
-        pbus_sys::fdpass::send_with_fds(&io.stream, &[IoSlice::new(data)], &borrowed)
-    })
+    pbus_sys::fdpass::send_with_fds(io.socket.get_ref(), &[IoSlice::new(data)], &borrowed)
 }
