@@ -309,15 +309,16 @@ impl<Io> Bus<Io> {
                     || asker.policy.see(&peer.identity, &peer.unique_name).allowed
             })
             .map(|peer| {
-                let [bytes, fds, messages] = peer.quota.pools();
-                let mut by_uid: Vec<QuotaUse> = messages
+                let [max_bytes, max_fds, max_messages] = self.queue_caps();
+                let mut by_uid: Vec<QuotaUse> = peer
+                    .quota
                     .shares()
                     .iter()
-                    .map(|&(uid, count)| QuotaUse {
+                    .map(|&(uid, [bytes, fds, messages])| QuotaUse {
                         uid,
-                        bytes: bytes.share_of(uid),
-                        fds: fds.share_of(uid),
-                        messages: count,
+                        bytes,
+                        fds,
+                        messages,
                     })
                     .collect();
                 by_uid.sort_by_key(|usage| usage.uid);
@@ -330,10 +331,10 @@ impl<Io> Bus<Io> {
                     names,
                     queued_bytes: peer.outbox.queued_bytes() as u64,
                     queued_fds: peer.outbox.queued_fds() as u64,
-                    queued_messages: messages.used(),
-                    max_queued_bytes: bytes.capacity(),
-                    max_queued_fds: fds.capacity(),
-                    max_queued_messages: messages.capacity(),
+                    queued_messages: peer.quota.messages(),
+                    max_queued_bytes: max_bytes,
+                    max_queued_fds: max_fds,
+                    max_queued_messages: max_messages,
                     queued_by_uid: by_uid,
                     pending_calls: self.calls.count_for_caller(peer.id) as u32,
                     match_rules: peer.matches.len() as u32,

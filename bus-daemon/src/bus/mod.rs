@@ -387,12 +387,7 @@ impl<Io> Bus<Io> {
                 features,
                 sender_info,
                 outbox: OutQueue::default(),
-                quota: ReceiverQuota::new(
-                    self.limits.max_queued_bytes_per_receiver,
-                    u64::from(self.limits.max_queued_fds_per_receiver),
-                    u64::from(self.limits.max_queued_messages_per_receiver),
-                    identity.uid,
-                ),
+                quota: ReceiverQuota::new(identity.uid),
                 names: HashSet::new(),
                 matches: Vec::new(),
                 monitor_matches: Vec::new(),
@@ -1059,7 +1054,7 @@ impl<Io> Bus<Io> {
         let charged = actor.unwrap_or(receiver.identity.uid);
         receiver
             .quota
-            .check(charged, bytes, fds)
+            .check(self.queue_caps(), charged, bytes, fds)
             .map_err(|(limit, refusal)| BusError::ReceiverQueueFull {
                 limit,
                 fair_share: refusal == Refusal::FairShare,
@@ -1081,6 +1076,15 @@ impl<Io> Bus<Io> {
             global(&self.global_fds, fds, "max_fds_total")?;
         }
         Ok(())
+    }
+
+    /// The caps of every receiver's queue: bytes, fds, messages.
+    pub fn queue_caps(&self) -> quota::QueueUse {
+        [
+            self.limits.max_queued_bytes_per_receiver,
+            u64::from(self.limits.max_queued_fds_per_receiver),
+            u64::from(self.limits.max_queued_messages_per_receiver),
+        ]
     }
 
     /// Charges a frame just queued for `to` (after [`admit_frame`](Self::admit_frame)).

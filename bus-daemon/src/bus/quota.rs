@@ -17,6 +17,20 @@
 //! A pool may name one exempt uid (a receiver's own uid on its own queue),
 //! which is only held to the capacity.
 
+/// The fair-share rule: may a uid holding `share`, one of `holders` uids
+/// (itself included) using a pool with `remaining` units free, take
+/// `amount` more?
+fn fair_share_allows(remaining: u64, holders: u64, share: u64, amount: u64) -> Result<(), Refusal> {
+    let allowed = (holders + 1)
+        .checked_mul(share + amount)
+        .is_some_and(|needed| needed - share <= remaining);
+    if allowed {
+        Ok(())
+    } else {
+        Err(Refusal::FairShare)
+    }
+}
+
 /// A capacity shared fairly among uids.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FairPool {
@@ -84,14 +98,7 @@ impl FairPool {
         }
         let share = self.share_of(uid);
         let holders = self.shares.len() as u64 + u64::from(share == 0);
-        let allowed = (holders + 1)
-            .checked_mul(share + amount)
-            .is_some_and(|needed| needed - share <= remaining);
-        if allowed {
-            Ok(())
-        } else {
-            Err(Refusal::FairShare)
-        }
+        fair_share_allows(remaining, holders, share, amount)
     }
 
     /// Records that `uid` took `amount` (after a successful [`check`](Self::check)).
@@ -206,10 +213,10 @@ struct QueuedFrame {
     end: u64,
     /// The uid charged (the sender's; the receiver's own for bus frames).
     actor: u32,
-    bytes: u64,
-    fds: u64,
     /// Also charged to the daemon-wide pools.
     global: bool,
+    bytes: u64,
+    fds: u32,
 }
 
 /// A charge that was released, for the daemon-wide pools.
@@ -223,54 +230,93 @@ pub struct Released {
     pub fds: u64,
 }
 
+/// The resources of a receiver's queue, in the order of [`QueueUse`].
+const RESOURCES: [&str; 3] = [
+    "max_queued_bytes_per_receiver",
+    "max_queued_fds_per_receiver",
+    "max_queued_messages_per_receiver",
+];
+
+/// Bytes, fds and messages: use of (or caps on) a receiver's queue.
+pub type QueueUse = [u64; 3];
+
 /// The bytes, fds and messages queued for one receiver, shared fairly
-/// among the uids that sent them; the receiver's own uid is exempt from
-/// the share (it is only held to the caps).
+/// among the uids that sent them (the same rule as [`FairPool`]); the
+/// receiver's own uid is exempt from the share (only held to the caps).
+///
+/// Kept compact (the caps come from the configuration at each check, one
+/// vector holds every uid's use of all three), since every peer has one.
 #[derive(Debug)]
 pub struct ReceiverQuota {
-    bytes: FairPool,
-    fds: FairPool,
-    messages: FairPool,
+    owner: u32,
+    used: QueueUse,
+    shares: Vec<(u32, QueueUse)>,
     frames: std::collections::VecDeque<QueuedFrame>,
 }
 
 impl ReceiverQuota {
-    /// Caps from the configuration; `receiver_uid` is exempt from sharing.
-    pub fn new(max_bytes: u64, max_fds: u64, max_messages: u64, receiver_uid: u32) -> Self {
+    /// An empty quota for a receiver of uid `owner`.
+    pub fn new(owner: u32) -> Self {
         Self {
-            bytes: FairPool::new(max_bytes, Some(receiver_uid)),
-            fds: FairPool::new(max_fds, Some(receiver_uid)),
-            messages: FairPool::new(max_messages, Some(receiver_uid)),
+            owner,
+            used: [0; 3],
+            shares: Vec::new(),
             frames: std::collections::VecDeque::new(),
         }
     }
 
-    /// Could `actor` queue a frame of `bytes` with `fds`? On refusal, names
-    /// the configuration key of the limit that was hit.
-    pub fn check(&self, actor: u32, bytes: u64, fds: u64) -> Result<(), (&'static str, Refusal)> {
-        self.messages
-            .check(actor, 1)
-            .map_err(|r| ("max_queued_messages_per_receiver", r))?;
-        self.bytes
-            .check(actor, bytes)
-            .map_err(|r| ("max_queued_bytes_per_receiver", r))?;
-        self.fds
-            .check(actor, fds)
-            .map_err(|r| ("max_queued_fds_per_receiver", r))?;
+    /// What `actor` holds.
+    pub fn share_of(&self, actor: u32) -> QueueUse {
+        self.shares
+            .iter()
+            .find(|(holder, _)| *holder == actor)
+            .map_or([0; 3], |(_, share)| *share)
+    }
+
+    /// Could `actor` queue a frame of `bytes` with `fds`, under `caps`? On
+    /// refusal, names the configuration key of the limit that was hit.
+    pub fn check(
+        &self,
+        caps: QueueUse,
+        actor: u32,
+        bytes: u64,
+        fds: u64,
+    ) -> Result<(), (&'static str, Refusal)> {
+        let amounts = [bytes, fds, 1];
+        let share = self.share_of(actor);
+        let holders = self.shares.len() as u64 + u64::from(share == [0; 3]);
+        // Messages first: the most telling limit for a flood of small frames.
+        for resource in [2, 0, 1] {
+            let amount = amounts[resource];
+            if amount == 0 {
+                continue;
+            }
+            let remaining = caps[resource].saturating_sub(self.used[resource]);
+            if amount > remaining {
+                return Err((RESOURCES[resource], Refusal::Full));
+            }
+            if actor != self.owner {
+                fair_share_allows(remaining, holders, share[resource], amount)
+                    .map_err(|refusal| (RESOURCES[resource], refusal))?;
+            }
+        }
         Ok(())
     }
 
     /// Records a queued frame ending at stream offset `end`.
     pub fn charge(&mut self, actor: u32, bytes: u64, fds: u64, end: u64, global: bool) {
-        self.messages.charge(actor, 1);
-        self.bytes.charge(actor, bytes);
-        self.fds.charge(actor, fds);
+        let amounts = [bytes, fds, 1];
+        match self.shares.iter_mut().find(|(holder, _)| *holder == actor) {
+            Some((_, share)) => (0..3).for_each(|r| share[r] += amounts[r]),
+            None => self.shares.push((actor, amounts)),
+        }
+        (0..3).for_each(|r| self.used[r] += amounts[r]);
         self.frames.push_back(QueuedFrame {
             end,
             actor,
-            bytes,
-            fds,
             global,
+            bytes,
+            fds: fds as u32,
         });
     }
 
@@ -298,26 +344,44 @@ impl ReceiverQuota {
     }
 
     fn release(&mut self, frame: QueuedFrame, on_global: &mut impl FnMut(Released)) {
-        self.messages.release(frame.actor, 1);
-        self.bytes.release(frame.actor, frame.bytes);
-        self.fds.release(frame.actor, frame.fds);
+        let amounts = [frame.bytes, u64::from(frame.fds), 1];
+        if let Some(index) = self
+            .shares
+            .iter()
+            .position(|(holder, _)| *holder == frame.actor)
+        {
+            let share = &mut self.shares[index].1;
+            (0..3).for_each(|r| share[r] -= amounts[r]);
+            if *share == [0; 3] {
+                self.shares.swap_remove(index);
+                if self.shares.is_empty() {
+                    self.shares = Vec::new();
+                }
+            }
+        }
+        (0..3).for_each(|r| self.used[r] -= amounts[r]);
         if frame.global {
             on_global(Released {
                 actor: frame.actor,
                 bytes: frame.bytes,
-                fds: frame.fds,
+                fds: u64::from(frame.fds),
             });
         }
     }
 
     /// Queued messages.
     pub fn messages(&self) -> u64 {
-        self.messages.used()
+        self.used[2]
     }
 
-    /// The pools: bytes, fds, messages.
-    pub fn pools(&self) -> [&FairPool; 3] {
-        [&self.bytes, &self.fds, &self.messages]
+    /// Queued bytes, fds and messages.
+    pub fn used(&self) -> QueueUse {
+        self.used
+    }
+
+    /// Every sender uid's use (bytes, fds, messages).
+    pub fn shares(&self) -> &[(u32, QueueUse)] {
+        &self.shares
     }
 }
 
@@ -327,13 +391,18 @@ mod receiver_tests {
 
     #[test]
     fn frames_are_released_as_they_are_written() {
-        let mut quota = ReceiverQuota::new(1000, 10, 3, 0);
+        let caps = [1000, 10, 3];
+        let mut quota = ReceiverQuota::new(0);
         quota.charge(5, 100, 1, 100, true);
         quota.charge(5, 50, 0, 150, false);
+        // Uid 5 holds 2 of 3 messages: a third would leave nothing.
         assert_eq!(
-            quota.check(5, 10, 0).unwrap_err().0,
-            "max_queued_messages_per_receiver"
+            quota.check(caps, 5, 10, 0).unwrap_err(),
+            ("max_queued_messages_per_receiver", Refusal::FairShare)
         );
+        // The owner is held only to the caps.
+        assert!(quota.check(caps, 0, 10, 0).is_ok());
+        assert_eq!(quota.share_of(5), [150, 1, 2]);
         let mut released = Vec::new();
         quota.release_written(120, |r| released.push(r));
         assert_eq!(
@@ -351,6 +420,7 @@ mod receiver_tests {
             1,
             "the second frame was not globally charged"
         );
-        assert_eq!(quota.pools().map(FairPool::used), [0, 0, 0]);
+        assert_eq!(quota.used(), [0, 0, 0]);
+        assert!(quota.shares().is_empty());
     }
 }

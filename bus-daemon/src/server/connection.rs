@@ -47,7 +47,9 @@ enum Close {
 struct State {
     peer: Option<PeerId>,
     /// Identity captured at accept, moved into the bus at HELLO.
-    identity: Option<PeerIdentity>,
+    /// Boxed: the task keeps this slot for its whole life, and an idle
+    /// connection should not pay for a whole identity twice.
+    identity: Option<Box<PeerIdentity>>,
     /// Handshake slots (daemon-wide and per uid), released when the
     /// handshake completes.
     handshake_permit: Option<(OwnedSemaphorePermit, UidHandshakeSlot)>,
@@ -112,7 +114,7 @@ impl Drop for SocketFdClaim {
 /// Serves one accepted connection until it closes or the daemon stops.
 pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<str>) {
     let identity = match pbus_identity::identify(&stream, &listener, &shared.host) {
-        Ok((identity, _pidfd)) => identity,
+        Ok((identity, _pidfd)) => Box::new(identity),
         Err(error) => {
             tracing::warn!(%error, listener = %listener, "refusing connection: peer not identified");
             return;
@@ -402,7 +404,7 @@ fn on_frame(
             .map_err(|violation| Close::Refused(BusError::ProtocolViolation(violation.0)));
     }
     let hello = parse_hello(&frame).map_err(Close::Refused)?;
-    let identity = state.identity.take().expect("identity is kept until HELLO");
+    let identity = *state.identity.take().expect("identity is kept until HELLO");
     let (uid, pid, container) = (identity.uid, identity.pid, identity.container.clone());
     let listener = identity.listener.clone();
     let id = bus

@@ -409,3 +409,50 @@ fn send_frames(io: &Rc<PeerIo>, data: &[u8], fds: &[OwnedFd]) -> io::Result<usiz
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
     pbus_sys::fdpass::send_with_fds(io.socket.get_ref(), &[IoSlice::new(data)], &borrowed)
 }
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    /// What an idle connection costs in the daemon's own memory, piece by
+    /// piece; printed so regressions are visible (`--nocapture`), and
+    /// bounded so a large regression fails.
+    #[test]
+    fn per_connection_state_stays_small() {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (alive_tx, _alive_rx) = mpsc::channel::<()>(1);
+        let shared = Rc::new(Shared {
+            bus: RefCell::new(Bus::new(
+                Config::default().limits,
+                Policy::builtin(),
+                "test".into(),
+                0,
+                1024,
+                Instant::now(),
+            )),
+            scratch: RefCell::new(Vec::new()),
+            host: HostContext::default(),
+            config: Config::default(),
+            handshake_slots: Arc::new(Semaphore::new(1)),
+            handshakes_per_uid: RefCell::new(HashMap::new()),
+            timer_wake: Notify::new(),
+            shutdown: stop_rx,
+            connections: RefCell::new(HashMap::default()),
+            next_connection: Cell::new(0),
+            _all_tasks_done: alive_tx,
+        });
+        let (stream, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+        let future = connection::serve(Rc::clone(&shared), stream, Rc::from("/x"));
+        let future_size = std::mem::size_of_val(&future);
+        let peer_size = std::mem::size_of::<crate::bus::Peer<Rc<PeerIo>>>();
+        let io_size = std::mem::size_of::<PeerIo>();
+        eprintln!("serve future {future_size} B, Peer {peer_size} B, PeerIo {io_size} B");
+        assert!(
+            future_size < 2048,
+            "the connection task grew to {future_size} bytes"
+        );
+        assert!(peer_size < 1024, "Peer grew to {peer_size} bytes");
+        drop(future);
+        drop(stop_tx);
+    }
+}
