@@ -838,6 +838,13 @@ async fn read_loop(
     };
     tracing::debug!(connection = %inner.unique_name, reason, "connection closed");
     let _ = inner.closed.send(true);
+    // The application may keep its handles (and so the socket) long after
+    // this; shut the socket down so the bus sees the hang-up now, releases
+    // our names and fails the calls waiting on us (after MSG_CTRUNC or a
+    // bad frame the connection is unusable, but would otherwise look alive).
+    if let Ok(fd) = inner.stream.as_fd().try_clone_to_owned() {
+        let _ = std::os::unix::net::UnixStream::from(fd).shutdown(std::net::Shutdown::Both);
+    }
     {
         let mut out = inner.out.lock().expect("out lock");
         out.closed = true;

@@ -15,7 +15,7 @@
 //! (MSG_NOSIGNAL); received fds are close-on-exec (MSG_CMSG_CLOEXEC).
 
 use std::io::{self, IoSlice};
-use std::mem::size_of;
+use std::mem::{size_of, MaybeUninit};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::check_size;
@@ -64,7 +64,10 @@ pub fn recv_with_fds_limited(
     max_fds: usize,
 ) -> io::Result<Received> {
     let max_fds = max_fds.min(MAX_FDS_PER_MESSAGE);
-    let mut control = [0u64; CMSG_BUFFER_WORDS];
+    // Not zeroed: the kernel writes the control data and reports its length
+    // in msg_controllen; only that much is ever read (CMSG_FIRSTHDR/NXTHDR
+    // stay inside it). This buffer is on every read's path.
+    let mut control = MaybeUninit::<[u64; CMSG_BUFFER_WORDS]>::uninit();
     // SAFETY: CMSG_SPACE is a pure size computation.
     let control_len = if max_fds == 0 {
         0
@@ -149,7 +152,7 @@ pub fn send_with_fds(
             "more than 253 fds in one message",
         ));
     }
-    let mut control = [0u64; CMSG_BUFFER_WORDS];
+    let mut control = MaybeUninit::<[u64; CMSG_BUFFER_WORDS]>::uninit();
     // SAFETY: msghdr is plain data; zeroed is a valid "no name, no control".
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = data.as_ptr() as *mut libc::iovec;
@@ -158,6 +161,9 @@ pub fn send_with_fds(
         let payload = (fds.len() * size_of::<RawFd>()) as u32;
         // SAFETY: pure size computation.
         let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
+        // SAFETY: `space` bytes fit in the buffer (at most 253 fds); zeroing
+        // them makes every byte the kernel reads (padding included) defined.
+        unsafe { control.as_mut_ptr().cast::<u8>().write_bytes(0, space) };
         msg.msg_control = control.as_mut_ptr().cast();
         msg.msg_controllen = space;
         // SAFETY: the control buffer holds `space` bytes, enough for one

@@ -204,6 +204,10 @@ pub struct Bus<Io> {
     bus_sender: SenderInfo,
     /// Set when a call deadline earlier than any before was added.
     timer_needs_rearm: bool,
+    /// When the server's timer will next wake up (None: not armed). A new
+    /// deadline only needs to wake the timer if it is earlier than this;
+    /// later ones are found when the timer wakes and re-arms.
+    timer_armed: Option<Instant>,
     /// The daemon's own pid namespace inode: peers there see its pid.
     own_pid_namespace: u64,
     /// Bytes queued for all receivers, shared fairly among sender uids.
@@ -254,6 +258,7 @@ impl<Io> Bus<Io> {
             broadcast_stamp: 0,
             bus_sender,
             timer_needs_rearm: false,
+            timer_armed: None,
             own_pid_namespace,
             // The daemon's own uid (root on a system bus, the user on a
             // session bus) owns these pools: like a receiver on its own
@@ -521,6 +526,13 @@ impl<Io> Bus<Io> {
         self.calls.next_deadline()
     }
 
+    /// Arms the call timer: returns the earliest deadline (the time the
+    /// timer should wake up) and remembers it.
+    pub fn arm_timer(&mut self) -> Option<Instant> {
+        self.timer_armed = self.calls.next_deadline();
+        self.timer_armed
+    }
+
     /// True (once) if a deadline earlier than before was added since the
     /// last call, so the timer must wake up sooner.
     pub fn take_timer_rearm(&mut self) -> bool {
@@ -633,11 +645,8 @@ impl<Io> Bus<Io> {
                 requested => requested.min(self.limits.max_reply_timeout_ms),
             };
             let deadline = now + Duration::from_millis(u64::from(timeout_ms));
-            if self
-                .calls
-                .next_deadline()
-                .is_none_or(|next| deadline < next)
-            {
+            if self.timer_armed.is_none_or(|armed| deadline < armed) {
+                self.timer_armed = Some(deadline);
                 self.timer_needs_rearm = true;
             }
             if !self.calls.insert(key, to, deadline, timeout_ms) {
@@ -868,7 +877,9 @@ impl<Io> Bus<Io> {
         header: &Header,
         fds: &[OwnedFd],
     ) -> Result<(), BusError> {
-        if fds.is_empty() && header.memfds.is_empty() {
+        // A body declared to be in a memfd needs checking even with no fds
+        // attached: that is exactly the case to refuse.
+        if fds.is_empty() && header.memfds.is_empty() && !header.body_in_memfd {
             return Ok(());
         }
         self.check_fd_limits(header, fds)?;
@@ -1494,9 +1505,9 @@ impl<Io> Bus<Io> {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             features: peer.features,
-            host_pid: if asker.identity.uid == 0
-                || asker.identity.namespaces.pid == self.own_pid_namespace
-            {
+            // Only for askers in the daemon's own pid namespace: root in a
+            // container's pid namespace must not learn host pids either.
+            host_pid: if asker.identity.namespaces.pid == self.own_pid_namespace {
                 identity.pid
             } else {
                 0

@@ -313,12 +313,24 @@ fn timeouts_fail_the_call_and_late_replies_are_refused() {
         Some(h.now + Duration::from_millis(1000))
     );
     assert!(h.bus.take_timer_rearm());
+    assert_eq!(h.bus.arm_timer(), Some(h.now + Duration::from_millis(1000)));
+    // A later deadline does not wake the timer; it is found when the timer
+    // wakes and re-arms.
+    h.now += Duration::from_millis(10);
+    let second = h.call(client, &service.unique_name().into_string(), "Slow", b"");
+    assert!(!h.bus.take_timer_rearm());
+    h.now -= Duration::from_millis(10);
     h.bus.expire_calls(h.now + Duration::from_millis(999));
     assert!(h.drain(client).is_empty());
     h.bus.expire_calls(h.now + Duration::from_millis(1000));
     let timeout = h.drain(client);
+    assert_eq!(timeout.len(), 1);
     assert_eq!(timeout[0].header.reply_serial, serial);
     assert_eq!(error_code(&timeout[0]), ErrorCode::Timeout);
+    assert_eq!(h.bus.arm_timer(), Some(h.now + Duration::from_millis(1010)));
+    h.bus.expire_calls(h.now + Duration::from_millis(1010));
+    assert_eq!(h.drain(client)[0].header.reply_serial, second);
+    h.drain(service);
     h.reply(service, client, serial, b"late");
     assert!(h.drain(client).is_empty());
     assert_eq!(error_code(&h.drain(service)[0]), ErrorCode::UnexpectedReply);

@@ -301,7 +301,7 @@ async fn accept_loop(
 async fn run_timer(shared: Rc<Shared>) {
     let mut stop = shared.shutdown.clone();
     loop {
-        let next = shared.bus.borrow().next_deadline();
+        let next = shared.bus.borrow_mut().arm_timer();
         let sleep = async {
             match next {
                 Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
