@@ -17,6 +17,7 @@ use pbus_proto::names::{BusName, MemberName, ObjectPath};
 use pbus_proto::v1::{ErrorCode, Feature, Header, HeaderFlag, Hello, Limits, MessageKind, Welcome};
 use pbus_proto::PROTOCOL_VERSION;
 use prost::{Message, Name};
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, watch, Notify};
@@ -210,6 +211,12 @@ impl ConnectionBuilder {
                 limits.default_reply_timeout_ms.max(1),
             )));
         let (closed_tx, closed_rx) = watch::channel(false);
+        // From here on the socket is driven directly (non-blocking syscalls),
+        // with the reactor only telling when to wait.
+        let stream = pbus_sys::reactor::register_owned(
+            stream.into_std()?,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
         let inner = Arc::new(Inner {
             stream,
             unique_name: welcome.unique_name,
@@ -246,12 +253,23 @@ impl ConnectionBuilder {
     }
 }
 
-/// One non-blocking sendmsg on `stream`.
+/// One non-blocking sendmsg on `stream` (during the handshake).
 fn send_on(stream: &UnixStream, data: &[u8], fds: &[OwnedFd]) -> std::io::Result<usize> {
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
     stream.try_io(Interest::WRITABLE, || {
         pbus_sys::fdpass::send_with_fds(stream, &[IoSlice::new(data)], &borrowed)
     })
+}
+
+/// One non-blocking sendmsg on the connected socket. `WouldBlock` sends
+/// the writer task to wait for writability.
+fn send_now(
+    stream: &AsyncFd<std::os::unix::net::UnixStream>,
+    data: &[u8],
+    fds: &[OwnedFd],
+) -> std::io::Result<usize> {
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+    pbus_sys::fdpass::send_with_fds(stream.get_ref(), &[IoSlice::new(data)], &borrowed)
 }
 
 struct OutState {
@@ -264,7 +282,7 @@ type Handler = Arc<dyn Fn(MethodCall) -> BoxFuture<Result<Reply, MethodError>> +
 type PendingReply = oneshot::Sender<Result<Incoming, Error>>;
 
 pub(crate) struct Inner {
-    stream: UnixStream,
+    stream: AsyncFd<std::os::unix::net::UnixStream>,
     unique_name: String,
     bus_id: String,
     features: u32,
@@ -392,7 +410,7 @@ impl Connection {
         // it down now so the bus sees the disconnect at once (and releases
         // this connection's names). Shutdown acts on the socket, so a
         // duplicate of the fd will do.
-        if let Ok(fd) = self.inner.stream.as_fd().try_clone_to_owned() {
+        if let Ok(fd) = self.inner.stream.get_ref().as_fd().try_clone_to_owned() {
             let _ = std::os::unix::net::UnixStream::from(fd).shutdown(std::net::Shutdown::Both);
         }
     }
@@ -507,6 +525,11 @@ impl Connection {
     pub(crate) async fn send(&self, mut header: Header, outgoing: Outgoing) -> Result<(), Error> {
         let (body, fds) = outgoing.into_wire(&mut header, self.inner.memfd_threshold)?;
         self.check_limits(&header, body.len(), fds.len())?;
+        if self.queue(&header, &body, fds)? {
+            return Ok(());
+        }
+        // The queue is over its high-water mark: wait until the writer has
+        // drained it below, so a sender cannot grow it without bound.
         loop {
             let drained = self.inner.out_drained.notified();
             tokio::pin!(drained);
@@ -517,12 +540,11 @@ impl Connection {
                     return Err(Error::Disconnected);
                 }
                 if out.queue.queued_bytes() < SEND_HIGH_WATER {
-                    break;
+                    return Ok(());
                 }
             }
             drained.await;
         }
-        self.queue(&header, &body, fds)
     }
 
     fn check_limits(&self, header: &Header, body_len: usize, fd_count: usize) -> Result<(), Error> {
@@ -570,7 +592,8 @@ impl Connection {
 
     /// Appends a frame to the queue and writes right away if nothing was
     /// waiting; otherwise the writer task is already draining the queue.
-    fn queue(&self, header: &Header, body: &[u8], fds: Vec<OwnedFd>) -> Result<(), Error> {
+    /// Returns whether the queue is below its high-water mark afterwards.
+    fn queue(&self, header: &Header, body: &[u8], fds: Vec<OwnedFd>) -> Result<bool, Error> {
         let mut out = self.inner.out.lock().expect("out lock");
         if out.closed {
             return Err(Error::Disconnected);
@@ -580,7 +603,7 @@ impl Connection {
         if was_empty {
             match out
                 .queue
-                .flush(|data, fds| send_on(&self.inner.stream, data, fds))
+                .flush(|data, fds| send_now(&self.inner.stream, data, fds))
             {
                 Ok(Flushed::All) => {}
                 Ok(Flushed::Blocked) => self.inner.out_wake.notify_one(),
@@ -591,7 +614,7 @@ impl Connection {
                 }
             }
         }
-        Ok(())
+        Ok(out.queue.queued_bytes() < SEND_HIGH_WATER)
     }
 
     /// Sends a method call and waits for its reply.
@@ -611,16 +634,21 @@ impl Connection {
             .lock()
             .expect("pending lock")
             .insert(serial, tx);
-        let guard = PendingGuard {
+        let mut guard = PendingGuard {
             inner: &self.inner,
             serial,
+            armed: true,
         };
         self.send(header, outgoing).await?;
         // No local timer: the bus enforces the timeout and always answers
         // (reply, error or Timeout); if the bus goes away the connection
         // closes and every pending call fails with Disconnected.
         let result = match rx.await {
-            Ok(result) => result,
+            // The reader took the entry out when it answered.
+            Ok(result) => {
+                guard.armed = false;
+                result
+            }
             Err(_) => Err(Error::Disconnected),
         };
         drop(guard);
@@ -648,10 +676,15 @@ impl Connection {
 struct PendingGuard<'a> {
     inner: &'a Inner,
     serial: u64,
+    /// False once the entry is gone already.
+    armed: bool,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         self.inner
             .pending
             .lock()
@@ -744,18 +777,17 @@ async fn write_loop(inner: Arc<Inner>, mut closed: watch::Receiver<bool>) {
             _ = closed.changed() => break,
         }
         loop {
-            tokio::select! {
-                ready = inner.stream.writable() => {
-                    if ready.is_err() {
-                        break 'outer;
-                    }
-                }
+            let mut ready = tokio::select! {
+                ready = inner.stream.writable() => match ready {
+                    Ok(ready) => ready,
+                    Err(_) => break 'outer,
+                },
                 _ = closed.changed() => break 'outer,
-            }
+            };
             let mut out = inner.out.lock().expect("out lock");
             match out
                 .queue
-                .flush(|data, fds| send_on(&inner.stream, data, fds))
+                .flush(|data, fds| send_now(&inner.stream, data, fds))
             {
                 Ok(Flushed::All) => {
                     drop(out);
@@ -763,6 +795,7 @@ async fn write_loop(inner: Arc<Inner>, mut closed: watch::Receiver<bool>) {
                     break;
                 }
                 Ok(Flushed::Blocked) => {
+                    ready.clear_ready();
                     drop(out);
                     inner.out_drained.notify_waiters();
                 }
@@ -795,25 +828,36 @@ async fn read_loop(
     for (header, body, fds) in early {
         handle_frame(&weak, header, &body, fds);
     }
+    // Built once: the application closing the connection ends the loop.
+    let closed_by_application = closed.wait_for(|closed| *closed);
+    tokio::pin!(closed_by_application);
     let reason = 'outer: loop {
-        tokio::select! {
-            ready = inner.stream.readable() => {
-                if let Err(error) = ready {
-                    break format!("socket error: {error}");
-                }
-            }
-            _ = closed.changed() => break "closed by the application".to_owned(),
-        }
+        let mut ready = tokio::select! {
+            biased;
+            ready = inner.stream.readable() => match ready {
+                Ok(ready) => ready,
+                Err(error) => break format!("socket error: {error}"),
+            },
+            _ = &mut closed_by_application => break "closed by the application".to_owned(),
+        };
         loop {
             let mut fds = Vec::new();
-            let received = match inner.stream.try_io(Interest::READABLE, || {
-                pbus_sys::fdpass::recv_with_fds(&inner.stream, &mut buffer, &mut fds)
-            }) {
+            let received = match pbus_sys::fdpass::recv_with_fds(
+                inner.stream.get_ref(),
+                &mut buffer,
+                &mut fds,
+            ) {
                 Ok(received) => received,
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    ready.clear_ready();
+                    break;
+                }
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(error) => break 'outer format!("socket error: {error}"),
             };
+            // A short read that brought no fds emptied the socket: wait for
+            // the next readiness instead of a recvmsg that says EAGAIN.
+            let drained = received.bytes < buffer.len() && received.fds == 0;
             if received.bytes == 0 {
                 break 'outer "the bus closed the connection".to_owned();
             }
@@ -834,6 +878,10 @@ async fn read_loop(
                     break 'outer format!("bad header from the bus: {error}")
                 }
             }
+            if drained {
+                ready.clear_ready();
+                break;
+            }
         }
     };
     tracing::debug!(connection = %inner.unique_name, reason, "connection closed");
@@ -842,7 +890,7 @@ async fn read_loop(
     // this; shut the socket down so the bus sees the hang-up now, releases
     // our names and fails the calls waiting on us (after MSG_CTRUNC or a
     // bad frame the connection is unusable, but would otherwise look alive).
-    if let Ok(fd) = inner.stream.as_fd().try_clone_to_owned() {
+    if let Ok(fd) = inner.stream.get_ref().as_fd().try_clone_to_owned() {
         let _ = std::os::unix::net::UnixStream::from(fd).shutdown(std::net::Shutdown::Both);
     }
     {
