@@ -286,11 +286,19 @@ impl<Io> Bus<Io> {
     ) -> Result<ListQueuedOwnersReply, BusError> {
         let name = well_known(&request.name)?;
         self.visible_owner(from, name.as_str())?;
+        let asker = &self.peers[&from];
+        // Queued peers the asker may not see stay hidden too.
         Ok(ListQueuedOwnersReply {
             owners: self
                 .names
                 .claimants(name.as_str())
                 .into_iter()
+                .filter(|id| {
+                    *id == from
+                        || self.peers.get(id).is_some_and(|peer| {
+                            asker.policy.see(&peer.identity, name.as_str()).allowed
+                        })
+                })
                 .map(|id| id.unique_name().into_string())
                 .collect(),
         })
