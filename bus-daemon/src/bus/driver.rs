@@ -307,7 +307,7 @@ impl<Io> Bus<Io> {
     /// Queue and quota use of every peer `from` may see (root sees all).
     fn stats(&self, from: PeerId) -> GetStatsReply {
         let asker = &self.peers[&from];
-        let privileged = asker.identity.uid == 0;
+        let privileged = self.is_privileged(from);
         let mut peers: Vec<PeerStats> = self
             .peers
             .values()
@@ -435,10 +435,14 @@ impl<Io> Bus<Io> {
         Ok(())
     }
 
-    /// Root and the daemon's own uid may administer the bus.
+    /// Root and the daemon's own uid, on the host, may administer the bus:
+    /// root inside a container (a container cgroup, or its own pid
+    /// namespace) may not.
     fn is_privileged(&self, peer: PeerId) -> bool {
-        let uid = self.peers[&peer].identity.uid;
-        uid == 0 || uid == self.bus_sender.uid
+        let identity = &self.peers[&peer].identity;
+        (identity.uid == 0 || identity.uid == self.bus_sender.uid)
+            && !identity.container.is_container()
+            && identity.namespaces.pid == self.own_pid_namespace
     }
 
     /// How the policy decides one operation between live peers.
