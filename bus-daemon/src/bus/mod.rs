@@ -69,6 +69,33 @@ impl std::hash::Hasher for IdHasher {
 /// `BuildHasher` for [`IdHasher`].
 pub type IdHash = std::hash::BuildHasherDefault<IdHasher>;
 
+/// [`IdHasher`] started from a secret random seed, for keys that include
+/// client-chosen numbers (call serials): as fast, but a client cannot aim
+/// its keys at one bucket without knowing the seed.
+#[derive(Debug, Clone, Copy)]
+pub struct SeededIdHash(u64);
+
+impl Default for SeededIdHash {
+    fn default() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        // std's RandomState is seeded from the OS; hashing nothing with it
+        // yields a random number without any I/O of our own.
+        Self(*SEED.get_or_init(|| {
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        }))
+    }
+}
+
+impl std::hash::BuildHasher for SeededIdHash {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(self.0)
+    }
+}
+
 /// A connected peer; the number in its unique name `:1.<n>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerId(pub u64);

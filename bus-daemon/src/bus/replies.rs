@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
-use super::PeerId;
+use super::{IdHash, PeerId, SeededIdHash};
 
 /// A call is identified by its caller and the caller's serial.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -28,10 +28,10 @@ struct Pending {
 /// Every call waiting for an answer.
 #[derive(Debug, Default)]
 pub struct PendingCalls {
-    calls: HashMap<CallKey, Pending>,
+    calls: HashMap<CallKey, Pending, SeededIdHash>,
     deadlines: BTreeSet<(Instant, CallKey)>,
-    by_callee: HashMap<PeerId, HashSet<CallKey>>,
-    by_caller: HashMap<PeerId, HashSet<u64>>,
+    by_callee: HashMap<PeerId, HashSet<CallKey, SeededIdHash>, IdHash>,
+    by_caller: HashMap<PeerId, HashSet<u64, SeededIdHash>, IdHash>,
 }
 
 impl PendingCalls {
