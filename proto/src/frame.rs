@@ -409,7 +409,12 @@ impl<F> FrameReader<F> {
         }
     }
 
-    fn claim_fds(&mut self, offset: u64, frame_len: u64, declared: u16) -> Result<Vec<F>, FrameError> {
+    fn claim_fds(
+        &mut self,
+        offset: u64,
+        frame_len: u64,
+        declared: u16,
+    ) -> Result<Vec<F>, FrameError> {
         self.check_unclaimed(offset)?;
         if declared == 0 {
             // If this frame reaches the end of the oldest set's range, no
@@ -417,7 +422,9 @@ impl<F> FrameReader<F> {
             // with this frame, which did not declare them.
             if let Some(set) = self.fd_sets.front() {
                 if set.start <= offset && offset < set.end && offset + frame_len >= set.end {
-                    return Err(FrameError::UnclaimedFds { count: set.fds.len() });
+                    return Err(FrameError::UnclaimedFds {
+                        count: set.fds.len(),
+                    });
                 }
             }
             return Ok(Vec::new());
@@ -505,6 +512,34 @@ impl<F> OutQueue<F> {
         let segment = self.segment_for(fds);
         let before = segment.data.len();
         encode_frame(&mut segment.data, header, body, fd_count);
+        let len = segment.data.len() - before;
+        self.queued_bytes += len;
+        self.queued_total += len as u64;
+        self.queued_total
+    }
+
+    /// Queues a frame whose header is `view`'s with its sender replaced by
+    /// `stamp` (see [`crate::header::write_stamped`]); returns the stream
+    /// offset just past it. No header is decoded or re-encoded.
+    pub fn push_stamped(
+        &mut self,
+        view: &crate::header::HeaderView<'_>,
+        stamp: &[u8],
+        body: &[u8],
+        fds: Vec<F>,
+    ) -> u64 {
+        let header_len = crate::header::stamped_len(view, stamp);
+        let prefix = FramePrefix {
+            header_len: u32::try_from(header_len).expect("header over 4 GiB"),
+            body_len: u32::try_from(body.len()).expect("body over 4 GiB"),
+            fd_count: u16::try_from(fds.len()).expect("fd count checked by caller"),
+        };
+        let segment = self.segment_for(fds);
+        let before = segment.data.len();
+        segment.data.reserve(PREFIX_LEN + header_len + body.len());
+        segment.data.extend_from_slice(&prefix.to_bytes());
+        crate::header::write_stamped(view, stamp, &mut segment.data);
+        segment.data.extend_from_slice(body);
         let len = segment.data.len() - before;
         self.queued_bytes += len;
         self.queued_total += len as u64;

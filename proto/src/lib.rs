@@ -9,6 +9,7 @@
 
 pub mod errors;
 pub mod frame;
+pub mod header;
 pub mod names;
 
 /// Generated protobuf types of `pbus.v1`.
