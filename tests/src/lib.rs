@@ -21,10 +21,16 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod confined;
+pub mod containers;
+pub mod containers_docker;
 mod daemon;
+pub mod fdkit;
+pub mod frames;
 pub mod messages;
 mod peer;
 pub mod privilege;
+pub mod procfs;
 mod raw;
 pub mod wait;
 

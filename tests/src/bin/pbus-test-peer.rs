@@ -17,6 +17,70 @@
 //! Either way it then runs until its stdin closes, so the test decides
 //! when the process (and its connection) goes away. Exit status 2 means it
 //! could not connect or was used wrongly.
+//!
+//! Subcommands for the container and pid-translation tests (see
+//! `pbus_tests::containers`, which parses their output):
+//!
+//! ```text
+//! pbus-test-peer SOCKET interact NAME|-
+//!     own NAME (unless `-`), answer `WhoAmI` like `serve`, print
+//!     `ready <unique-name>`, then answer one line per stdin line:
+//!       whoami DEST   call DEST.WhoAmI: `whoami sender=<u> sender_pid=<p>
+//!                     own_pid=<p> caller=<u> caller_pid=<p> runtime=<r>
+//!                     id=<id> pod=<uid>` (the reply's stamp as this peer
+//!                     sees it, DEST's own getpid, and this peer as DEST saw
+//!                     it stamped on the call)
+//!       identity NAME GetPeerIdentity (`-`: this connection): `identity
+//!                     name=<u> pid=<p> host_pid=<p> runtime=<r> id=<id>
+//!                     pod=<uid> cgroup=<path>`
+//!       ping          Ping the bus: `pong`
+//!       listen MEMBER subscribe to broadcast signals named MEMBER:
+//!                     `listening MEMBER`
+//!       emit MEMBER TEXT
+//!                     broadcast signal MEMBER (path `/test`) with a `Text`:
+//!                     `emitted MEMBER`
+//!       next-signal MEMBER
+//!                     the next MEMBER signal received (waits up to 10 s):
+//!                     `signal sender=<u> sender_pid=<p> text=<t>
+//!                     runtime=<r> id=<id> pod=<uid>`
+//!     Failures answer `error <code> <error name>`; empty values print `-`.
+//!     It exits when stdin closes.
+//! pbus-test-peer SOCKET connect-and-exit
+//!     connect, send HELLO, print `sent <pid>` and exit at once without
+//!     waiting for the answer.
+//! pbus-test-peer SOCKET hand-over
+//!     like connect-and-exit, but first pass the connected socket over
+//!     stdin (which must be a Unix socket) with SCM_RIGHTS, so another
+//!     process keeps it open after this one is gone.
+//! ```
+//!
+//! Commands for the fd, memfd and quota tests (each connects only the
+//! connection it describes, and also runs until stdin closes):
+//!
+//! ```text
+//! pbus-test-peer SOCKET echo NAME
+//!     own NAME; answer `Echo` calls with the `Text` they carry; print
+//!     `ready <unique-name>`.
+//! pbus-test-peer SOCKET fd-sink NAME
+//!     own NAME; answer `Take` calls with `took <number of fds>`; print
+//!     `ready <unique-name>`, and `disconnected` if the connection ends
+//!     (e.g. because received fds were truncated).
+//! pbus-test-peer SOCKET send-fds DESTINATION COUNT
+//!     (raw client) print `connected <unique-name>`, send a `Take` call
+//!     with COUNT fds (of /dev/null), then print `answer <code> <detail>
+//!     <message>` (code 0 for a METHOD_RETURN) or, if the bus hangs up,
+//!     `closed <code> <detail> <message>` of its last ERROR.
+//! pbus-test-peer SOCKET flood DESTINATION SIZE MAX
+//!     (raw client) print `connected <unique-name>`, then send unicast
+//!     signals with SIZE-byte bodies one at a time until one is refused or
+//!     MAX were accepted; print `flooded <accepted> <code> <detail>
+//!     <message>` (code 0 if none was refused).
+//! pbus-test-peer SOCKET ping-loop
+//!     print `connected <unique-name>`, then ping the bus every 10 ms and
+//!     print `pong <round trip in microseconds>` for each.
+//! ```
+//!
+//! Details and messages print as `-` when empty.
 #![forbid(unsafe_code)]
 
 use std::io::Read;
@@ -45,6 +109,12 @@ async fn run(args: &[String]) -> Result<(), String> {
     let [socket, command, rest @ ..] = args else {
         return Err("usage: pbus-test-peer SOCKET serve NAME | call DEST METHOD TEXT".into());
     };
+    if let Some(result) = run_extra(socket, command, rest).await {
+        return result;
+    }
+    if let Some(result) = run_unconnected(socket, command, rest) {
+        return result;
+    }
     let connection = Connection::builder()
         .address(Address::unix(socket))
         .client_name("pbus-test-peer")
@@ -54,6 +124,7 @@ async fn run(args: &[String]) -> Result<(), String> {
     match (command.as_str(), rest) {
         ("serve", [name]) => serve(&connection, name).await?,
         ("call", [destination, method, text]) => call(&connection, destination, method, text).await,
+        ("interact", [name]) => interact(&connection, name).await?,
         _ => return Err(format!("bad command {command:?} {rest:?}")),
     }
     wait_for_stdin_eof().await;
@@ -125,4 +196,415 @@ async fn wait_for_stdin_eof() {
         let _ = std::io::stdin().read_to_end(&mut sink);
     })
     .await;
+}
+
+/// The subcommands that must not connect through the client library
+/// (`connect-and-exit`, `hand-over`); `None` for every other command.
+fn run_unconnected(socket: &str, command: &str, rest: &[String]) -> Option<Result<(), String>> {
+    let hand_over = match (command, rest) {
+        ("connect-and-exit", []) => false,
+        ("hand-over", []) => true,
+        _ => return None,
+    };
+    Some(connect_and_exit(socket, hand_over))
+}
+
+/// Connects, sends HELLO and returns at once (the process then exits);
+/// with `hand_over`, the connected socket is first passed over stdin.
+fn connect_and_exit(socket: &str, hand_over: bool) -> Result<(), String> {
+    use std::io::{IoSlice, Write};
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    use pbus_proto::v1::{Feature, Header, Hello, MessageKind};
+    use prost::{Message, Name};
+
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|error| format!("cannot connect to {socket}: {error}"))?;
+    let header = Header {
+        kind: MessageKind::Hello as i32,
+        payload_type: Hello::full_name(),
+        ..Header::default()
+    };
+    let hello = Hello {
+        protocol_version: pbus_proto::PROTOCOL_VERSION,
+        features: Feature::FdPassing as u32,
+        client_name: "pbus-test-peer (gone at once)".into(),
+    };
+    let mut frame = Vec::new();
+    pbus_proto::frame::encode_frame(&mut frame, &header, &hello.encode_to_vec(), 0);
+    stream
+        .write_all(&frame)
+        .map_err(|error| format!("cannot send HELLO: {error}"))?;
+    if hand_over {
+        let stdin = std::io::stdin();
+        let sent = pbus_sys::fdpass::send_with_fds(
+            stdin.as_fd(),
+            &[IoSlice::new(b"S")],
+            &[stream.as_fd()],
+        )
+        .map_err(|error| format!("cannot pass the socket over stdin: {error}"))?;
+        if sent != 1 {
+            return Err("passing the socket over stdin wrote nothing".into());
+        }
+    }
+    println!("sent {}", std::process::id());
+    Ok(())
+}
+
+/// `interact`: serve WhoAmI (owning `name` unless it is `-`), then answer
+/// the commands on stdin until it closes.
+async fn interact(connection: &Connection, name: &str) -> Result<(), String> {
+    use std::io::BufRead;
+
+    if name != "-" {
+        let result = connection
+            .request_name(name, RequestNameFlags::default())
+            .await
+            .map_err(|error| format!("RequestName {name}: {error}"))?;
+        if result != RequestNameResult::PrimaryOwner {
+            return Err(format!("{name} is taken: {result:?}"));
+        }
+    }
+    connection
+        .serve(
+            "WhoAmI",
+            |_request: Text, call: pbus::MethodCall| async move {
+                let mut identity = own_identity();
+                identity.unique_name = call.connection.unique_name().to_owned();
+                identity.caller = Some(call.incoming.sender().clone());
+                Ok(identity)
+            },
+        )
+        .map_err(|error| error.to_string())?;
+    println!("ready {}", connection.unique_name());
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut streams: std::collections::HashMap<String, pbus::SignalStream> =
+        std::collections::HashMap::new();
+    while let Some(line) = lines.recv().await {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let answer = match words.as_slice() {
+            ["whoami", destination] => who_is(connection, destination).await,
+            ["identity", name] => identity_of(connection, name).await,
+            ["ping"] => match connection.ping().await {
+                Ok(_) => "pong".to_owned(),
+                Err(error) => error_line(&error),
+            },
+            ["listen", member] => match connection
+                .subscribe(pbus::MatchRule::new().member(member))
+                .await
+            {
+                Ok(stream) => {
+                    streams.insert((*member).to_owned(), stream);
+                    format!("listening {member}")
+                }
+                Err(error) => error_line(&error),
+            },
+            ["emit", member, text] => match connection
+                .emit_signal("/test", member, &[], &Text::new(*text))
+                .await
+            {
+                Ok(()) => format!("emitted {member}"),
+                Err(error) => error_line(&error),
+            },
+            ["next-signal", member] => match streams.get_mut(*member) {
+                Some(stream) => next_signal(stream).await,
+                None => format!("error 0 not-listening-to-{member}"),
+            },
+            _ => format!("error 0 bad-command {}", line.replace(' ', "_")),
+        };
+        println!("{answer}");
+    }
+    Ok(())
+}
+
+/// `-` for an empty value, so every `key=value` is one word.
+fn or_dash(value: &str) -> &str {
+    if value.is_empty() {
+        "-"
+    } else {
+        value
+    }
+}
+
+fn container_words(container: Option<&pbus_proto::v1::ContainerInfo>) -> String {
+    let container = container.cloned().unwrap_or_default();
+    let runtime = pbus_proto::v1::ContainerRuntime::try_from(container.runtime)
+        .map(|runtime| runtime.as_str_name().to_owned())
+        .unwrap_or_else(|_| container.runtime.to_string());
+    format!(
+        "runtime={runtime} id={} pod={}",
+        or_dash(&container.id),
+        or_dash(&container.pod_uid)
+    )
+}
+
+fn error_line(error: &pbus::Error) -> String {
+    match error {
+        pbus::Error::Remote { code, name, .. } => format!("error {} {name}", *code as i32),
+        other => format!("error 0 local:{}", other.to_string().replace(' ', "_")),
+    }
+}
+
+async fn who_is(connection: &Connection, destination: &str) -> String {
+    let result = connection
+        .method_call(destination, "WhoAmI")
+        .timeout(Duration::from_secs(10))
+        .send(pbus::Outgoing::new(&Text::new("who")))
+        .await;
+    let reply = match result {
+        Ok(Some(reply)) => reply,
+        Ok(None) => return "error 0 no-reply".into(),
+        Err(error) => return error_line(&error),
+    };
+    let identity: Identity = match reply.decode() {
+        Ok(identity) => identity,
+        Err(error) => return error_line(&error),
+    };
+    let sender = reply.sender();
+    let caller = identity.caller.unwrap_or_default();
+    format!(
+        "whoami sender={} sender_pid={} own_pid={} caller={} caller_pid={} {}",
+        or_dash(&sender.unique_name),
+        sender.pid,
+        identity.pid,
+        or_dash(&caller.unique_name),
+        caller.pid,
+        container_words(sender.container.as_ref())
+    )
+}
+
+async fn identity_of(connection: &Connection, name: &str) -> String {
+    let name = if name == "-" { "" } else { name };
+    match connection.peer_identity(name).await {
+        Ok(identity) => format!(
+            "identity name={} pid={} host_pid={} {} cgroup={}",
+            or_dash(&identity.unique_name),
+            identity.pid,
+            identity.host_pid,
+            container_words(identity.container.as_ref()),
+            or_dash(&identity.cgroup)
+        ),
+        Err(error) => error_line(&error),
+    }
+}
+
+/// Runs one of the commands for the fd, memfd and quota tests; `None` if
+/// `command` is not one of them.
+async fn run_extra(socket: &str, command: &str, rest: &[String]) -> Option<Result<(), String>> {
+    let result = match (command, rest) {
+        ("echo", [name]) => echo(socket, name).await,
+        ("fd-sink", [name]) => fd_sink(socket, name).await,
+        ("send-fds", [destination, count]) => match count.parse() {
+            Ok(count) => send_fds(socket, destination, count).await,
+            Err(error) => Err(format!("bad fd count {count:?}: {error}")),
+        },
+        ("flood", [destination, size, max]) => match (size.parse(), max.parse()) {
+            (Ok(size), Ok(max)) => flood(socket, destination, size, max).await,
+            _ => Err(format!("bad size or count {size:?} {max:?}")),
+        },
+        ("ping-loop", []) => ping_loop(socket).await,
+        _ => return None,
+    };
+    Some(result)
+}
+
+async fn connect_library(socket: &str) -> Result<Connection, String> {
+    Connection::builder()
+        .address(Address::unix(socket))
+        .client_name("pbus-test-peer")
+        .build()
+        .await
+        .map_err(|error| format!("cannot connect to {socket}: {error}"))
+}
+
+async fn connect_raw(socket: &str) -> Result<pbus_tests::RawClient, String> {
+    let client = pbus_tests::RawClient::connect_hello(std::path::Path::new(socket))
+        .await
+        .map_err(|error| format!("cannot connect to {socket}: {error}"))?;
+    println!("connected {}", client.unique_name());
+    Ok(client)
+}
+
+async fn own(connection: &Connection, name: &str) -> Result<(), String> {
+    match connection
+        .request_name(name, RequestNameFlags::default())
+        .await
+    {
+        Ok(RequestNameResult::PrimaryOwner) => Ok(()),
+        Ok(other) => Err(format!("{name} is taken: {other:?}")),
+        Err(error) => Err(format!("RequestName {name}: {error}")),
+    }
+}
+
+async fn echo(socket: &str, name: &str) -> Result<(), String> {
+    let connection = connect_library(socket).await?;
+    own(&connection, name).await?;
+    connection
+        .serve("Echo", |request: Text, _call| async move { Ok(request) })
+        .map_err(|error| error.to_string())?;
+    println!("ready {}", connection.unique_name());
+    // Keep the connection until stdin closes.
+    wait_for_stdin_eof().await;
+    drop(connection);
+    Ok(())
+}
+
+async fn fd_sink(socket: &str, name: &str) -> Result<(), String> {
+    let connection = connect_library(socket).await?;
+    own(&connection, name).await?;
+    connection
+        .serve_raw("Take", |call: pbus::MethodCall| async move {
+            let count = call.incoming.fds().len();
+            Ok(pbus::Outgoing::new(&Text::new(format!("took {count}"))))
+        })
+        .map_err(|error| error.to_string())?;
+    println!("ready {}", connection.unique_name());
+    let closed = async {
+        while !connection.is_closed() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        _ = wait_for_stdin_eof() => return Ok(()),
+        _ = closed => println!("disconnected"),
+    }
+    wait_for_stdin_eof().await;
+    Ok(())
+}
+
+async fn send_fds(socket: &str, destination: &str, count: usize) -> Result<(), String> {
+    use pbus_proto::v1::MessageKind;
+    use pbus_tests::RawError;
+    let mut client = connect_raw(socket).await?;
+    let fds = pbus_tests::fdkit::dev_nulls(count);
+    let serial = client.next_serial();
+    let header = pbus_tests::frames::call_header(serial, destination, "Take");
+    client
+        .send_with_fds(&header, &[], &pbus_tests::fdkit::borrow_all(&fds))
+        .await
+        .map_err(|error| format!("cannot send {count} fds: {error}"))?;
+    drop(fds);
+    let mut last_error = None;
+    loop {
+        match client.recv(pbus_tests::TIMEOUT).await {
+            Ok(frame)
+                if frame.header.reply_serial == serial
+                    && matches!(frame.kind(), MessageKind::MethodReturn | MessageKind::Error) =>
+            {
+                let info = frame.header.error.unwrap_or_default();
+                println!(
+                    "answer {} {} {}",
+                    info.code,
+                    or_dash(&info.detail),
+                    or_dash(&info.message)
+                );
+                wait_for_stdin_eof().await;
+                return Ok(());
+            }
+            Ok(frame) if frame.kind() == MessageKind::Error => {
+                last_error = frame.header.error;
+            }
+            Ok(_) => {}
+            Err(RawError::Closed) => {
+                let info = last_error.unwrap_or_default();
+                println!(
+                    "closed {} {} {}",
+                    info.code,
+                    or_dash(&info.detail),
+                    or_dash(&info.message)
+                );
+                wait_for_stdin_eof().await;
+                return Ok(());
+            }
+            Err(error) => return Err(format!("waiting for the answer: {error}")),
+        }
+    }
+}
+
+async fn flood(socket: &str, destination: &str, size: usize, max: u64) -> Result<(), String> {
+    use pbus_proto::v1::MessageKind;
+    let mut client = connect_raw(socket).await?;
+    // Serials from 1000 on encode in two bytes, so every frame of the
+    // flood has the same size (and the same quota charge).
+    while client.next_serial() < 1000 {}
+    let body = vec![b'f'; size];
+    let mut accepted = 0u64;
+    while accepted < max {
+        let serial = client
+            .send_signal(destination, "/org/pbus/test/flood", "Flood", &[], &body)
+            .await
+            .map_err(|error| format!("send: {error}"))?;
+        client.sync().await;
+        let refusal = client.take_inbox().into_iter().find(|frame| {
+            frame.kind() == MessageKind::Error && frame.header.reply_serial == serial
+        });
+        if let Some(frame) = refusal {
+            let info = frame.header.error.unwrap_or_default();
+            println!(
+                "flooded {accepted} {} {} {}",
+                info.code,
+                or_dash(&info.detail),
+                or_dash(&info.message)
+            );
+            wait_for_stdin_eof().await;
+            return Ok(());
+        }
+        accepted += 1;
+    }
+    println!("flooded {accepted} 0 - -");
+    wait_for_stdin_eof().await;
+    Ok(())
+}
+
+async fn ping_loop(socket: &str) -> Result<(), String> {
+    let connection = connect_library(socket).await?;
+    println!("connected {}", connection.unique_name());
+    let pings = async {
+        loop {
+            let started = std::time::Instant::now();
+            match connection.ping().await {
+                Ok(_) => println!("pong {}", started.elapsed().as_micros()),
+                Err(error) => {
+                    println!("ping-error {error}");
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        _ = wait_for_stdin_eof() => return Ok(()),
+        _ = pings => {}
+    }
+    wait_for_stdin_eof().await;
+    Ok(())
+}
+
+async fn next_signal(stream: &mut pbus::SignalStream) -> String {
+    let signal = match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+        Ok(Some(signal)) => signal,
+        Ok(None) => return "error 0 connection-closed".into(),
+        Err(_) => return "error 0 timeout".into(),
+    };
+    let text = signal
+        .decode::<Text>()
+        .map(|text| text.text)
+        .unwrap_or_else(|_| "?".into());
+    let sender = signal.sender();
+    format!(
+        "signal sender={} sender_pid={} text={} {}",
+        or_dash(&sender.unique_name),
+        sender.pid,
+        or_dash(&text),
+        container_words(sender.container.as_ref())
+    )
 }
