@@ -20,6 +20,11 @@ pub fn validate(fd: &OwnedFd, offset: u64, length: u64) -> Result<(), String> {
         Err(error) => return Err(format!("cannot read the memfd's seals: {error}")),
     };
     let missing = seal::REQUIRED & !present;
+    if present == seal::SEAL {
+        // Nothing but SEAL_SEAL: a tmpfs file (e.g. in /dev/shm) or a memfd
+        // made without MFD_ALLOW_SEALING. It can never be sealed.
+        return Err("attached fd is not a sealable memfd (a tmpfs file, or a memfd without MFD_ALLOW_SEALING)".into());
+    }
     if missing != 0 {
         let names: Vec<&str> = [
             (seal::SHRINK, "SEAL_SHRINK"),
@@ -102,6 +107,10 @@ mod tests {
             .contains("overflows"));
         let file = tempfile_fd();
         assert!(validate(&file, 0, 0).unwrap_err().contains("not a memfd"));
+        let unsealable = memfd_with(100, seal::SEAL);
+        assert!(validate(&unsealable, 0, 1)
+            .unwrap_err()
+            .contains("not a sealable memfd"));
     }
 
     fn tempfile_fd() -> OwnedFd {

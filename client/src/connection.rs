@@ -52,6 +52,7 @@ pub struct ConnectionBuilder {
     address: Option<Address>,
     client_name: String,
     fd_passing: bool,
+    memfd_payloads: bool,
     memfd_threshold: usize,
     default_timeout: Option<Duration>,
 }
@@ -62,6 +63,7 @@ impl Default for ConnectionBuilder {
             address: None,
             client_name: String::new(),
             fd_passing: true,
+            memfd_payloads: true,
             memfd_threshold: DEFAULT_MEMFD_THRESHOLD,
             default_timeout: None,
         }
@@ -81,10 +83,18 @@ impl ConnectionBuilder {
         self
     }
 
-    /// Whether to accept fds (default true). A connection that does not
-    /// accept fds is never sent any; senders get `FdsNotSupported`.
+    /// Whether to accept plain fds (default true). A connection that does
+    /// not is never sent any; senders get `FdsNotSupported`.
     pub fn fd_passing(mut self, enabled: bool) -> Self {
         self.fd_passing = enabled;
+        self
+    }
+
+    /// Whether to accept sealed memfd payloads (default true): large bodies
+    /// and zero-copy buffers. A connection that does not is never sent any;
+    /// senders get `FdsNotSupported`, and it misses broadcasts that carry them.
+    pub fn memfd_payloads(mut self, enabled: bool) -> Self {
+        self.memfd_payloads = enabled;
         self
     }
 
@@ -112,12 +122,13 @@ impl ConnectionBuilder {
                 format!("cannot connect to {address}: {error}"),
             ))
         })?;
-        let features = Feature::Memfd as u32
-            | if self.fd_passing {
-                Feature::FdPassing as u32
-            } else {
-                0
-            };
+        let mut features = 0;
+        if self.fd_passing {
+            features |= Feature::FdPassing as u32;
+        }
+        if self.memfd_payloads {
+            features |= Feature::Memfd as u32;
+        }
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             features,
@@ -549,14 +560,6 @@ impl Connection {
 
     fn check_limits(&self, header: &Header, body_len: usize, fd_count: usize) -> Result<(), Error> {
         let limits = &self.inner.limits;
-        if fd_count > 0 && !self.fd_passing() {
-            return Err(Error::Remote {
-                code: ErrorCode::FdsNotSupported,
-                name: pbus_proto::errors::error_name(ErrorCode::FdsNotSupported).into(),
-                message: "this connection does not pass fds".into(),
-                detail: String::new(),
-            });
-        }
         let checks = [
             (
                 "frame",

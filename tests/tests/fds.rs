@@ -488,7 +488,11 @@ async fn a_receiver_without_fd_support_gets_none() {
     let bus = TestBus::start();
     let baseline = bus.settled_fd_count().await;
     let receiver = bus
-        .connect_with(Connection::builder().fd_passing(false))
+        .connect_with(
+            Connection::builder()
+                .fd_passing(false)
+                .memfd_payloads(false),
+        )
         .await;
     assert!(!receiver.fd_passing());
     own(&receiver, PLAIN).await;
@@ -518,7 +522,7 @@ async fn a_receiver_without_fd_support_gets_none() {
         .unwrap_err();
     assert_eq!(error.code(), Some(ErrorCode::FdsNotSupported), "{error}");
     wait_all_closed(&probes, "an fd refused for the receiver", TIMEOUT).await;
-    // A body large enough to go in a memfd: memfds are fds too.
+    // A body large enough to go in a memfd: it announced no memfd support.
     let error = sender
         .method_call(PLAIN, "Take")
         .send(Outgoing::raw("", vec![7u8; 1 << 20]))
@@ -589,7 +593,11 @@ async fn broadcasts_carry_memfd_payloads_but_no_plain_fds() {
     let baseline = bus.settled_fd_count().await;
     let takes_fds = bus.connect().await;
     let no_fds = bus
-        .connect_with(Connection::builder().fd_passing(false))
+        .connect_with(
+            Connection::builder()
+                .fd_passing(false)
+                .memfd_payloads(false),
+        )
         .await;
     let rule = MatchRule::new().member("Blob");
     let mut with_fds = takes_fds.subscribe(rule.clone()).await.unwrap();
@@ -677,4 +685,43 @@ async fn broadcasts_carry_memfd_payloads_but_no_plain_fds() {
     takes_fds.close();
     no_fds.close();
     bus.wait_for_fd_count(baseline, TIMEOUT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memfd_payloads_and_plain_fds_are_announced_separately() {
+    const NAME: &str = "org.pbus.test.MemfdsOnly";
+    let bus = TestBus::start();
+    let receiver = bus
+        .connect_with(Connection::builder().fd_passing(false))
+        .await;
+    assert!(!receiver.fd_passing());
+    own(&receiver, NAME).await;
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    receiver
+        .serve_raw("Take", move |call: MethodCall| {
+            let seen_tx = seen_tx.clone();
+            async move {
+                let _ = seen_tx.send((call.incoming.body().is_memfd(), call.incoming.body().len()));
+                Ok(Outgoing::new(&Text::new("ok")))
+            }
+        })
+        .unwrap();
+    let sender = bus.connect().await;
+    // A large body travels as a memfd payload: accepted.
+    sender
+        .method_call(NAME, "Take")
+        .send(Outgoing::raw("", vec![7u8; 1 << 20]))
+        .await
+        .unwrap();
+    assert_eq!(seen.recv().await, Some((true, 1 << 20)));
+    // A plain fd: refused.
+    let (probes, write_ends) = PipeProbe::many(1);
+    let error = sender
+        .method_call(NAME, "Take")
+        .send(Outgoing::new(&Text::new("")).fds(write_ends))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::FdsNotSupported), "{error}");
+    wait_all_closed(&probes, "an fd refused for a memfd-only receiver", TIMEOUT).await;
+    assert!(seen.try_recv().is_err());
 }

@@ -198,9 +198,14 @@ impl<Io> Peer<Io> {
         self.counters
     }
 
-    /// True if the peer announced fd support.
+    /// True if the peer announced fd support (plain fds).
     pub fn accepts_fds(&self) -> bool {
         self.features & Feature::FdPassing as u32 != 0
+    }
+
+    /// True if the peer announced memfd payload support.
+    pub fn accepts_memfds(&self) -> bool {
+        self.features & Feature::Memfd as u32 != 0
     }
 }
 
@@ -344,8 +349,19 @@ impl<Io> Bus<Io> {
     /// daemon-wide fd budget (fair share per uid). Released with
     /// [`release_socket_fd`](Self::release_socket_fd) when it closes.
     pub fn claim_socket_fd(&mut self, uid: u32) -> Result<(), BusError> {
+        self.claim_fds(uid, 1)
+    }
+
+    /// Gives back a connection's socket fd.
+    pub fn release_socket_fd(&mut self, uid: u32) {
+        self.release_fds(uid, 1);
+    }
+
+    /// Claims `count` fds the daemon holds for `uid` (received with a frame
+    /// that is not complete yet, say) from the daemon-wide fd budget.
+    pub fn claim_fds(&mut self, uid: u32, count: u64) -> Result<(), BusError> {
         self.global_fds
-            .check(uid, 1)
+            .check(uid, count)
             .map_err(|refusal| BusError::LimitExceeded {
                 limit: "max_fds_total",
                 message: match refusal {
@@ -355,13 +371,13 @@ impl<Io> Bus<Io> {
                     }
                 },
             })?;
-        self.global_fds.charge(uid, 1);
+        self.global_fds.charge(uid, count);
         Ok(())
     }
 
-    /// Gives back a connection's socket fd.
-    pub fn release_socket_fd(&mut self, uid: u32) {
-        self.global_fds.release(uid, 1);
+    /// Gives back fds claimed with [`claim_fds`](Self::claim_fds).
+    pub fn release_fds(&mut self, uid: u32, count: u64) {
+        self.global_fds.release(uid, count);
     }
 
     /// The daemon-wide pools: queued bytes and held fds.
@@ -910,9 +926,18 @@ impl<Io> Bus<Io> {
             return Ok(());
         }
         self.check_fd_limits(header, fds)?;
-        if !fds.is_empty() && !self.peers[&to].accepts_fds() {
+        // The feature bits mean what they say: FD_PASSING for plain fds,
+        // MEMFD for memfd payloads (check_fd_limits made the memfds distinct
+        // fds, so the rest are plain).
+        let receiver = &self.peers[&to];
+        if fds.len() > header.memfds.len() && !receiver.accepts_fds() {
             return Err(BusError::FdsNotSupported(
                 "the receiver did not announce fd support".into(),
+            ));
+        }
+        if !header.memfds.is_empty() && !receiver.accepts_memfds() {
+            return Err(BusError::FdsNotSupported(
+                "the receiver did not announce memfd support".into(),
             ));
         }
         Ok(())
@@ -1021,7 +1046,7 @@ impl<Io> Bus<Io> {
                 continue;
             }
             receiver.broadcast_stamp = stamp;
-            if !fds.is_empty() && !receiver.accepts_fds() {
+            if !fds.is_empty() && !receiver.accepts_memfds() {
                 // Memfd payloads need fd passing; this subscriber cannot
                 // take them, so it misses this signal.
                 receiver.counters.dropped_signals += 1;

@@ -53,6 +53,12 @@ struct State {
     /// Handshake slots (daemon-wide and per uid), released when the
     /// handshake completes.
     handshake_permit: Option<(OwnedSemaphorePermit, UidHandshakeSlot)>,
+    /// The peer's uid, charged for the fds it makes the daemon hold.
+    uid: u32,
+    /// Fds received and not yet handed to the bus with their frame (the
+    /// frame is incomplete): charged to `uid` in the daemon's fd budget, so
+    /// half-sent frames cannot make the daemon hold fds for free.
+    held_fds: u64,
 }
 
 /// One of a uid's incomplete-handshake slots; freed on drop.
@@ -188,6 +194,8 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
         peer: None,
         identity: Some(identity),
         handshake_permit: Some((permit, uid_slot)),
+        uid,
+        held_fds: 0,
     };
     // Boxed so that the timer's memory is given back once the handshake is
     // done: an idle connection holds no timer.
@@ -351,6 +359,12 @@ fn read_ready(
         if received.rights_sets > 1 {
             break Some(frame_error(FrameError::SplitFdSets));
         }
+        if received.fds > 0 {
+            if let Err(error) = bus.claim_fds(state.uid, received.fds as u64) {
+                break Some(Close::Refused(error));
+            }
+            state.held_fds += received.fds as u64;
+        }
         total += received.bytes;
         let drained = received.bytes < scratch.len() && received.fds == 0;
         let fed = reader.feed(&scratch[..received.bytes], fds, |frame| {
@@ -398,6 +412,13 @@ fn on_frame(
     frame: RawFrame<'_, OwnedFd>,
     now: Instant,
 ) -> Result<(), Close> {
+    if !frame.fds.is_empty() {
+        // The frame's fds leave the reader: from here on they are the
+        // bus's (charged again if queued, closed if refused).
+        let count = frame.fds.len() as u64;
+        bus.release_fds(state.uid, count);
+        state.held_fds -= count;
+    }
     if let Some(id) = state.peer {
         return bus
             .dispatch(id, frame.header, frame.body, frame.fds, now)
@@ -464,6 +485,8 @@ fn finish(shared: &Shared, io: &Rc<PeerIo>, state: &State, close: Option<Close>)
         Some(Close::Refused(error)) => error.to_string(),
     };
     let mut bus = shared.bus.borrow_mut();
+    // Fds of a frame that never completed close with the reader.
+    bus.release_fds(state.uid, state.held_fds);
     match state.peer {
         Some(id) => {
             // When the daemon stops, every connection ends the same way: what
