@@ -19,7 +19,9 @@
 //!
 //! `<id>` is always 64 lower-case hex digits. Host-side helpers that live
 //! next to containers are deliberately not containers: Podman's and CRI-O's
-//! `conmon` scopes, `lxc.monitor.<name>`, `docker.service`.
+//! `conmon` scopes, `lxc.monitor.<name>`, `docker.service`. (A CRI-O conmon
+//! scope sits inside its pod's cgroup, so it is reported like any process
+//! in a pod but in none of its containers; see below.)
 //!
 //! Kubernetes pods (`kubepods*` slices or the `/kubepods` tree) contribute
 //! the pod UID, always reported in its dashed form. A bare 64-hex directory
