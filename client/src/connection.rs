@@ -728,10 +728,10 @@ impl CallBuilder {
     }
 
     fn header(&self) -> Result<Header, Error> {
-        BusName::try_from(self.destination.as_str())?;
-        MemberName::try_from(self.method.as_str())?;
+        BusName::validate(&self.destination)?;
+        MemberName::validate(&self.method)?;
         if !self.path.is_empty() {
-            ObjectPath::try_from(self.path.as_str())?;
+            ObjectPath::validate(&self.path)?;
         }
         Ok(Header {
             destination: self.destination.clone(),
@@ -1106,12 +1106,12 @@ impl SignalBuilder {
 
     /// Sends the signal.
     pub async fn emit(self, body: Outgoing) -> Result<(), Error> {
-        MemberName::try_from(self.member.as_str())?;
+        MemberName::validate(&self.member)?;
         if !self.path.is_empty() {
-            ObjectPath::try_from(self.path.as_str())?;
+            ObjectPath::validate(&self.path)?;
         }
         if !self.destination.is_empty() {
-            BusName::try_from(self.destination.as_str())?;
+            BusName::validate(&self.destination)?;
         }
         let header = Header {
             kind: MessageKind::Signal as i32,

@@ -332,6 +332,18 @@ pub enum BusName {
 }
 
 impl BusName {
+    /// Checks `value` as a unique or well-known name without allocating.
+    pub fn validate(value: &str) -> Result<(), NameError> {
+        if value.starts_with(':') {
+            UniqueName::validate(value)
+        } else {
+            WellKnownName::validate(value).map_err(|e| NameError {
+                kind: "bus name",
+                ..e
+            })
+        }
+    }
+
     /// The name as a string slice.
     pub fn as_str(&self) -> &str {
         match self {
