@@ -213,6 +213,48 @@ impl CallSpec<'_> {
     pub fn wants_more(&self, started: u64) -> bool {
         started < self.min_calls || Instant::now() < self.deadline
     }
+
+    /// Runs `call` as described: one at a time, or `inflight` outstanding
+    /// futures on one connection; records each latency in `latencies` (ns)
+    /// and returns the number of calls completed. For clients whose library
+    /// answers each call through its own future.
+    pub async fn run_closed_loop<F, Fut>(&self, latencies: &mut Histogram, call: F) -> Result<u64>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        use futures::stream::{FuturesUnordered, StreamExt};
+        let mut started = 0u64;
+        let mut done = 0u64;
+        if self.inflight <= 1 {
+            while self.wants_more(started) {
+                started += 1;
+                let t0 = Instant::now();
+                call().await?;
+                latencies.record(t0.elapsed().as_nanos() as u64);
+                done += 1;
+            }
+            return Ok(done);
+        }
+        let timed_call = || async {
+            let t0 = Instant::now();
+            call().await.map(|()| t0.elapsed())
+        };
+        let mut pending = FuturesUnordered::new();
+        while pending.len() < self.inflight && self.wants_more(started) {
+            pending.push(timed_call());
+            started += 1;
+        }
+        while let Some(result) = pending.next().await {
+            latencies.record(result?.as_nanos() as u64);
+            done += 1;
+            if self.wants_more(started) {
+                pending.push(timed_call());
+                started += 1;
+            }
+        }
+        Ok(done)
+    }
 }
 
 /// What a bare ("light") connection is opened for.

@@ -357,7 +357,9 @@ impl<Io> Bus<Io> {
         let mut uids: Vec<UidStats> = self
             .connections_per_uid
             .iter()
-            .filter(|(uid, _)| privileged || **uid == asker.identity.uid)
+            // Per-uid rows are bus-wide (they count peers the asker may not
+            // see): for administrators only.
+            .filter(|_| privileged)
             .map(|(&uid, &connections)| UidStats {
                 uid,
                 connections,

@@ -985,34 +985,45 @@ impl<Io> Bus<Io> {
     fn broadcast(&mut self, from: PeerId, header: &mut Header, body: &[u8], fds: &[OwnedFd]) {
         self.broadcast_stamp += 1;
         let stamp = self.broadcast_stamp;
-        let mut receivers = Vec::new();
+        let mut receivers = self.matching_peers(&self.matches, from, header);
         {
             let sender = &self.peers[&from];
-            let view = SignalView {
-                sender: &sender.unique_name,
-                path: &header.path,
-                member: &header.member,
-                args: &header.args,
-            };
-            let names = &self.names;
-            let peers = &self.peers;
-            self.matches.for_each_candidate(
-                &view,
-                sender.names.iter().map(String::as_str),
-                |peer, rule| {
-                    if rule.matches(&view, |name| names.owner(name) == Some(from)) {
-                        receivers.push(peer);
-                    }
-                },
-            );
             receivers.retain(|id| {
-                let Some(receiver) = peers.get(id) else {
+                let Some(receiver) = self.peers.get(id) else {
                     return false;
                 };
                 !receiver.doomed && self.broadcast_allowed(sender, receiver, header)
             });
         }
         self.deliver_to_each(Some(from), receivers, stamp, header, body, fds);
+    }
+
+    /// Peers with a rule in `registry` that matches `header` sent by
+    /// `from` (a peer may be listed once per matching rule).
+    fn matching_peers(
+        &self,
+        registry: &MatchRegistry,
+        from: PeerId,
+        header: &Header,
+    ) -> Vec<PeerId> {
+        let sender = &self.peers[&from];
+        let view = SignalView {
+            sender: &sender.unique_name,
+            path: &header.path,
+            member: &header.member,
+            args: &header.args,
+        };
+        let mut peers = Vec::new();
+        registry.for_each_candidate(
+            &view,
+            sender.names.iter().map(String::as_str),
+            |peer, rule| {
+                if rule.matches(&view, |name| self.names.owner(name) == Some(from)) {
+                    peers.push(peer);
+                }
+            },
+        );
+        peers
     }
 
     /// Queues one encoded copy per receiver pid namespace to each receiver
@@ -1206,29 +1217,8 @@ impl<Io> Bus<Io> {
     /// MONITOR_COPY, and are charged to the monitor itself; a monitor whose
     /// queue is full misses them.
     fn copy_to_monitors(&mut self, from: PeerId, to: PeerId, header: &Header, body: &[u8]) {
-        let mut watchers = Vec::new();
-        {
-            let sender = &self.peers[&from];
-            let view = SignalView {
-                sender: &sender.unique_name,
-                path: &header.path,
-                member: &header.member,
-                args: &header.args,
-            };
-            let names = &self.names;
-            self.monitors.for_each_candidate(
-                &view,
-                sender.names.iter().map(String::as_str),
-                |peer, rule| {
-                    if peer != from
-                        && peer != to
-                        && rule.matches(&view, |name| names.owner(name) == Some(from))
-                    {
-                        watchers.push(peer);
-                    }
-                },
-            );
-        }
+        let mut watchers = self.matching_peers(&self.monitors, from, header);
+        watchers.retain(|peer| *peer != from && *peer != to);
         if watchers.is_empty() {
             return;
         }
@@ -1270,6 +1260,14 @@ impl<Io> Bus<Io> {
     pub fn set_policy(&mut self, policy: Arc<Policy>) -> usize {
         for peer in self.peers.values_mut() {
             peer.policy = policy.snapshot(&peer.identity);
+            // Eavesdropping needs the monitor right now too: a monitor that
+            // lost it stops receiving copies.
+            if !peer.monitor_matches.is_empty() && !peer.policy.monitor().allowed {
+                tracing::info!(peer = %peer.unique_name, "monitor right revoked; eavesdropping rules dropped");
+                for id in peer.monitor_matches.drain(..) {
+                    self.monitors.remove(id);
+                }
+            }
         }
         self.policy = policy;
         self.peers.len()

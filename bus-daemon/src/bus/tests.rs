@@ -664,3 +664,40 @@ fn a_flooding_uid_cannot_starve_another_at_the_same_receiver() {
         .message
         .contains("is full"));
 }
+
+#[test]
+fn a_monitor_that_loses_the_right_on_reload_stops_eavesdropping() {
+    let mut h = Harness::new();
+    let monitor = h.connect(0, 1);
+    let caller = h.connect(1000, 2);
+    let callee = h.connect(1000, 3);
+    h.add_match(
+        monitor,
+        MatchRule {
+            eavesdrop: true,
+            ..MatchRule::default()
+        },
+    );
+    h.call(caller, &callee.unique_name().into_string(), "Watched", b"");
+    let copies = h.drain(monitor);
+    assert_eq!(copies.len(), 1);
+    assert_ne!(copies[0].header.flags & HeaderFlag::MonitorCopy as u32, 0);
+    h.drain(callee);
+    let no_monitor = Policy::parse(
+        "builtin = false\n[[rule]]\nallow = [\"own\", \"see\", \"talk\", \"receive\"]\nsubject = { anyone = true }\n",
+        "test.toml",
+    )
+    .unwrap();
+    h.bus.set_policy(no_monitor);
+    h.call(
+        caller,
+        &callee.unique_name().into_string(),
+        "Unwatched",
+        b"",
+    );
+    assert_eq!(h.drain(callee).len(), 1);
+    assert!(
+        h.drain(monitor).is_empty(),
+        "the copy went to a monitor without the right"
+    );
+}

@@ -412,6 +412,7 @@ async fn run_extra(socket: &str, command: &str, rest: &[String]) -> Option<Resul
             _ => Err(format!("bad size or count {size:?} {max:?}")),
         },
         ("ping-loop", []) => ping_loop(socket).await,
+        ("policy-probe", [name]) => policy_probe(socket, name).await,
         _ => return None,
     };
     Some(result)
@@ -607,4 +608,358 @@ async fn next_signal(stream: &mut pbus::SignalStream) -> String {
         or_dash(&text),
         container_words(sender.container.as_ref())
     )
+}
+
+/// `pbus-test-peer SOCKET policy-probe NAME|-`, for the policy tests
+/// (`tests/tests/policy*.rs`, which parse its answers): own NAME (unless
+/// `-`), answer `Echo` and `Other` calls with `<member> fds=<n>
+/// memfds=<m>`, count them and unicast `Poke` signals, print `ready
+/// <unique-name>`, then answer one line per stdin line:
+///
+/// ```text
+/// call DEST MEMBER       call DEST.MEMBER with a Text: `ok <reply text>`
+/// call-fd DEST MEMBER    the same with a pipe's write end attached
+/// signal DEST MEMBER     (a raw connection of this process, made on first
+///                        use) unicast signal DEST.MEMBER, then a Ping:
+///                        `sent` or the bus's error for it
+/// received               `received Echo=<n> Other=<n> Poke=<n>`
+/// names                  ListNames with unique names: `names <a,b,..|->`
+/// has-owner NAME         `has-owner true|false`
+/// owner NAME             GetNameOwner: `owner <unique>`
+/// queued NAME            ListQueuedOwners: `queued <a,b,..|->`
+/// request NAME           RequestName: `request <PrimaryOwner|InQueue|..>`
+/// release NAME           ReleaseName: `release <Released|..>`
+/// watch                  subscribe to NameOwnerChanged: `watching`
+/// changes-until NAME     NameOwnerChanged signals received until one for
+///                        NAME (10 s): `changes <name|old|new;..>`
+/// listen MEMBER          subscribe to signals MEMBER: `listening MEMBER`
+/// emit MEMBER TEXT       broadcast signal MEMBER: `emitted MEMBER`
+/// signals-until MEMBER TEXT
+///                        MEMBER signals received until one carrying TEXT
+///                        (10 s): `signals <sender|text;..>`
+/// eavesdrop              AddMatch with eavesdrop: `ok`
+/// explain SUBJECT RIGHT TARGET MEMBER
+///                        ExplainPolicy (`-` for empty): `explain
+///                        <allowed|denied> <deciding rule>`
+/// reload                 ReloadPolicy: `reloaded rules=<n> peers=<n>`
+/// stats                  GetStats: `stats peers=<a,b,..> uids=<uid:conns,..>`
+/// ping                   `pong`
+/// ```
+///
+/// Failures answer `error <code> <name> <detail|-> <message>`; timeouts
+/// and local failures have code 0.
+async fn policy_probe(socket: &str, name: &str) -> Result<(), String> {
+    use std::collections::BTreeMap;
+    use std::io::BufRead;
+    use std::sync::{Arc, Mutex};
+
+    type Counts = Arc<Mutex<BTreeMap<&'static str, u64>>>;
+    fn bump(counts: &Counts, member: &'static str) {
+        *counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(member)
+            .or_default() += 1;
+    }
+
+    let connection = connect_library(socket).await?;
+    if name != "-" {
+        own(&connection, name).await?;
+    }
+    let counts: Counts = Arc::new(Mutex::new(
+        [("Echo", 0), ("Other", 0), ("Poke", 0)]
+            .into_iter()
+            .collect(),
+    ));
+    for member in ["Echo", "Other"] {
+        let counts = Arc::clone(&counts);
+        connection
+            .serve_raw(member, move |call: pbus::MethodCall| {
+                bump(&counts, member);
+                let text = format!(
+                    "{member} fds={} memfds={}",
+                    call.incoming.fds().len(),
+                    call.incoming.memfds().len() + usize::from(call.incoming.body().is_memfd())
+                );
+                async move { Ok(pbus::Outgoing::new(&Text::new(text))) }
+            })
+            .map_err(|error| error.to_string())?;
+    }
+    let mut pokes = connection
+        .subscribe(pbus::MatchRule::new().member("Poke"))
+        .await
+        .map_err(|error| format!("subscribe to Poke: {error}"))?;
+    {
+        let counts = Arc::clone(&counts);
+        tokio::spawn(async move {
+            while pokes.next().await.is_some() {
+                bump(&counts, "Poke");
+            }
+        });
+    }
+    println!("ready {}", connection.unique_name());
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut raw: Option<pbus_tests::RawClient> = None;
+    let mut owner_changes: Option<pbus::SignalStream> = None;
+    let mut streams: std::collections::HashMap<String, pbus::SignalStream> =
+        std::collections::HashMap::new();
+    let list = |items: Vec<String>| {
+        if items.is_empty() {
+            "-".to_owned()
+        } else {
+            items.join(",")
+        }
+    };
+    let dash = |word: &str| {
+        if word == "-" {
+            String::new()
+        } else {
+            word.to_owned()
+        }
+    };
+    while let Some(line) = lines.recv().await {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let answer = match words.as_slice() {
+            ["call", destination, member] | ["call-fd", destination, member] => {
+                let mut outgoing = pbus::Outgoing::new(&Text::new("probe"));
+                if words[0] == "call-fd" {
+                    let (_read, write) = std::io::pipe().map_err(|error| error.to_string())?;
+                    outgoing = outgoing.fd(write.into());
+                }
+                match connection
+                    .method_call(destination, member)
+                    .timeout(Duration::from_secs(10))
+                    .send(outgoing)
+                    .await
+                {
+                    Ok(Some(reply)) => match reply.decode::<Text>() {
+                        Ok(text) => format!("ok {}", text.text),
+                        Err(error) => probe_error(&error),
+                    },
+                    Ok(None) => "error 0 no-reply - -".to_owned(),
+                    Err(error) => probe_error(&error),
+                }
+            }
+            ["signal", destination, member] => {
+                if raw.is_none() {
+                    raw = Some(
+                        pbus_tests::RawClient::connect_hello(std::path::Path::new(socket))
+                            .await
+                            .map_err(|error| format!("raw connection: {error}"))?,
+                    );
+                }
+                let client = raw.as_mut().expect("just made");
+                let body = prost::Message::encode_to_vec(&Text::new("poke"));
+                let serial = client
+                    .send_signal(destination, "/test", member, &[], &body)
+                    .await
+                    .map_err(|error| format!("send: {error}"))?;
+                client.sync().await;
+                let refusal = client.take_inbox().into_iter().find(|frame| {
+                    frame.kind() == pbus_proto::v1::MessageKind::Error
+                        && frame.header.reply_serial == serial
+                });
+                match refusal {
+                    None => "sent".to_owned(),
+                    Some(frame) => {
+                        let info = frame.header.error.unwrap_or_default();
+                        format!(
+                            "error {} {} {} {}",
+                            info.code,
+                            or_dash(&info.name),
+                            or_dash(&info.detail),
+                            or_dash(&info.message)
+                        )
+                    }
+                }
+            }
+            ["received"] => {
+                let counts = counts
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .clone();
+                let words: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("received {}", words.join(" "))
+            }
+            ["names"] => match connection.list_names(true).await {
+                Ok(names) => format!(
+                    "names {}",
+                    list(names.into_iter().map(|entry| entry.name).collect())
+                ),
+                Err(error) => probe_error(&error),
+            },
+            ["has-owner", name] => match connection.name_has_owner(name).await {
+                Ok(has) => format!("has-owner {has}"),
+                Err(error) => probe_error(&error),
+            },
+            ["owner", name] => match connection.get_name_owner(name).await {
+                Ok(owner) => format!("owner {owner}"),
+                Err(error) => probe_error(&error),
+            },
+            ["queued", name] => match connection.list_queued_owners(name).await {
+                Ok(owners) => format!("queued {}", list(owners)),
+                Err(error) => probe_error(&error),
+            },
+            ["request", name] => match connection
+                .request_name(name, RequestNameFlags::default())
+                .await
+            {
+                Ok(result) => format!("request {result:?}"),
+                Err(error) => probe_error(&error),
+            },
+            ["release", name] => match connection.release_name(name).await {
+                Ok(result) => format!("release {result:?}"),
+                Err(error) => probe_error(&error),
+            },
+            ["watch"] => match connection
+                .subscribe(
+                    pbus::MatchRule::new()
+                        .path(pbus_proto::BUS_PATH)
+                        .member("NameOwnerChanged"),
+                )
+                .await
+            {
+                Ok(stream) => {
+                    owner_changes = Some(stream);
+                    "watching".to_owned()
+                }
+                Err(error) => probe_error(&error),
+            },
+            ["changes-until", name] => match owner_changes.as_mut() {
+                None => "error 0 not-watching - -".to_owned(),
+                Some(stream) => {
+                    let mut seen = Vec::new();
+                    loop {
+                        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+                            Ok(Some(signal)) => {
+                                let args = signal.args().join("|");
+                                let last = signal.args().first().map(String::as_str) == Some(name);
+                                seen.push(args);
+                                if last {
+                                    break format!("changes {}", seen.join(";"));
+                                }
+                            }
+                            Ok(None) => break "error 0 connection-closed - -".to_owned(),
+                            Err(_) => break format!("error 0 timeout - {}", seen.join(";")),
+                        }
+                    }
+                }
+            },
+            ["listen", member] => match connection
+                .subscribe(pbus::MatchRule::new().member(member))
+                .await
+            {
+                Ok(stream) => {
+                    streams.insert((*member).to_owned(), stream);
+                    format!("listening {member}")
+                }
+                Err(error) => probe_error(&error),
+            },
+            ["emit", member, text] => match connection
+                .emit_signal("/test", member, &[], &Text::new(*text))
+                .await
+            {
+                Ok(()) => format!("emitted {member}"),
+                Err(error) => probe_error(&error),
+            },
+            ["signals-until", member, text] => match streams.get_mut(*member) {
+                None => "error 0 not-listening - -".to_owned(),
+                Some(stream) => {
+                    let mut seen = Vec::new();
+                    loop {
+                        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+                            Ok(Some(signal)) => {
+                                let got = signal
+                                    .decode::<Text>()
+                                    .map(|text| text.text)
+                                    .unwrap_or_default();
+                                let last = got == *text;
+                                seen.push(format!("{}|{got}", signal.sender().unique_name));
+                                if last {
+                                    break format!("signals {}", seen.join(";"));
+                                }
+                            }
+                            Ok(None) => break "error 0 connection-closed - -".to_owned(),
+                            Err(_) => break format!("error 0 timeout - {}", seen.join(";")),
+                        }
+                    }
+                }
+            },
+            ["eavesdrop"] => match connection
+                .add_match(&pbus::MatchRule::new().eavesdrop(true))
+                .await
+            {
+                Ok(()) => "ok".to_owned(),
+                Err(error) => probe_error(&error),
+            },
+            ["explain", subject, right, target, member] => match connection
+                .explain_policy(&dash(subject), right, &dash(target), &dash(member))
+                .await
+            {
+                Ok(reply) => format!(
+                    "explain {} {}",
+                    if reply.allowed { "allowed" } else { "denied" },
+                    or_dash(&reply.rule)
+                ),
+                Err(error) => probe_error(&error),
+            },
+            ["reload"] => match connection.reload_policy().await {
+                Ok(reply) => format!("reloaded rules={} peers={}", reply.rules, reply.peers),
+                Err(error) => probe_error(&error),
+            },
+            ["stats"] => match connection.stats().await {
+                Ok(stats) => format!(
+                    "stats peers={} uids={}",
+                    list(
+                        stats
+                            .peers
+                            .into_iter()
+                            .map(|peer| peer.unique_name)
+                            .collect()
+                    ),
+                    list(
+                        stats
+                            .uids
+                            .iter()
+                            .map(|uid| format!("{}:{}", uid.uid, uid.connections))
+                            .collect()
+                    )
+                ),
+                Err(error) => probe_error(&error),
+            },
+            ["ping"] => match connection.ping().await {
+                Ok(_) => "pong".to_owned(),
+                Err(error) => probe_error(&error),
+            },
+            _ => format!("error 0 bad-command - {line}"),
+        };
+        println!("{}", answer.replace('\n', " "));
+    }
+    Ok(())
+}
+
+/// `error <code> <name> <detail|-> <message>` for `policy-probe`.
+fn probe_error(error: &pbus::Error) -> String {
+    match error {
+        pbus::Error::Remote {
+            code,
+            name,
+            detail,
+            message,
+        } => format!(
+            "error {} {name} {} {}",
+            *code as i32,
+            or_dash(detail),
+            or_dash(message)
+        ),
+        other => format!("error 0 local - {other}"),
+    }
 }

@@ -8,10 +8,10 @@
 //! arrays go through `serde_bytes`, so zvariant copies them in one piece.
 //! Mass connections use the minimal client in [`super::wire`].
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::StreamExt;
 use serde_bytes::Bytes;
 use zbus::message::{Flags, Message, Type as MessageType};
 use zbus::{Connection, MessageStream};
@@ -111,36 +111,8 @@ impl Client for DbusClient {
         latencies: &mut Histogram,
     ) -> Result<u64> {
         let conn = &*conn;
-        let mut started = 0u64;
-        let mut done = 0u64;
-        if spec.inflight <= 1 {
-            while spec.wants_more(started) {
-                started += 1;
-                let t0 = Instant::now();
-                conn.call(spec.payload).await?;
-                latencies.record(t0.elapsed().as_nanos() as u64);
-                done += 1;
-            }
-            return Ok(done);
-        }
-        let timed_call = || async {
-            let t0 = Instant::now();
-            conn.call(spec.payload).await.map(|()| t0.elapsed())
-        };
-        let mut pending = FuturesUnordered::new();
-        while pending.len() < spec.inflight && spec.wants_more(started) {
-            pending.push(timed_call());
-            started += 1;
-        }
-        while let Some(result) = pending.next().await {
-            latencies.record(result?.as_nanos() as u64);
-            done += 1;
-            if spec.wants_more(started) {
-                pending.push(timed_call());
-                started += 1;
-            }
-        }
-        Ok(done)
+        spec.run_closed_loop(latencies, || conn.call(spec.payload))
+            .await
     }
 
     async fn send_oneway(&self, conn: &mut DbusConn, payload: &[u8], count: u64) -> Result<()> {

@@ -15,10 +15,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use futures::stream::{FuturesUnordered, StreamExt};
 use pbus::{Connection, Outgoing, RequestNameFlags, RequestNameResult, SealedMemfd};
 
 use super::wire::LightConn;
@@ -144,36 +143,8 @@ impl Client for PbusClient {
     ) -> Result<u64> {
         let conn = &*conn;
         let request = Request::new(spec.payload, self.from_vec)?;
-        let mut started = 0u64;
-        let mut done = 0u64;
-        if spec.inflight <= 1 {
-            while spec.wants_more(started) {
-                started += 1;
-                let t0 = Instant::now();
-                conn.call(request.outgoing()?).await?;
-                latencies.record(t0.elapsed().as_nanos() as u64);
-                done += 1;
-            }
-            return Ok(done);
-        }
-        let timed_call = || async {
-            let t0 = Instant::now();
-            conn.call(request.outgoing()?).await.map(|()| t0.elapsed())
-        };
-        let mut pending = FuturesUnordered::new();
-        while pending.len() < spec.inflight && spec.wants_more(started) {
-            pending.push(timed_call());
-            started += 1;
-        }
-        while let Some(result) = pending.next().await {
-            latencies.record(result?.as_nanos() as u64);
-            done += 1;
-            if spec.wants_more(started) {
-                pending.push(timed_call());
-                started += 1;
-            }
-        }
-        Ok(done)
+        spec.run_closed_loop(latencies, || async { conn.call(request.outgoing()?).await })
+            .await
     }
 
     async fn send_oneway(&self, conn: &mut PbusConn, payload: &[u8], count: u64) -> Result<()> {
