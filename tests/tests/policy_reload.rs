@@ -563,10 +563,7 @@ async fn policy_administration_is_for_root_on_the_host_only() {
         "root in an unknown container",
     );
     let stats = ask(&mut u, "stats").await;
-    assert!(
-        stats == format!("stats peers={u_unique} uids=-"),
-        "{stats}"
-    );
+    assert_eq!(stats, format!("stats peers={u_unique} uids=-"));
 
     // GetStats shows them only the peers they may see, and no per-uid rows
     // (those count peers they may not see).
@@ -578,10 +575,7 @@ async fn policy_administration_is_for_root_on_the_host_only() {
     assert_eq!(peers, format!("{a_unique},{a2_unique}"), "{stats}");
     assert_eq!(uids, "-", "{stats}");
     let stats = ask(&mut n1, "stats").await;
-    assert_eq!(
-        stats,
-        format!("stats peers={n1_unique},{n2_unique} uids=-")
-    );
+    assert_eq!(stats, format!("stats peers={n1_unique},{n2_unique} uids=-"));
 
     // Root on the host: all of it, and its reload installs the rules.
     let all = root.stats().await.unwrap();
