@@ -15,6 +15,24 @@ use pbus_sys::memfd::{self as sys, seal, ReadOnlyMapping};
 
 use crate::Error;
 
+/// Adds every seal pbus requires. SEAL_WRITE fails with `EBUSY` while any
+/// page of the file still has an extra reference (the kernel waits a little
+/// for such transient pins itself, but a busy machine can outlast that, e.g.
+/// just after a large write); that is retried a few times before giving up.
+fn seal_required(fd: &OwnedFd) -> std::io::Result<()> {
+    let mut pause = std::time::Duration::from_micros(200);
+    for _ in 0..8 {
+        match sys::add_seals(fd, seal::REQUIRED) {
+            Err(error) if error.raw_os_error() == Some(16) => {
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+            other => return other,
+        }
+    }
+    sys::add_seals(fd, seal::REQUIRED)
+}
+
 /// A fully sealed memfd and the byte range of it that is the payload.
 #[derive(Debug)]
 pub struct SealedMemfd {
@@ -48,7 +66,7 @@ impl SealedMemfd {
                     "memfd is sealed against new seals but lacks SHRINK/GROW/WRITE".into(),
                 ));
             }
-            sys::add_seals(&fd, seal::REQUIRED).map_err(|e| {
+            seal_required(&fd).map_err(|e| {
                 Error::Memfd(format!(
                     "cannot seal the memfd (a writable mapping may still exist): {e}"
                 ))
@@ -146,7 +164,7 @@ impl MemfdWriter {
     /// Seals the memfd; from now on nobody can change it.
     pub fn seal(self) -> Result<SealedMemfd, Error> {
         let fd = OwnedFd::from(self.file);
-        sys::add_seals(&fd, seal::REQUIRED)?;
+        seal_required(&fd)?;
         let len = sys::file_size(&fd)?;
         Ok(SealedMemfd { fd, offset: 0, len })
     }
