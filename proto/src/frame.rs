@@ -191,6 +191,28 @@ pub fn encode_frame(out: &mut Vec<u8>, header: &Header, body: &[u8], fd_count: u
     out.extend_from_slice(body);
 }
 
+/// Appends one frame whose header is `view`'s with its `sender` replaced
+/// by `stamp` (see [`crate::header::write_stamped`]), without decoding or
+/// re-encoding the header.
+pub fn encode_stamped_frame(
+    out: &mut Vec<u8>,
+    view: &crate::header::HeaderView<'_>,
+    stamp: &[u8],
+    body: &[u8],
+    fd_count: u16,
+) {
+    let header_len = crate::header::stamped_len(view, stamp);
+    let prefix = FramePrefix {
+        header_len: u32::try_from(header_len).expect("header over 4 GiB"),
+        body_len: u32::try_from(body.len()).expect("body over 4 GiB"),
+        fd_count,
+    };
+    out.reserve(PREFIX_LEN + header_len + body.len());
+    out.extend_from_slice(&prefix.to_bytes());
+    crate::header::write_stamped(view, stamp, out);
+    out.extend_from_slice(body);
+}
+
 /// The encoded length of a frame with this header and a body of `body_len`.
 pub fn encoded_frame_len(header: &Header, body_len: usize) -> usize {
     PREFIX_LEN + header.encoded_len() + body_len
@@ -528,18 +550,10 @@ impl<F> OutQueue<F> {
         body: &[u8],
         fds: Vec<F>,
     ) -> u64 {
-        let header_len = crate::header::stamped_len(view, stamp);
-        let prefix = FramePrefix {
-            header_len: u32::try_from(header_len).expect("header over 4 GiB"),
-            body_len: u32::try_from(body.len()).expect("body over 4 GiB"),
-            fd_count: u16::try_from(fds.len()).expect("fd count checked by caller"),
-        };
+        let fd_count = u16::try_from(fds.len()).expect("fd count checked by caller");
         let segment = self.segment_for(fds);
         let before = segment.data.len();
-        segment.data.reserve(PREFIX_LEN + header_len + body.len());
-        segment.data.extend_from_slice(&prefix.to_bytes());
-        crate::header::write_stamped(view, stamp, &mut segment.data);
-        segment.data.extend_from_slice(body);
+        encode_stamped_frame(&mut segment.data, view, stamp, body, fd_count);
         let len = segment.data.len() - before;
         self.queued_bytes += len;
         self.queued_total += len as u64;

@@ -6,9 +6,10 @@
 
 use std::time::Instant;
 
+use pbus_proto::header::HeaderView;
 use pbus_proto::names::{BusName, WellKnownName};
 use pbus_proto::v1::{
-    AddMatchRequest, Empty, GetNameOwnerReply, GetNameOwnerRequest, GetPeerIdentityRequest, Header,
+    AddMatchRequest, Empty, GetNameOwnerReply, GetNameOwnerRequest, GetPeerIdentityRequest,
     HeaderFlag, ListNamesReply, ListNamesRequest, ListQueuedOwnersReply, ListQueuedOwnersRequest,
     NameEntry, NameHasOwnerReply, NameHasOwnerRequest, PingReply, ReleaseNameReply,
     ReleaseNameRequest, ReleaseNameResult, RemoveMatchRequest, RequestNameReply,
@@ -45,7 +46,7 @@ impl<Io> Bus<Io> {
     pub(super) fn handle_bus_call(
         &mut self,
         from: PeerId,
-        header: &Header,
+        header: &HeaderView<'_>,
         body: &[u8],
         now: Instant,
     ) -> Result<(), BusError> {
@@ -59,7 +60,7 @@ impl<Io> Bus<Io> {
                 Ok(())
             }};
         }
-        match header.member.as_str() {
+        match header.member {
             "RequestName" => {
                 let reply = self.request_name(from, decode(body)?)?;
                 reply!(reply)

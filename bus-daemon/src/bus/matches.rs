@@ -92,7 +92,7 @@ impl Rule {
             }
         }
         for (index, value) in &self.args {
-            if signal.args.get(*index as usize) != Some(value) {
+            if signal.args.get(*index as usize).copied() != Some(value.as_str()) {
                 return false;
             }
         }
@@ -126,7 +126,7 @@ pub struct SignalView<'a> {
     /// Signal name.
     pub member: &'a str,
     /// String arguments.
-    pub args: &'a [String],
+    pub args: &'a [&'a str],
 }
 
 #[derive(Debug)]
@@ -313,7 +313,7 @@ mod tests {
         sender: &'a str,
         path: &'a str,
         member: &'a str,
-        args: &'a [String],
+        args: &'a [&'a str],
     ) -> SignalView<'a> {
         SignalView {
             sender,
@@ -325,7 +325,7 @@ mod tests {
 
     #[test]
     fn fields_filter() {
-        let args = vec!["a".to_string(), "b".to_string()];
+        let args = vec!["a", "b"];
         let signal = view(":1.5", "/x/y", "Changed", &args);
         let nobody = |_: &str| false;
         assert!(rule("", "", "", &[]).matches(&signal, nobody));

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use pbus_identity::PeerIdentity;
 use pbus_policy::{PeerPolicy, Policy};
 use pbus_proto::frame::{Flushed, OutQueue};
+use pbus_proto::header::HeaderView;
 use pbus_proto::names::{MemberName, ObjectPath, UniqueName};
 use pbus_proto::v1::{
     ContainerInfo, ErrorInfo, Feature, Header, HeaderFlag, Hello, Limits as WireLimits,
@@ -138,9 +139,10 @@ pub struct Peer<Io> {
     identity: Arc<PeerIdentity>,
     policy: PeerPolicy,
     features: u32,
-    /// The stamp put on everything this peer sends, with `pid` as seen from
-    /// the daemon; adjusted per receiver.
-    sender_info: SenderInfo,
+    /// The encoded `sender` field stamped on everything this peer sends,
+    /// with `pid` as seen from the daemon's pid namespace (receivers where
+    /// the pid reads differently get one made for them).
+    sender_stamp: Vec<u8>,
     outbox: OutQueue<OwnedFd>,
     /// What the queued frames are charged to, released as they are written.
     quota: ReceiverQuota,
@@ -421,7 +423,10 @@ impl<Io> Bus<Io> {
         let unique_name = id.unique_name().into_string();
         let features = hello.features & DAEMON_FEATURES;
         let policy = self.policy.snapshot(&identity);
-        let sender_info = sender_info_of(&unique_name, &identity);
+        let mut sender_stamp = Vec::new();
+        let mut stamped = sender_info_of(&unique_name, &identity);
+        stamped.pid = identity.pid_seen_from(self.own_pid_namespace);
+        pbus_proto::header::encode_sender_field(&stamped, &mut sender_stamp);
         *self.connections_per_uid.entry(identity.uid).or_default() += 1;
         let identity = Arc::new(identity);
         self.peers.insert(
@@ -433,7 +438,7 @@ impl<Io> Bus<Io> {
                 identity: Arc::clone(&identity),
                 policy,
                 features,
-                sender_info,
+                sender_stamp,
                 outbox: OutQueue::default(),
                 quota: ReceiverQuota::new(identity.uid),
                 names: HashSet::new(),
@@ -606,18 +611,20 @@ impl<Io> Bus<Io> {
         if !self.peers.contains_key(&from) {
             return Ok(());
         }
-        let mut header =
-            Header::decode(header).map_err(|e| Violation(format!("undecodable header: {e}")))?;
+        // Read in place: no field is copied out, and what is forwarded is
+        // the sender's own encoding with only the `sender` field replaced.
+        let header =
+            HeaderView::parse(header).map_err(|e| Violation(format!("undecodable header: {e}")))?;
         let kind = MessageKind::try_from(header.kind).unwrap_or(MessageKind::Unspecified);
         let serial = header.serial;
         let wants_reply = kind == MessageKind::MethodCall
             && header.flags & HeaderFlag::NoReplyExpected as u32 == 0;
         let result = match kind {
-            MessageKind::MethodCall => self.route_call(from, &mut header, body, fds, now),
+            MessageKind::MethodCall => self.route_call(from, &header, body, fds, now),
             MessageKind::MethodReturn | MessageKind::Error => {
-                self.route_reply(from, &mut header, body, fds)
+                self.route_reply(from, &header, body, fds)
             }
-            MessageKind::Signal => self.route_signal(from, &mut header, body, fds),
+            MessageKind::Signal => self.route_signal(from, &header, body, fds),
             MessageKind::Hello | MessageKind::Welcome => {
                 return Err(Violation("handshake frame after the handshake".into()))
             }
@@ -647,7 +654,7 @@ impl<Io> Bus<Io> {
     fn route_call(
         &mut self,
         from: PeerId,
-        header: &mut Header,
+        header: &HeaderView<'_>,
         body: &[u8],
         fds: Vec<OwnedFd>,
         now: Instant,
@@ -657,9 +664,9 @@ impl<Io> Bus<Io> {
                 "a method call needs a non-zero serial".into(),
             ));
         }
-        MemberName::validate(&header.member).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+        MemberName::validate(header.member).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         if !header.path.is_empty() {
-            ObjectPath::validate(&header.path).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+            ObjectPath::validate(header.path).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         }
         if header.destination == BUS_NAME {
             if !fds.is_empty() {
@@ -667,7 +674,7 @@ impl<Io> Bus<Io> {
             }
             return self.handle_bus_call(from, header, body, now);
         }
-        let to = self.resolve(&header.destination)?;
+        let to = self.resolve(header.destination)?;
         self.check_unicast(from, to, header, &fds)?;
         let wants_reply = header.flags & HeaderFlag::NoReplyExpected as u32 == 0;
         let key = CallKey {
@@ -711,12 +718,12 @@ impl<Io> Bus<Io> {
     fn route_reply(
         &mut self,
         from: PeerId,
-        header: &mut Header,
+        header: &HeaderView<'_>,
         body: &[u8],
         fds: Vec<OwnedFd>,
     ) -> Result<(), BusError> {
         let caller =
-            PeerId::from_unique_name(&header.destination).ok_or(BusError::UnexpectedReply)?;
+            PeerId::from_unique_name(header.destination).ok_or(BusError::UnexpectedReply)?;
         let key = CallKey {
             caller,
             serial: header.reply_serial,
@@ -724,14 +731,23 @@ impl<Io> Bus<Io> {
         if !self.calls.take_reply(key, from) {
             return Err(BusError::UnexpectedReply);
         }
-        if header.kind == MessageKind::Error as i32
+        // An ERROR must carry an error name; give a nameless one the
+        // generic name (the one case where the header is rebuilt).
+        let named;
+        let header = if header.kind == MessageKind::Error as i32
             && header.error.as_ref().is_none_or(|e| e.name.is_empty())
         {
-            let mut info = header.error.take().unwrap_or_default();
+            let mut full = Header::decode(header.raw).map_err(|_| BusError::UnexpectedReply)?;
+            let mut info = full.error.take().unwrap_or_default();
             info.name =
                 pbus_proto::errors::error_name(pbus_proto::v1::ErrorCode::Failed).to_owned();
-            header.error = Some(info);
-        }
+            full.error = Some(info);
+            full.sender = None;
+            named = full.encode_to_vec();
+            &HeaderView::parse(&named).expect("an encoded header parses")
+        } else {
+            header
+        };
         // The call is answered either way; if the reply cannot go through,
         // the caller gets an error in its place.
         if let Err(error) = self.check_fds(from, caller, header, &fds) {
@@ -756,16 +772,16 @@ impl<Io> Bus<Io> {
     fn route_signal(
         &mut self,
         from: PeerId,
-        header: &mut Header,
+        header: &HeaderView<'_>,
         body: &[u8],
         fds: Vec<OwnedFd>,
     ) -> Result<(), BusError> {
-        MemberName::validate(&header.member).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+        MemberName::validate(header.member).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         if !header.path.is_empty() {
-            ObjectPath::validate(&header.path).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
+            ObjectPath::validate(header.path).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         }
         if !header.destination.is_empty() {
-            let to = self.resolve(&header.destination)?;
+            let to = self.resolve(header.destination)?;
             self.check_unicast(from, to, header, &fds)?;
             return self.stamp_and_queue(from, to, header, body, fds);
         }
@@ -801,7 +817,7 @@ impl<Io> Bus<Io> {
         &self,
         from: PeerId,
         to: PeerId,
-        header: &Header,
+        header: &HeaderView<'_>,
         fds: &[OwnedFd],
     ) -> Result<(), BusError> {
         if from != to {
@@ -818,20 +834,20 @@ impl<Io> Bus<Io> {
         &self,
         from: PeerId,
         to: PeerId,
-        header: &Header,
+        header: &HeaderView<'_>,
         fds: &[OwnedFd],
     ) -> Result<(), BusError> {
         let sender = &self.peers[&from];
         let receiver = &self.peers[&to];
         if !sender
             .policy
-            .see(&receiver.identity, &header.destination)
+            .see(&receiver.identity, header.destination)
             .allowed
         {
             return Err(if header.destination.starts_with(':') {
-                BusError::NoSuchPeer(header.destination.clone())
+                BusError::NoSuchPeer(header.destination.to_owned())
             } else {
-                BusError::NameHasNoOwner(header.destination.clone())
+                BusError::NameHasNoOwner(header.destination.to_owned())
             });
         }
         let receiver_names = self.owned_names(receiver);
@@ -841,14 +857,14 @@ impl<Io> Bus<Io> {
         };
         let talk = sender
             .policy
-            .talk(&receiver.identity, &receiver_names, &header.member);
+            .talk(&receiver.identity, &receiver_names, header.member);
         if !talk.allowed {
             return Err(denied(talk.right));
         }
         let sender_names = self.owned_names(sender);
         let receive = receiver
             .policy
-            .receive(&sender.identity, &sender_names, &header.member);
+            .receive(&sender.identity, &sender_names, header.member);
         if !receive.allowed {
             return Err(denied(receive.right));
         }
@@ -882,14 +898,19 @@ impl<Io> Bus<Io> {
 
     /// May `receiver` get broadcast `header` from `sender`? The same rights
     /// as a unicast, except that fds in broadcasts are memfds only.
-    fn broadcast_allowed(&self, sender: &Peer<Io>, receiver: &Peer<Io>, header: &Header) -> bool {
+    fn broadcast_allowed(
+        &self,
+        sender: &Peer<Io>,
+        receiver: &Peer<Io>,
+        header: &HeaderView<'_>,
+    ) -> bool {
         if sender.id == receiver.id {
             return true;
         }
         let receiver_names = self.owned_names(receiver);
         if !sender
             .policy
-            .talk(&receiver.identity, &receiver_names, &header.member)
+            .talk(&receiver.identity, &receiver_names, header.member)
             .allowed
         {
             return false;
@@ -897,7 +918,7 @@ impl<Io> Bus<Io> {
         let sender_names = self.owned_names(sender);
         if !receiver
             .policy
-            .receive(&sender.identity, &sender_names, &header.member)
+            .receive(&sender.identity, &sender_names, header.member)
             .allowed
         {
             return false;
@@ -917,7 +938,7 @@ impl<Io> Bus<Io> {
         &self,
         _from: PeerId,
         to: PeerId,
-        header: &Header,
+        header: &HeaderView<'_>,
         fds: &[OwnedFd],
     ) -> Result<(), BusError> {
         // A body declared to be in a memfd needs checking even with no fds
@@ -944,7 +965,7 @@ impl<Io> Bus<Io> {
     }
 
     /// Per-message fd and memfd limits, and memfd validation.
-    fn check_fd_limits(&self, header: &Header, fds: &[OwnedFd]) -> Result<(), BusError> {
+    fn check_fd_limits(&self, header: &HeaderView<'_>, fds: &[OwnedFd]) -> Result<(), BusError> {
         if fds.len() > self.limits.max_fds_per_message as usize {
             return Err(BusError::LimitExceeded {
                 limit: "max_fds_per_message",
@@ -982,10 +1003,19 @@ impl<Io> Bus<Io> {
     }
 
     /// Delivers a broadcast signal to every peer with a matching rule.
-    fn broadcast(&mut self, from: PeerId, header: &mut Header, body: &[u8], fds: &[OwnedFd]) {
+    fn broadcast(&mut self, from: PeerId, header: &HeaderView<'_>, body: &[u8], fds: &[OwnedFd]) {
         self.broadcast_stamp += 1;
         let stamp = self.broadcast_stamp;
-        let mut receivers = self.matching_peers(&self.matches, from, header);
+        let mut receivers = self.matching_peers(
+            &self.matches,
+            from,
+            SignalView {
+                sender: &self.peers[&from].unique_name,
+                path: header.path,
+                member: header.member,
+                args: &header.args,
+            },
+        );
         {
             let sender = &self.peers[&from];
             receivers.retain(|id| {
@@ -995,35 +1025,53 @@ impl<Io> Bus<Io> {
                 !receiver.doomed && self.broadcast_allowed(sender, receiver, header)
             });
         }
-        self.deliver_to_each(Some(from), receivers, stamp, header, body, fds);
+        self.deliver_to_each(
+            Some(from),
+            receivers,
+            stamp,
+            Broadcast::Forwarded(header),
+            body,
+            fds,
+        );
     }
 
-    /// Peers with a rule in `registry` that matches `header` sent by
-    /// `from` (a peer may be listed once per matching rule).
+    /// Peers with a rule in `registry` that matches `signal` sent by `from`
+    /// (a peer may be listed once per matching rule).
     fn matching_peers(
         &self,
         registry: &MatchRegistry,
         from: PeerId,
-        header: &Header,
+        signal: SignalView<'_>,
     ) -> Vec<PeerId> {
         let sender = &self.peers[&from];
-        let view = SignalView {
-            sender: &sender.unique_name,
-            path: &header.path,
-            member: &header.member,
-            args: &header.args,
-        };
         let mut peers = Vec::new();
         registry.for_each_candidate(
-            &view,
+            &signal,
             sender.names.iter().map(String::as_str),
             |peer, rule| {
-                if rule.matches(&view, |name| self.names.owner(name) == Some(from)) {
+                if rule.matches(&signal, |name| self.names.owner(name) == Some(from)) {
                     peers.push(peer);
                 }
             },
         );
         peers
+    }
+
+    /// The `sender` field (see [`pbus_proto::header::encode_sender_field`])
+    /// stamped on what `from` sends to a receiver in pid namespace `ns`:
+    /// the one kept with the peer when the pid reads the same there (the
+    /// daemon's namespace, the usual case), a fresh one otherwise.
+    fn sender_stamp(&self, from: PeerId, ns: u64) -> std::borrow::Cow<'_, [u8]> {
+        let peer = &self.peers[&from];
+        let pid = peer.identity.pid_seen_from(ns);
+        if pid == peer.identity.pid_seen_from(self.own_pid_namespace) {
+            return std::borrow::Cow::Borrowed(&peer.sender_stamp);
+        }
+        let mut info = sender_info_of(&peer.unique_name, &peer.identity);
+        info.pid = pid;
+        let mut stamp = Vec::new();
+        pbus_proto::header::encode_sender_field(&info, &mut stamp);
+        std::borrow::Cow::Owned(stamp)
     }
 
     /// Queues one encoded copy per receiver pid namespace to each receiver
@@ -1033,21 +1081,11 @@ impl<Io> Bus<Io> {
         from: Option<PeerId>,
         receivers: Vec<PeerId>,
         stamp: u64,
-        header: &mut Header,
+        mut message: Broadcast<'_, '_>,
         body: &[u8],
         fds: &[OwnedFd],
     ) {
-        let mut info = match from {
-            Some(from) => std::mem::take(
-                &mut self
-                    .peers
-                    .get_mut(&from)
-                    .expect("sender exists")
-                    .sender_info,
-            ),
-            None => self.bus_sender.clone(),
-        };
-        let sender_identity = from.map(|from| Arc::clone(&self.peers[&from].identity));
+        let actor = from.map(|from| self.peers[&from].identity.uid);
         let mut encoded: Vec<(u64, Vec<u8>)> = Vec::new();
         for id in receivers {
             let Some(receiver) = self.peers.get_mut(&id) else {
@@ -1058,28 +1096,43 @@ impl<Io> Bus<Io> {
             }
             receiver.broadcast_stamp = stamp;
             if !fds.is_empty() && !receiver.accepts_memfds() {
-                // Memfd payloads need fd passing; this subscriber cannot
-                // take them, so it misses this signal.
+                // This subscriber takes no memfd payloads, so it misses a
+                // signal that carries one.
                 receiver.counters.dropped_signals += 1;
                 continue;
             }
             let pid_ns = receiver.identity.namespaces.pid;
-            let frame = match encoded.iter().position(|(ns, _)| *ns == pid_ns) {
-                Some(index) => &encoded[index].1,
+            let index = match encoded.iter().position(|(ns, _)| *ns == pid_ns) {
+                Some(index) => index,
                 None => {
-                    info.pid = match &sender_identity {
-                        Some(identity) => identity.pid_seen_from(pid_ns),
-                        None if pid_ns == self.own_pid_namespace => self.bus_sender.pid,
-                        None => 0,
-                    };
-                    header.sender = Some(info);
                     let mut bytes = Vec::new();
-                    pbus_proto::frame::encode_frame(&mut bytes, header, body, fds.len() as u16);
-                    info = header.sender.take().expect("just set");
+                    let fd_count = fds.len() as u16;
+                    match &mut message {
+                        Broadcast::Forwarded(view) => {
+                            let sender = from.expect("forwarded frames have a sender");
+                            let sender_stamp = self.sender_stamp(sender, pid_ns);
+                            pbus_proto::frame::encode_stamped_frame(
+                                &mut bytes,
+                                view,
+                                &sender_stamp,
+                                body,
+                                fd_count,
+                            );
+                        }
+                        Broadcast::FromBus(header) => {
+                            let mut info = self.bus_sender.clone();
+                            if pid_ns != self.own_pid_namespace {
+                                info.pid = 0;
+                            }
+                            header.sender = Some(info);
+                            pbus_proto::frame::encode_frame(&mut bytes, header, body, fd_count);
+                        }
+                    }
                     encoded.push((pid_ns, bytes));
-                    &encoded.last().expect("just pushed").1
+                    encoded.len() - 1
                 }
             };
+            let frame = &encoded[index].1;
             let copies = match fds
                 .iter()
                 .map(OwnedFd::try_clone)
@@ -1091,7 +1144,6 @@ impl<Io> Bus<Io> {
                     continue;
                 }
             };
-            let actor = sender_identity.as_ref().map(|identity| identity.uid);
             let (bytes, fd_count) = (frame.len() as u64, copies.len() as u64);
             match self.admit_frame(id, actor, bytes, fd_count) {
                 Ok(()) => {
@@ -1104,11 +1156,6 @@ impl<Io> Bus<Io> {
                     receiver.counters.dropped_signals += 1;
                     tracing::debug!(peer = %receiver.unique_name, "queue full; broadcast dropped");
                 }
-            }
-        }
-        if let Some(from) = from {
-            if let Some(sender) = self.peers.get_mut(&from) {
-                sender.sender_info = info;
             }
         }
     }
@@ -1177,58 +1224,79 @@ impl<Io> Bus<Io> {
     }
 
     /// Stamps `header` with `from`'s identity (as `to` should see it) and
-    /// queues the frame for `to`.
+    /// queues the frame for `to`: the sender's header bytes are copied as
+    /// they are, with only the `sender` field replaced.
     fn stamp_and_queue(
         &mut self,
         from: PeerId,
         to: PeerId,
-        header: &mut Header,
+        header: &HeaderView<'_>,
         body: &[u8],
         fds: Vec<OwnedFd>,
     ) -> Result<(), BusError> {
         let receiver_ns = self.peers[&to].identity.namespaces.pid;
-        let sender = self.peers.get_mut(&from).expect("sender exists");
-        let mut info = std::mem::take(&mut sender.sender_info);
-        info.pid = sender.identity.pid_seen_from(receiver_ns);
-        header.sender = Some(info);
-        let actor = Some(sender.identity.uid);
-        let frame_len = pbus_proto::frame::encoded_frame_len(header, body.len()) as u64;
+        let actor = Some(self.peers[&from].identity.uid);
+        let stamp = self.sender_stamp(from, receiver_ns);
+        let frame_len = (pbus_proto::frame::PREFIX_LEN
+            + pbus_proto::header::stamped_len(header, &stamp)
+            + body.len()) as u64;
         let fd_count = fds.len() as u64;
-        let result = self.admit_frame(to, actor, frame_len, fd_count);
-        if result.is_ok() {
-            let receiver = self.peers.get_mut(&to).expect("receiver exists");
-            let end = receiver.outbox.push(header, body, fds);
-            self.record_frame(to, actor, frame_len, fd_count, end);
-            if !self.monitors.is_empty() {
-                self.copy_to_monitors(from, to, header, body);
+        self.admit_frame(to, actor, frame_len, fd_count)?;
+        let end = match stamp {
+            std::borrow::Cow::Borrowed(_) if from != to => {
+                let [Some(sender), Some(receiver)] = self.peers.get_disjoint_mut([&from, &to])
+                else {
+                    unreachable!("both peers exist");
+                };
+                receiver
+                    .outbox
+                    .push_stamped(header, &sender.sender_stamp, body, fds)
             }
+            stamp => {
+                let stamp = stamp.into_owned();
+                let receiver = self.peers.get_mut(&to).expect("receiver exists");
+                receiver.outbox.push_stamped(header, &stamp, body, fds)
+            }
+        };
+        self.record_frame(to, actor, frame_len, fd_count, end);
+        if !self.monitors.is_empty() {
+            self.copy_to_monitors(from, to, header, body);
         }
-        let info = header.sender.take().expect("just set");
-        self.peers
-            .get_mut(&from)
-            .expect("sender exists")
-            .sender_info = info;
-        result
+        Ok(())
     }
 
-    /// Queues a copy of a unicast frame (already stamped) for every monitor
-    /// whose eavesdropping rule matches it, other than its sender and its
+    /// Queues a copy of a unicast frame for every monitor whose
+    /// eavesdropping rule matches it, other than its sender and its
     /// receiver. Copies carry no fds and no memfd payloads, are flagged
     /// MONITOR_COPY, and are charged to the monitor itself; a monitor whose
-    /// queue is full misses them.
-    fn copy_to_monitors(&mut self, from: PeerId, to: PeerId, header: &Header, body: &[u8]) {
-        let mut watchers = self.matching_peers(&self.monitors, from, header);
+    /// queue is full misses them. (Only when monitors exist; the header is
+    /// decoded and rebuilt here.)
+    fn copy_to_monitors(&mut self, from: PeerId, to: PeerId, header: &HeaderView<'_>, body: &[u8]) {
+        let mut watchers = self.matching_peers(
+            &self.monitors,
+            from,
+            SignalView {
+                sender: &self.peers[&from].unique_name,
+                path: header.path,
+                member: header.member,
+                args: &header.args,
+            },
+        );
         watchers.retain(|peer| *peer != from && *peer != to);
         if watchers.is_empty() {
             return;
         }
         watchers.sort();
         watchers.dedup();
-        let mut copy = header.clone();
+        let Ok(mut copy) = Header::decode(header.raw) else {
+            return;
+        };
         copy.flags |= HeaderFlag::MonitorCopy as u32;
         copy.memfds.clear();
         copy.body_in_memfd = false;
-        let sender_identity = Arc::clone(&self.peers[&from].identity);
+        let sender = &self.peers[&from];
+        let mut info = sender_info_of(&sender.unique_name, &sender.identity);
+        let sender_identity = Arc::clone(&sender.identity);
         for id in watchers {
             let Some(monitor) = self.peers.get(&id) else {
                 continue;
@@ -1236,9 +1304,8 @@ impl<Io> Bus<Io> {
             if monitor.doomed {
                 continue;
             }
-            if let Some(sender) = copy.sender.as_mut() {
-                sender.pid = sender_identity.pid_seen_from(monitor.identity.namespaces.pid);
-            }
+            info.pid = sender_identity.pid_seen_from(monitor.identity.namespaces.pid);
+            copy.sender = Some(info.clone());
             let frame_len = pbus_proto::frame::encoded_frame_len(&copy, body.len()) as u64;
             if self.admit_frame(id, None, frame_len, 0).is_err() {
                 if let Some(monitor) = self.peers.get_mut(&id) {
@@ -1467,11 +1534,12 @@ impl<Io> Bus<Io> {
             .map(|(id, _)| id.unique_name().into_string())
             .unwrap_or_default();
         let args = vec![name.to_owned(), old_name.clone(), new_name.clone()];
+        let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let view = SignalView {
             sender: BUS_NAME,
             path: BUS_PATH,
             member: "NameOwnerChanged",
-            args: &args,
+            args: &arg_refs,
         };
         let mut receivers = Vec::new();
         self.matches
@@ -1513,7 +1581,7 @@ impl<Io> Bus<Io> {
             None,
             receivers,
             stamp,
-            &mut header,
+            Broadcast::FromBus(&mut header),
             &body.encode_to_vec(),
             &[],
         );
@@ -1570,6 +1638,13 @@ impl<Io> Bus<Io> {
 fn release_global(bytes: &mut FairPool, fds: &mut FairPool, released: Released) {
     bytes.release(released.actor, released.bytes);
     fds.release(released.actor, released.fds);
+}
+
+/// What [`Bus::deliver_to_each`] delivers: a peer's frame (forwarded with
+/// its sender stamped) or a frame of the bus's own.
+enum Broadcast<'v, 'h> {
+    Forwarded(&'v HeaderView<'h>),
+    FromBus(&'v mut Header),
 }
 
 fn mark_dirty<Io>(dirty: &mut Vec<PeerId>, peer: &mut Peer<Io>) {
