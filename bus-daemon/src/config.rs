@@ -103,7 +103,7 @@ impl Limits {
         Duration::from_millis(self.handshake_timeout_ms)
     }
 
-    /// Checks values that would make the daemon unusable or unsafe.
+    /// Checks values that would make the daemon unusable or dangerous.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &'static str, why: &'static str| Err(ConfigError::Invalid { key, why });
         if self.max_fds_per_message > HARD_MAX_FDS_PER_MESSAGE {

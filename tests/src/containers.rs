@@ -21,7 +21,7 @@
 //!   or in a pid namespace nested below them.
 //! * [`ContainerPeer`] is the spawned peer: its host pid, its pid in each
 //!   pid namespace (`NSpid`), and a line protocol over stdin/stdout
-//!   ([`LineProcess`]) to make it call other peers ([`ContainerPeer::who_is`]),
+//!   ([`PeerProcess`]) to make it call other peers ([`ContainerPeer::who_is`]),
 //!   ask the bus about identities ([`ContainerPeer::identity_of`]), and
 //!   emit and receive broadcast signals (the helper's `interact`
 //!   subcommand). [`ContainerPeer::on_host`] starts the same helper on the
@@ -46,20 +46,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::hash::{Hash, Hasher};
-use std::io::{BufRead, BufReader, Read, Write};
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use pbus_identity::{CgroupMount, CgroupMounts};
 use pbus_proto::v1::{ContainerInfo, ContainerRuntime};
-use tokio::sync::mpsc;
 
-use crate::{find_binary, unique_suffix, TestBus, TIMEOUT};
+use crate::{find_binary, unique_suffix, PeerProcess, TestBus, TIMEOUT};
 
 /// Environment variable naming the `pbus-test-peer` binary, if it is not
 /// next to the test executable.
@@ -914,181 +912,6 @@ pub fn cgroup_paths(pid: u32) -> (Option<String>, Option<String>) {
     (v2, systemd)
 }
 
-/// A child process driven line by line: commands to its stdin, answers
-/// from its stdout (collected by a thread), stderr kept for failure
-/// messages. It is killed (by pid, while unreaped) and reaped on drop.
-#[derive(Debug)]
-pub struct LineProcess {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::UnboundedReceiver<String>,
-    stderr: Arc<Mutex<String>>,
-    exit: Option<ExitStatus>,
-}
-
-impl LineProcess {
-    /// Spawns `command` with piped stdin, stdout and stderr.
-    pub fn spawn(mut command: Command) -> Self {
-        command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot spawn {command:?}: {error}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut stderr_pipe = child.stderr.take().expect("piped stderr");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = stderr_pipe.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        });
-        let stdin = child.stdin.take();
-        Self {
-            child,
-            stdin,
-            lines,
-            stderr,
-            exit: None,
-        }
-    }
-
-    /// The direct child's pid (a wrapper such as `unshare` or `docker run`
-    /// when one is used).
-    pub fn child_pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// What the child wrote to stderr so far.
-    pub fn stderr(&self) -> String {
-        self.stderr
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
-    }
-
-    /// Writes one line to the child's stdin.
-    pub fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin is still open");
-        writeln!(stdin, "{line}")
-            .and_then(|()| stdin.flush())
-            .unwrap_or_else(|error| {
-                panic!("cannot write {line:?} to pid {}: {error}", self.child.id())
-            });
-    }
-
-    /// The next stdout line; panics on timeout or if stdout closed.
-    pub async fn next_line(&mut self, timeout: Duration) -> String {
-        match tokio::time::timeout(timeout, self.lines.recv()).await {
-            Ok(Some(line)) => line,
-            Ok(None) => panic!(
-                "pid {} closed stdout; stderr:\n{}",
-                self.child.id(),
-                self.stderr()
-            ),
-            Err(_) => panic!(
-                "no output from pid {} within {timeout:?}; stderr:\n{}",
-                self.child.id(),
-                self.stderr()
-            ),
-        }
-    }
-
-    /// The next stdout line, which must start with `word` and a space;
-    /// returns the rest.
-    pub async fn expect_line(&mut self, word: &str, timeout: Duration) -> String {
-        let line = self.next_line(timeout).await;
-        match line
-            .strip_prefix(word)
-            .and_then(|rest| rest.strip_prefix(' '))
-        {
-            Some(rest) => rest.to_owned(),
-            None => panic!(
-                "expected a line starting with {word:?}, got {line:?}; stderr:\n{}",
-                self.stderr()
-            ),
-        }
-    }
-
-    /// Sends `command` and returns the answer line.
-    pub async fn ask(&mut self, command: &str) -> String {
-        self.send(command);
-        self.next_line(TIMEOUT).await
-    }
-
-    /// True while the direct child has not exited.
-    pub fn is_running(&mut self) -> bool {
-        self.try_wait().is_none()
-    }
-
-    fn try_wait(&mut self) -> Option<ExitStatus> {
-        if self.exit.is_none() {
-            self.exit = self.child.try_wait().expect("waitpid");
-        }
-        self.exit
-    }
-
-    /// Closes stdin (the helper exits) and waits for the child; kills it
-    /// and panics after `timeout`.
-    pub fn finish(&mut self, timeout: Duration) -> ExitStatus {
-        self.stdin = None;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_wait() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                self.kill();
-                panic!(
-                    "pid {} did not exit within {timeout:?}; stderr:\n{}",
-                    self.child.id(),
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Kills the direct child (by pid, only while unreaped) and reaps it.
-    pub fn kill(&mut self) {
-        if self.try_wait().is_none() {
-            let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits i32"));
-            let _ = kill(pid, Signal::SIGKILL);
-            self.exit = self.child.wait().ok();
-        }
-    }
-}
-
-impl Drop for LineProcess {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "---- child pid {} stderr ----\n{}---- end ----",
-                self.child.id(),
-                self.stderr()
-            );
-        }
-        self.kill();
-    }
-}
-
 /// `key=value` words of one answer line from the helper.
 #[derive(Debug)]
 struct Words {
@@ -1196,10 +1019,10 @@ pub struct IdentityView {
 }
 
 /// A `pbus-test-peer` process, possibly in a fake container and in new
-/// namespaces. Derefs to its [`LineProcess`] for the line protocol.
+/// namespaces. Derefs to its [`PeerProcess`] for the line protocol.
 #[derive(Debug)]
 pub struct ContainerPeer {
-    process: LineProcess,
+    process: PeerProcess,
     host_pid: u32,
     nspids: Vec<u32>,
     isolation: Isolation,
@@ -1207,15 +1030,15 @@ pub struct ContainerPeer {
 }
 
 impl Deref for ContainerPeer {
-    type Target = LineProcess;
+    type Target = PeerProcess;
 
-    fn deref(&self) -> &LineProcess {
+    fn deref(&self) -> &PeerProcess {
         &self.process
     }
 }
 
 impl DerefMut for ContainerPeer {
-    fn deref_mut(&mut self) -> &mut LineProcess {
+    fn deref_mut(&mut self) -> &mut PeerProcess {
         &mut self.process
     }
 }
@@ -1243,22 +1066,22 @@ impl ContainerPeer {
             .chars()
             .take(15)
             .collect();
-        let mut process = LineProcess::spawn(command);
+        let mut process = PeerProcess::spawn(command);
         let deadline = Instant::now() + TIMEOUT;
         let host_pid = loop {
-            let found = descendants_named(process.child_pid(), &comm);
+            let found = descendants_named(process.pid(), &comm);
             if let [pid] = found.as_slice() {
                 break *pid;
             }
             assert!(
                 found.len() < 2,
                 "more than one {comm} below pid {}: {found:?}",
-                process.child_pid()
+                process.pid()
             );
             if !process.is_running() || Instant::now() > deadline {
                 panic!(
                     "the peer process did not start (wrapper pid {} running: {}); stderr:\n{}",
-                    process.child_pid(),
+                    process.pid(),
                     process.is_running(),
                     process.stderr()
                 );
@@ -1412,9 +1235,9 @@ impl Drop for ContainerPeer {
         // the pid cannot have been recycled): the wrappers (unshare,
         // nsenter) then reap it and exit on their own, instead of leaving
         // an orphan for init. Then the wrapper, killed if need be and
-        // reaped by the LineProcess. Whatever is left in a container is
+        // reaped by the PeerProcess. Whatever is left in a container is
         // killed by the container's cleanup.
-        let child = self.process.child_pid();
+        let child = self.process.pid();
         let below_wrapper = descendants(child)
             .iter()
             .any(|(pid, _)| *pid == self.host_pid);

@@ -3,7 +3,7 @@
 //! directly or under `setpriv` as another uid, and what the kernel says
 //! about a process in `/proc/PID/status`.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -108,7 +108,31 @@ impl PeerProcess {
 
     /// What the child wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        self.stderr.lock().expect("stderr lock").clone()
+        self.stderr
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Writes one line to the child's stdin.
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin is still open");
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|error| {
+                panic!("cannot write {line:?} to pid {}: {error}", self.child.id())
+            });
+    }
+
+    /// Sends `command` and returns the answer line (within 10 seconds).
+    pub async fn ask(&mut self, command: &str) -> String {
+        self.send(command);
+        self.next_line(Duration::from_secs(10)).await
+    }
+
+    /// True while the child has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.try_wait().is_none()
     }
 
     /// The next stdout line; panics on timeout or if the child closed stdout.

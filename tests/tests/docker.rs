@@ -19,10 +19,10 @@ use std::process::Command;
 
 use pbus::Outgoing;
 use pbus_proto::v1::ContainerRuntime;
-use pbus_tests::containers::{cgroup_paths, check_pbusctl_status, ContainerView, LineProcess};
+use pbus_tests::containers::{cgroup_paths, check_pbusctl_status, ContainerView};
 use pbus_tests::containers_docker::{require_docker, DockerContainer, DockerImage};
 use pbus_tests::messages::{Identity, Text};
-use pbus_tests::{require_root, TestBus, TIMEOUT};
+use pbus_tests::{require_root, PeerProcess, TestBus, TIMEOUT};
 
 const PEER_BIN: &str = env!("CARGO_BIN_EXE_pbus-test-peer");
 const SERVICE: &str = "org.pbus.test.InDocker";
@@ -48,7 +48,7 @@ async fn docker_container_peer_is_identified_as_docker_knows_it() {
         .args(["--env", "PBUS_ADDRESS=unix:path=/run/pbus/bus.sock"])
         .arg(image.reference())
         .args(["/pbus-test-peer", "/run/pbus/bus.sock", "interact", SERVICE]);
-    let mut peer = LineProcess::spawn(command);
+    let mut peer = PeerProcess::spawn(command);
     let name = peer.expect_line("ready", TIMEOUT).await;
 
     let id = container.inspect("{{.Id}}").expect("docker inspect .Id");

@@ -57,7 +57,7 @@ fn hang_up(bus: &TestBus) {
 
 /// Asks `command` of `peer` until the answer is `expected` (a reload by
 /// SIGHUP is asynchronous); panics with the last answer after [`TIMEOUT`].
-async fn ask_until(peer: &mut pbus_tests::containers::LineProcess, command: &str, expected: &str) {
+async fn ask_until(peer: &mut pbus_tests::PeerProcess, command: &str, expected: &str) {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let answer = ask(peer, command).await;

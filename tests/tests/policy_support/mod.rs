@@ -16,10 +16,10 @@ use pbus::{Connection, RequestNameFlags, RequestNameResult};
 use pbus_proto::errors::error_name;
 use pbus_proto::v1::ErrorCode;
 use pbus_tests::containers::{
-    test_peer_binary, ContainerPeer, FakeContainer, Isolation, LineProcess, Placement, Shape,
+    test_peer_binary, ContainerPeer, FakeContainer, Isolation, Placement, Shape,
 };
 use pbus_tests::messages::Text;
-use pbus_tests::{copy_executable, find_binary, TestBus, TIMEOUT};
+use pbus_tests::{copy_executable, find_binary, PeerProcess, TestBus, TIMEOUT};
 
 /// A directory of policy files (mode 0755), removed on drop.
 #[derive(Debug)]
@@ -133,7 +133,7 @@ pub async fn probe_on_host(bus: &TestBus, name: &str) -> ContainerPeer {
 /// A `policy-probe` on the host under `uid` (gid `uid`, no groups), via
 /// `setpriv`; the helper is copied into the bus's directory so that uid
 /// can run it. Returns the process and its unique name.
-pub async fn probe_as_uid(bus: &TestBus, uid: u32, name: &str) -> (LineProcess, String) {
+pub async fn probe_as_uid(bus: &TestBus, uid: u32, name: &str) -> (PeerProcess, String) {
     let binary = bus.dir().join("pbus-test-peer");
     if !binary.exists() {
         copy_executable(&test_peer_binary(), bus.dir());
@@ -146,13 +146,13 @@ pub async fn probe_as_uid(bus: &TestBus, uid: u32, name: &str) -> (LineProcess, 
         .arg(&binary)
         .arg(bus.socket_path())
         .args(["policy-probe", name]);
-    let mut process = LineProcess::spawn(command);
+    let mut process = PeerProcess::spawn(command);
     let unique_name = process.expect_line("ready", TIMEOUT).await;
     (process, unique_name)
 }
 
 /// Asks a probe and returns its answer line.
-pub async fn ask(peer: &mut LineProcess, command: &str) -> String {
+pub async fn ask(peer: &mut PeerProcess, command: &str) -> String {
     peer.ask(command).await
 }
 
@@ -196,7 +196,7 @@ pub fn split_after(line: &str, word: &str, separator: char) -> Vec<String> {
 }
 
 /// A probe's `received` counts of one member.
-pub async fn received(peer: &mut LineProcess, member: &str) -> u64 {
+pub async fn received(peer: &mut PeerProcess, member: &str) -> u64 {
     let line = peer.ask("received").await;
     line.split_whitespace()
         .find_map(|word| word.strip_prefix(member)?.strip_prefix('='))
@@ -297,7 +297,7 @@ pub fn rule_line(text: &str, marker: &str) -> u32 {
 
 /// Waits (bounded by [`TIMEOUT`]) until a probe's `received` count of
 /// `member` is `count`; panics with the last count otherwise.
-pub async fn wait_received(peer: &mut LineProcess, member: &str, count: u64) {
+pub async fn wait_received(peer: &mut PeerProcess, member: &str, count: u64) {
     let deadline = std::time::Instant::now() + TIMEOUT;
     loop {
         let seen = received(peer, member).await;
