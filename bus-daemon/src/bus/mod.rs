@@ -620,6 +620,11 @@ impl<Io> Bus<Io> {
         let wants_reply = kind == MessageKind::MethodCall
             && header.flags & HeaderFlag::NoReplyExpected as u32 == 0;
         let result = match kind {
+            // Only the bus marks monitor copies; a peer may not pass its
+            // frames off as one (receivers would not answer or match them).
+            _ if header.flags & HeaderFlag::MonitorCopy as u32 != 0 => Err(BusError::InvalidArgs(
+                "the MONITOR_COPY flag is set by the bus only".into(),
+            )),
             MessageKind::MethodCall => self.route_call(from, &header, body, fds, now),
             MessageKind::MethodReturn | MessageKind::Error => {
                 self.route_reply(from, &header, body, fds)

@@ -701,3 +701,22 @@ fn a_monitor_that_loses_the_right_on_reload_stops_eavesdropping() {
         "the copy went to a monitor without the right"
     );
 }
+
+#[test]
+fn peers_cannot_pass_frames_off_as_monitor_copies() {
+    let mut h = Harness::new();
+    let sender = h.connect(1000, 1);
+    let receiver = h.connect(1000, 2);
+    h.serial += 1;
+    let header = Header {
+        kind: MessageKind::Signal as i32,
+        serial: h.serial,
+        destination: receiver.unique_name().into_string(),
+        member: "Fake".into(),
+        flags: HeaderFlag::MonitorCopy as u32,
+        ..Header::default()
+    };
+    h.send(sender, header, b"", Vec::new());
+    assert!(h.drain(receiver).is_empty());
+    assert_eq!(error_code(&h.drain(sender)[0]), ErrorCode::InvalidArgs);
+}
