@@ -982,11 +982,25 @@ fn handle_frame(weak: &WeakConnection, header: Header, body: &[u8], fds: Vec<Own
                         format!("no handler for {member}"),
                     )),
                     (Some(handler), Ok(incoming)) => {
-                        handler(MethodCall {
+                        let call = MethodCall {
                             incoming,
                             connection: connection.clone(),
-                        })
-                        .await
+                        };
+                        // A handler that panics must not take the connection
+                        // (the reader runs it inline) down with it: the caller
+                        // gets an error and the other handlers go on.
+                        let answer =
+                            std::panic::AssertUnwindSafe(async move { handler(call).await });
+                        match futures::FutureExt::catch_unwind(answer).await {
+                            Ok(result) => result,
+                            Err(_) => {
+                                tracing::error!(method = %member, "method handler panicked");
+                                Err(MethodError::with_code(
+                                    ErrorCode::Failed,
+                                    format!("the handler of {member} panicked"),
+                                ))
+                            }
+                        }
                     }
                 };
                 if wants_reply {

@@ -208,7 +208,8 @@ impl Subscriptions {
 }
 
 /// A stream of signals matching one rule. Dropping it removes the rule
-/// from the bus.
+/// from the bus. Signals wait here until read, without a bound: read them,
+/// or drop the stream.
 pub struct SignalStream {
     rx: mpsc::UnboundedReceiver<Signal>,
     id: u64,

@@ -287,3 +287,43 @@ async fn unanswered_call_times_out_at_the_bus() {
     assert_eq!(reply.sender_name(), BUS_NAME);
     assert!(started.elapsed() >= timeout);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_its_call_and_the_service_keeps_serving() {
+    let bus = TestBus::start();
+    let service = bus.connect().await;
+    own(&service, SERVICE).await;
+    service
+        .serve("Explode", |request: Text, _call| async move {
+            if request.text == "now" {
+                panic!("the handler blew up");
+            }
+            Ok(request)
+        })
+        .unwrap();
+    // Panicking before the first await (inline in the reader) and after it
+    // (in a task of its own).
+    service
+        .serve("ExplodeLater", |_request: Text, _call| async move {
+            tokio::task::yield_now().await;
+            panic!("the handler blew up later");
+            #[allow(unreachable_code)]
+            Ok(Text::new(""))
+        })
+        .unwrap();
+    let client = bus.connect().await;
+    for method in ["Explode", "ExplodeLater"] {
+        let error = client
+            .call::<Text, Text>(SERVICE, method, &Text::new("now"))
+            .await
+            .unwrap_err();
+        assert_remote(&error, ErrorCode::Failed, "org.pbus.Error.Failed");
+        assert!(error.to_string().contains("panicked"), "{error}");
+    }
+    let reply: Text = client
+        .call(SERVICE, "Explode", &Text::new("still here"))
+        .await
+        .unwrap();
+    assert_eq!(reply.text, "still here");
+    assert!(!service.is_closed());
+}
