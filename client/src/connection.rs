@@ -477,8 +477,14 @@ impl Connection {
         self.inner.serial.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Registers a typed handler for calls to `method`. Each call runs in
-    /// its own task, so calls are served concurrently.
+    /// Registers a typed handler for calls to `method`. Calls are served
+    /// concurrently: each handler runs on the connection's reader until its
+    /// first await (most answer right there, with no task switch) and then
+    /// in a task of its own. Keep synchronous work short (or move it to
+    /// `spawn_blocking`), since the reader waits for it. A handler that
+    /// panics fails its call with `org.pbus.Error.Failed`. The handler gets
+    /// the connection in [`MethodCall::connection`]; capturing a
+    /// `Connection` in the closure instead would keep it open for good.
     ///
     /// ```no_run
     /// # async fn example(connection: pbus::Connection) -> Result<(), pbus::Error> {
