@@ -733,16 +733,17 @@ impl CallBuilder {
         self
     }
 
-    fn header(&self) -> Result<Header, Error> {
+    /// The call's header; the builder's strings move into it.
+    fn take_header(&mut self) -> Result<Header, Error> {
         BusName::validate(&self.destination)?;
         MemberName::validate(&self.method)?;
         if !self.path.is_empty() {
             ObjectPath::validate(&self.path)?;
         }
         Ok(Header {
-            destination: self.destination.clone(),
-            member: self.method.clone(),
-            path: self.path.clone(),
+            destination: std::mem::take(&mut self.destination),
+            member: std::mem::take(&mut self.method),
+            path: std::mem::take(&mut self.path),
             ..Header::default()
         })
     }
@@ -762,8 +763,8 @@ impl CallBuilder {
 
     /// Sends a raw request (with fds and memfds if any). Returns the reply,
     /// or `None` for [`no_reply`](Self::no_reply) calls.
-    pub async fn send(self, request: Outgoing) -> Result<Option<Incoming>, Error> {
-        let header = self.header()?;
+    pub async fn send(mut self, request: Outgoing) -> Result<Option<Incoming>, Error> {
+        let header = self.take_header()?;
         if self.no_reply {
             self.connection.call_no_reply(header, request).await?;
             return Ok(None);
@@ -1010,7 +1011,7 @@ fn handle_frame(weak: &WeakConnection, header: Header, body: &[u8], fds: Vec<Own
                     }
                 };
                 if wants_reply {
-                    if let Err(error) = connection.send_reply(&caller, serial, result).await {
+                    if let Err(error) = connection.send_reply(caller, serial, result).await {
                         tracing::debug!(%error, "cannot send reply");
                     }
                 }
@@ -1039,12 +1040,12 @@ fn handle_frame(weak: &WeakConnection, header: Header, body: &[u8], fds: Vec<Own
 impl Connection {
     async fn send_reply(
         &self,
-        caller: &str,
+        caller: String,
         serial: u64,
         result: Result<Reply, MethodError>,
     ) -> Result<(), Error> {
         let mut header = Header {
-            destination: caller.to_owned(),
+            destination: caller,
             reply_serial: serial,
             serial: self.next_serial(),
             ..Header::default()
