@@ -755,7 +755,7 @@ impl<Io> Bus<Io> {
         };
         // The call is answered either way; if the reply cannot go through,
         // the caller gets an error in its place.
-        if let Err(error) = self.check_fds(from, caller, header, &fds) {
+        if let Err(error) = self.check_fds(caller, header, &fds) {
             self.queue_error_to(caller, key.serial, &error);
             return Err(error);
         }
@@ -828,7 +828,7 @@ impl<Io> Bus<Io> {
         if from != to {
             self.check_unicast_policy(from, to, header, fds)?;
         }
-        self.check_fds(from, to, header, fds)
+        self.check_fds(to, header, fds)
     }
 
     /// The policy side of a unicast: the sender must see the receiver (a
@@ -855,28 +855,47 @@ impl<Io> Bus<Io> {
                 BusError::NameHasNoOwner(header.destination.to_owned())
             });
         }
+        let sender_names = self.owned_names(sender);
+        let plain_fds = fds.len() > header.memfds.len();
+        match self.refused_right(sender, &sender_names, receiver, header, plain_fds) {
+            Some(right) => Err(BusError::AccessDenied {
+                right: right.as_str(),
+                target: String::new(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The policy rights one delivery from `sender` (owning `sender_names`)
+    /// to `receiver` needs, unicast or broadcast alike: the sender may talk
+    /// to the receiver, the receiver may receive from the sender, the sender
+    /// may pass plain fds (if `plain_fds`) and memfds of these sizes. The
+    /// first right refused, or `None`.
+    fn refused_right(
+        &self,
+        sender: &Peer<Io>,
+        sender_names: &[&str],
+        receiver: &Peer<Io>,
+        header: &HeaderView<'_>,
+        plain_fds: bool,
+    ) -> Option<pbus_policy::Right> {
         let receiver_names = self.owned_names(receiver);
-        let denied = |right: pbus_policy::Right| BusError::AccessDenied {
-            right: right.as_str(),
-            target: String::new(),
-        };
         let talk = sender
             .policy
             .talk(&receiver.identity, &receiver_names, header.member);
         if !talk.allowed {
-            return Err(denied(talk.right));
+            return Some(talk.right);
         }
-        let sender_names = self.owned_names(sender);
         let receive = receiver
             .policy
-            .receive(&sender.identity, &sender_names, header.member);
+            .receive(&sender.identity, sender_names, header.member);
         if !receive.allowed {
-            return Err(denied(receive.right));
+            return Some(receive.right);
         }
-        if fds.len() > header.memfds.len() {
+        if plain_fds {
             let pass = sender.policy.pass_fds(&receiver.identity, &receiver_names);
             if !pass.allowed {
-                return Err(denied(pass.right));
+                return Some(pass.right);
             }
         }
         if !header.memfds.is_empty() {
@@ -885,11 +904,11 @@ impl<Io> Bus<Io> {
                 .max_memfd_bytes(&receiver.identity, &receiver_names)
             {
                 if header.memfds.iter().any(|memfd| memfd.length > max) {
-                    return Err(denied(pbus_policy::Right::Memfd));
+                    return Some(pbus_policy::Right::Memfd);
                 }
             }
         }
-        Ok(())
+        None
     }
 
     /// The well-known names `peer` is primary owner of.
@@ -901,47 +920,10 @@ impl<Io> Bus<Io> {
             .collect()
     }
 
-    /// May `receiver` get broadcast `header` from `sender`? The same rights
-    /// as a unicast, except that fds in broadcasts are memfds only.
-    fn broadcast_allowed(
-        &self,
-        sender: &Peer<Io>,
-        receiver: &Peer<Io>,
-        header: &HeaderView<'_>,
-    ) -> bool {
-        if sender.id == receiver.id {
-            return true;
-        }
-        let receiver_names = self.owned_names(receiver);
-        if !sender
-            .policy
-            .talk(&receiver.identity, &receiver_names, header.member)
-            .allowed
-        {
-            return false;
-        }
-        let sender_names = self.owned_names(sender);
-        if !receiver
-            .policy
-            .receive(&sender.identity, &sender_names, header.member)
-            .allowed
-        {
-            return false;
-        }
-        match (
-            header.memfds.is_empty(),
-            sender
-                .policy
-                .max_memfd_bytes(&receiver.identity, &receiver_names),
-        ) {
-            (false, Some(max)) => header.memfds.iter().all(|memfd| memfd.length <= max),
-            _ => true,
-        }
-    }
-
+    /// Fd limits and memfd validity for a frame to `to`, and whether `to`
+    /// announced support for what it carries.
     fn check_fds(
         &self,
-        _from: PeerId,
         to: PeerId,
         header: &HeaderView<'_>,
         fds: &[OwnedFd],
@@ -1021,13 +1003,22 @@ impl<Io> Bus<Io> {
                 args: &header.args,
             },
         );
+        // A peer is listed once per matching rule: check each peer once.
+        // Broadcasts carry memfds only (see route_signal), so no plain fds.
+        receivers.sort_unstable();
+        receivers.dedup();
         {
             let sender = &self.peers[&from];
+            let sender_names = self.owned_names(sender);
             receivers.retain(|id| {
                 let Some(receiver) = self.peers.get(id) else {
                     return false;
                 };
-                !receiver.doomed && self.broadcast_allowed(sender, receiver, header)
+                !receiver.doomed
+                    && (receiver.id == from
+                        || self
+                            .refused_right(sender, &sender_names, receiver, header, false)
+                            .is_none())
             });
         }
         self.deliver_to_each(

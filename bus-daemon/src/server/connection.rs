@@ -7,22 +7,23 @@
 //! did not fit, so the frame they belonged to can never be delivered as the
 //! sender meant it, and the fd bookkeeping of the stream is lost.
 
+use std::cell::Cell;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use pbus_identity::PeerIdentity;
-use pbus_proto::frame::{encode_frame, FeedError, FrameError, FrameLimits, FrameReader, RawFrame};
+use pbus_proto::frame::{
+    encode_frame, FeedError, Flushed, FrameError, FrameLimits, FrameReader, RawFrame,
+};
 use pbus_proto::v1::{Header, Hello, MessageKind};
 use prost::Message;
-use std::cell::Cell;
-use std::future::Future;
-use std::os::unix::net::UnixStream;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use pbus_proto::frame::Flushed;
 use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::io::Interest;
 use tokio::sync::OwnedSemaphorePermit;
@@ -515,5 +516,3 @@ fn finish(shared: &Shared, io: &Rc<PeerIo>, state: &State, close: Option<Close>)
         }
     }
 }
-
-use std::sync::Arc;
