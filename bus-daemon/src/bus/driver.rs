@@ -6,14 +6,16 @@
 
 use std::time::Instant;
 
+use pbus_policy::{Operation, Right};
 use pbus_proto::header::HeaderView;
 use pbus_proto::names::{BusName, WellKnownName};
 use pbus_proto::v1::{
-    AddMatchRequest, Empty, GetNameOwnerReply, GetNameOwnerRequest, GetPeerIdentityRequest,
-    HeaderFlag, ListNamesReply, ListNamesRequest, ListQueuedOwnersReply, ListQueuedOwnersRequest,
-    NameEntry, NameHasOwnerReply, NameHasOwnerRequest, PingReply, ReleaseNameReply,
-    ReleaseNameRequest, ReleaseNameResult, RemoveMatchRequest, RequestNameReply,
-    RequestNameRequest, RequestNameResult,
+    AddMatchRequest, Empty, ExplainPolicyReply, ExplainPolicyRequest, GetNameOwnerReply,
+    GetNameOwnerRequest, GetPeerIdentityRequest, GetStatsReply, GetStatsRequest, HeaderFlag,
+    ListNamesReply, ListNamesRequest, ListQueuedOwnersReply, ListQueuedOwnersRequest, NameEntry,
+    NameHasOwnerReply, NameHasOwnerRequest, PeerStats, PingReply, QuotaUse, ReleaseNameReply,
+    ReleaseNameRequest, ReleaseNameResult, ReloadPolicyRequest, RemoveMatchRequest,
+    RequestNameReply, RequestNameRequest, RequestNameResult, UidStats,
 };
 use pbus_proto::BUS_NAME;
 use prost::Message;
@@ -21,11 +23,6 @@ use prost::Message;
 use super::matches::Rule;
 use super::names::{flags, ReleaseOutcome, RequestOutcome};
 use super::{Bus, BusError, PeerId};
-use pbus_policy::{Operation, Right};
-use pbus_proto::v1::{
-    ExplainPolicyReply, ExplainPolicyRequest, GetStatsReply, GetStatsRequest, PeerStats, QuotaUse,
-    ReloadPolicyRequest, UidStats,
-};
 
 fn decode<M: Message + Default>(body: &[u8]) -> Result<M, BusError> {
     M::decode(body).map_err(|e| BusError::InvalidArgs(format!("undecodable request body: {e}")))
@@ -309,6 +306,7 @@ impl<Io> Bus<Io> {
     fn stats(&self, from: PeerId) -> GetStatsReply {
         let asker = &self.peers[&from];
         let privileged = self.is_privileged(from);
+        let [max_bytes, max_fds, max_messages] = self.queue_caps();
         let mut peers: Vec<PeerStats> = self
             .peers
             .values()
@@ -318,7 +316,6 @@ impl<Io> Bus<Io> {
                     || asker.policy.see(&peer.identity, &peer.unique_name).allowed
             })
             .map(|peer| {
-                let [max_bytes, max_fds, max_messages] = self.queue_caps();
                 let mut by_uid: Vec<QuotaUse> = peer
                     .quota
                     .shares()

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use pbus_identity::{Namespaces, PeerIdentity};
 use pbus_policy::Policy;
-use pbus_proto::frame::{encode_frame, FrameLimits, FrameReader};
+use pbus_proto::frame::{FrameLimits, FrameReader};
 use pbus_proto::v1::{
     AddMatchRequest, ContainerInfo, ErrorCode, Header, HeaderFlag, Hello, MatchRule, MessageKind,
     RequestNameReply, RequestNameRequest, RequestNameResult, SenderInfo, Welcome,
@@ -101,22 +101,18 @@ impl Harness {
             .unwrap();
         let mut reader = FrameReader::<()>::new(FrameLimits::default());
         let mut out = Vec::new();
-        // Fds are counted but not tied to frames here (the frame reader
-        // tests cover that).
-        let mut frames = Vec::new();
+        // Fds are counted, all on the last frame, not tied to their frames
+        // (the frame reader tests cover that).
         reader
             .feed(&bytes, Vec::new(), |frame| {
-                frames.push((Header::decode(frame.header).unwrap(), frame.body.to_vec()));
+                out.push(Out {
+                    header: Header::decode(frame.header).unwrap(),
+                    body: frame.body.to_vec(),
+                    fds: 0,
+                });
                 Ok::<(), ()>(())
             })
             .unwrap_or_else(|_| panic!("bus queued a bad frame"));
-        for (header, body) in frames {
-            out.push(Out {
-                header,
-                body,
-                fds: 0,
-            });
-        }
         if let Some(last) = out.last_mut() {
             last.fds = fd_count;
         }
@@ -124,8 +120,6 @@ impl Harness {
     }
 
     fn send(&mut self, from: PeerId, header: Header, body: &[u8], fds: Vec<OwnedFd>) {
-        let mut bytes = Vec::new();
-        encode_frame(&mut bytes, &header, body, 0);
         let header_bytes = header.encode_to_vec();
         self.bus
             .dispatch(from, &header_bytes, body, fds, self.now)
