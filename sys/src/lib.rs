@@ -9,7 +9,9 @@
 //!   (SO_PEERCRED, SO_PEERGROUPS, SO_PEERSEC, SO_PEERPIDFD) and pidfds.
 //! * [`fdpass`]: sendmsg/recvmsg with SCM_RIGHTS ancillary data.
 //! * [`memfd`]: memfd creation, seals, and read-only mappings.
+//! * [`ns`]: namespace fds: their inodes and the pid namespace hierarchy.
 //! * [`process`]: process-wide resource limits.
+//! * `reactor` (feature `tokio`): registering owned fds with tokio.
 
 pub mod creds;
 pub mod fdpass;

@@ -18,16 +18,14 @@ use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::task::Waker;
 use std::time::Instant;
 
 use pbus_identity::HostContext;
 use pbus_policy::Policy;
 use pbus_proto::frame::Flushed;
-use std::rc::Weak;
-use std::task::Waker;
-
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
