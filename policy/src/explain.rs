@@ -8,7 +8,6 @@
 //! the indexes themselves, so the unit tests can check that both agree.
 //! This module knows nothing about files or the daemon.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +15,9 @@ use std::sync::Arc;
 use pbus_identity::PeerIdentity;
 
 use crate::rule::{Facts, NamePattern, Rule};
-use crate::snapshot::{no_rule_reason, normalize_path, FileKind, ALLOWED_BY_RULE, DENIED_BY_RULE};
+use crate::snapshot::{
+    decision, file_decision, file_refused, memfd_cap, normalize_path, precedence, FileKind,
+};
 use crate::{Decision, FileAccess, Policy, Right, RuleRef, Specificity};
 
 /// One operation to explain, with everything its check needs.
@@ -206,44 +207,6 @@ fn name_match(pattern: &NamePattern, names: &[&str]) -> Result<String, String> {
     }
 }
 
-fn rule_decision(right: Right, rule: Option<&Rule>) -> Decision {
-    match rule {
-        Some(r) => Decision {
-            allowed: r.allow,
-            right,
-            rule: Some(Arc::clone(&r.info)),
-            reason: Cow::Borrowed(if r.allow {
-                ALLOWED_BY_RULE
-            } else {
-                DENIED_BY_RULE
-            }),
-        },
-        None => Decision {
-            allowed: right == Right::Memfd,
-            right,
-            rule: None,
-            reason: Cow::Borrowed(no_rule_reason(right)),
-        },
-    }
-}
-
-fn spec_of(rule: &Rule, object: u32) -> Specificity {
-    Specificity {
-        object,
-        member: rule.member.is_some(),
-        who: rule.who,
-        deny: !rule.allow,
-    }
-}
-
-/// Most specific first, then policy order.
-fn sort_matches(list: &mut [(Specificity, &Rule, String)]) {
-    list.sort_by(|a, b| {
-        b.0.cmp(&a.0)
-            .then_with(|| a.1.info.index.cmp(&b.1.info.index))
-    });
-}
-
 pub(crate) fn explain(policy: &Policy, subject: &PeerIdentity, op: &Operation) -> Explanation {
     let right = op.right();
     let facts = Facts::of(subject);
@@ -289,7 +252,7 @@ pub(crate) fn explain(policy: &Policy, subject: &PeerIdentity, op: &Operation) -
                 continue;
             }
             let why = format!("path under {}, access {}", prefix.normalized, rule.access);
-            matched.push((spec_of(rule, prefix.depth), rule, why));
+            matched.push((rule.specificity(prefix.depth), rule, why));
             continue;
         }
         let mut why = Vec::new();
@@ -323,36 +286,28 @@ pub(crate) fn explain(policy: &Policy, subject: &PeerIdentity, op: &Operation) -
         if why.is_empty() {
             why.push("subject matches".into());
         }
-        matched.push((spec_of(rule, rule.name.rank()), rule, why.join(", ")));
+        matched.push((rule.specificity(rule.name.rank()), rule, why.join(", ")));
     }
-    sort_matches(&mut matched);
+    matched.sort_by_key(|(spec, rule, _)| precedence(*spec, &rule.info));
 
-    let (decision, deciding, memfd_limit) = match &file {
-        Some((Err(why), _)) => (
-            Decision {
-                allowed: false,
-                right,
-                rule: None,
-                reason: Cow::Borrowed(why),
-            },
-            None,
-            None,
-        ),
-        Some((Ok(_), asked)) => file_decision(&matched, *asked),
-        None => {
-            let decider = matched.first().map(|m| m.1);
-            let limit = match decider {
-                Some(r) if r.allow => r.max_bytes,
-                Some(_) => Some(0),
-                None => None,
-            };
-            (
-                rule_decision(right, decider),
-                decider.map(|r| r.info.index),
-                limit,
-            )
-        }
+    // The decider is the first match (for files: per kind of access).
+    let decision = match &file {
+        Some((Err(why), _)) => file_refused(why),
+        Some((Ok(_), asked)) => file_decision(*asked, |kind| {
+            matched
+                .iter()
+                .map(|m| m.1)
+                .find(|r| kind.covered_by(r.access))
+                .map(|r| (r.allow, &r.info))
+        }),
+        None => decision(right, matched.first().map(|m| (m.1.allow, &m.1.info))),
     };
+    let memfd_limit = if right == Right::Memfd {
+        memfd_cap(matched.first().map(|m| (m.1.allow, m.1.max_bytes)))
+    } else {
+        None
+    };
+    let deciding = decision.rule.as_ref().map(|r| r.index);
 
     let candidates = matched
         .into_iter()
@@ -373,67 +328,7 @@ pub(crate) fn explain(policy: &Policy, subject: &PeerIdentity, op: &Operation) -
         .collect();
     Explanation {
         decision,
-        memfd_limit: if right == Right::Memfd {
-            memfd_limit
-        } else {
-            None
-        },
+        memfd_limit,
         candidates,
     }
-}
-
-/// Per kind of access, most privileged first: the first matching rule
-/// covering that kind decides it; the first denied kind decides the whole.
-fn file_decision(
-    matched: &[(Specificity, &Rule, String)],
-    asked: FileAccess,
-) -> (Decision, Option<usize>, Option<u64>) {
-    let mut first: Option<(Decision, Option<usize>)> = None;
-    for kind in FileKind::ORDER {
-        if !kind.covered_by(asked) {
-            continue;
-        }
-        let decider = matched
-            .iter()
-            .map(|m| m.1)
-            .find(|r| kind.covered_by(r.access));
-        let d = match decider {
-            Some(r) => Decision {
-                allowed: r.allow,
-                right: Right::File,
-                rule: Some(Arc::clone(&r.info)),
-                reason: Cow::Owned(format!(
-                    "{} access {} by the most specific matching rule",
-                    kind.as_str(),
-                    if r.allow { "allowed" } else { "denied" }
-                )),
-            },
-            None => Decision {
-                allowed: false,
-                right: Right::File,
-                rule: None,
-                reason: Cow::Owned(format!(
-                    "no rule grants {} access under this path",
-                    kind.as_str()
-                )),
-            },
-        };
-        let index = decider.map(|r| r.info.index);
-        if !d.allowed {
-            return (d, index, None);
-        }
-        first.get_or_insert((d, index));
-    }
-    let (d, index) = first.unwrap_or({
-        (
-            Decision {
-                allowed: false,
-                right: Right::File,
-                rule: None,
-                reason: Cow::Borrowed("no access kind asked for"),
-            },
-            None,
-        )
-    });
-    (d, index, None)
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use pbus_identity::{ContainerRuntime, PeerIdentity};
 
 use crate::glob::Glob;
-use crate::{FileAccess, Right, RuleInfo};
+use crate::{FileAccess, Right, RuleInfo, Specificity};
 
 /// A set of [`Right`]s, as a bit mask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -434,6 +434,17 @@ pub(crate) struct Rule {
 }
 
 impl Rule {
+    /// This rule's specificity when it matches through an object (a name
+    /// pattern or path prefix) of rank `object`.
+    pub fn specificity(&self, object: u32) -> Specificity {
+        Specificity {
+            object,
+            member: self.member.is_some(),
+            who: self.who,
+            deny: !self.allow,
+        }
+    }
+
     /// The canonical one-line text of a rule, used in decisions and
     /// `explain`.
     pub fn render(&self) -> String {

@@ -20,6 +20,7 @@
 //! check. This module knows nothing about files or syntax.
 
 use std::borrow::Cow;
+use std::cmp::Reverse;
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path};
@@ -29,7 +30,17 @@ use pbus_identity::PeerIdentity;
 
 use crate::hash::FxHashMap;
 use crate::rule::{Facts, NamePattern, PeerSel, Rule};
-use crate::{Decision, FileAccess, Right, RuleRef, Specificity};
+use crate::{Decision, FileAccess, Right, RuleInfo, RuleRef, Specificity};
+
+/// The order matching rules are tried in: most specific first, equal ones
+/// in policy order. Shared by the indexes and `explain`.
+pub(crate) type Precedence = (Reverse<Specificity>, usize);
+
+/// The [`Precedence`] of a rule matching with specificity `spec`.
+#[inline]
+pub(crate) fn precedence(spec: Specificity, rule: &RuleInfo) -> Precedence {
+    (Reverse(spec), rule.index)
+}
 
 /// One rule's contribution to one right, as stored in a bucket.
 #[derive(Debug)]
@@ -45,12 +56,7 @@ struct Entry {
 impl Entry {
     fn new(rule: &Rule, object: u32) -> Self {
         Self {
-            spec: Specificity {
-                object,
-                member: rule.member.is_some(),
-                who: rule.who,
-                deny: !rule.allow,
-            },
+            spec: rule.specificity(object),
             allow: rule.allow,
             member: rule.member.clone(),
             peer: rule.peer.clone(),
@@ -59,16 +65,21 @@ impl Entry {
         }
     }
 
-    /// Most specific first; equal ones in policy order.
-    fn order(a: &Self, b: &Self) -> std::cmp::Ordering {
-        b.spec
-            .cmp(&a.spec)
-            .then_with(|| a.info.index.cmp(&b.info.index))
+    #[inline]
+    fn precedence(&self) -> Precedence {
+        precedence(self.spec, &self.info)
     }
 
     /// True when `self` beats `other`.
+    #[inline]
     fn beats(&self, other: &Self) -> bool {
-        Self::order(self, other).is_lt()
+        self.precedence() < other.precedence()
+    }
+
+    /// What this entry decides, for [`decision`].
+    #[inline]
+    fn verdict(&self) -> (bool, &RuleRef) {
+        (self.allow, &self.info)
     }
 
     #[inline]
@@ -96,13 +107,15 @@ fn first_applying<'a>(
     bucket.iter().find(|e| e.applies(member, me, target))
 }
 
-fn freeze<K>(map: FxHashMap<K, Vec<Entry>>) -> FxHashMap<K, Box<[Entry]>>
+/// Sorts every bucket in [`Precedence`] order (`key` gives an element's)
+/// and freezes it.
+fn freeze<K, E>(map: FxHashMap<K, Vec<E>>, key: fn(&E) -> Precedence) -> FxHashMap<K, Box<[E]>>
 where
     K: std::hash::Hash + Eq,
 {
     map.into_iter()
         .map(|(k, mut v)| {
-            v.sort_by(Entry::order);
+            v.sort_by_key(key);
             (k, v.into_boxed_slice())
         })
         .collect()
@@ -145,10 +158,10 @@ impl NameIndexBuilder {
     }
 
     fn build(mut self) -> NameIndex {
-        self.any.sort_by(Entry::order);
+        self.any.sort_by_key(Entry::precedence);
         NameIndex {
-            exact: freeze(self.exact),
-            prefix: freeze(self.prefix),
+            exact: freeze(self.exact, Entry::precedence),
+            prefix: freeze(self.prefix, Entry::precedence),
             prefix_depths: self.prefix_depths,
             any: self.any.into_boxed_slice(),
         }
@@ -226,6 +239,12 @@ struct FileEntry {
     info: RuleRef,
 }
 
+impl FileEntry {
+    fn precedence(&self) -> Precedence {
+        precedence(self.spec, &self.info)
+    }
+}
+
 /// File rules keyed by normalized path prefix.
 #[derive(Debug, Default)]
 struct FileIndex {
@@ -291,11 +310,24 @@ impl FileKind {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Create => "create",
-            Self::Write => "write",
-            Self::Read => "read",
+    /// The reason text of a decision about this kind of access: allowed or
+    /// denied by the most specific rule covering it (`Some(allowed)`), or
+    /// no rule covering it (`None`).
+    pub fn reason(self, verdict: Option<bool>) -> &'static str {
+        match (self, verdict) {
+            (Self::Create, Some(true)) => {
+                "create access allowed by the most specific matching rule"
+            }
+            (Self::Create, Some(false)) => {
+                "create access denied by the most specific matching rule"
+            }
+            (Self::Create, None) => "no rule grants create access under this path",
+            (Self::Write, Some(true)) => "write access allowed by the most specific matching rule",
+            (Self::Write, Some(false)) => "write access denied by the most specific matching rule",
+            (Self::Write, None) => "no rule grants write access under this path",
+            (Self::Read, Some(true)) => "read access allowed by the most specific matching rule",
+            (Self::Read, Some(false)) => "read access denied by the most specific matching rule",
+            (Self::Read, None) => "no rule grants read access under this path",
         }
     }
 }
@@ -343,12 +375,7 @@ impl Compiled {
                         file.entry(path.normalized.as_bytes().into())
                             .or_default()
                             .push(FileEntry {
-                                spec: Specificity {
-                                    object: path.depth,
-                                    member: false,
-                                    who: rule.who,
-                                    deny: !rule.allow,
-                                },
+                                spec: rule.specificity(path.depth),
                                 allow: rule.allow,
                                 access: rule.access,
                                 info: Arc::clone(&rule.info),
@@ -357,18 +384,7 @@ impl Compiled {
                 }
             }
         }
-        monitor.sort_by(Entry::order);
-        let by_prefix = file
-            .into_iter()
-            .map(|(k, mut v)| {
-                v.sort_by(|a, b| {
-                    b.spec
-                        .cmp(&a.spec)
-                        .then_with(|| a.info.index.cmp(&b.info.index))
-                });
-                (k, v.into_boxed_slice())
-            })
-            .collect();
+        monitor.sort_by_key(Entry::precedence);
         Self {
             see: see.build(),
             own: own.build(),
@@ -377,14 +393,16 @@ impl Compiled {
             pass_fds: pass_fds.build(),
             memfd: memfd.build(),
             monitor: monitor.into_boxed_slice(),
-            file: FileIndex { by_prefix },
+            file: FileIndex {
+                by_prefix: freeze(file, FileEntry::precedence),
+            },
             rules: ids.len(),
         }
     }
 }
 
 /// Reason text for a check no rule answered.
-pub(crate) fn no_rule_reason(right: Right) -> &'static str {
+fn no_rule_reason(right: Right) -> &'static str {
     match right {
         Right::See => "no rule lets this peer see the name",
         Right::Own => "no rule lets this peer own the name",
@@ -397,23 +415,25 @@ pub(crate) fn no_rule_reason(right: Right) -> &'static str {
     }
 }
 
-pub(crate) const ALLOWED_BY_RULE: &str = "allowed by the most specific matching rule";
-pub(crate) const DENIED_BY_RULE: &str = "denied by the most specific matching rule";
-
-fn decision(right: Right, entry: Option<&Entry>) -> Decision {
-    match entry {
-        Some(e) => Decision {
-            allowed: e.allow,
+/// The decision on `right` by the most specific matching rule, given as its
+/// verdict (allow or deny) and info; with no matching rule, the default:
+/// denied, except memfd (no rule: no cap, so allowed). Shared by the
+/// snapshot checks and `explain`.
+#[inline]
+pub(crate) fn decision(right: Right, decider: Option<(bool, &RuleRef)>) -> Decision {
+    match decider {
+        Some((allow, rule)) => Decision {
+            allowed: allow,
             right,
-            rule: Some(Arc::clone(&e.info)),
-            reason: Cow::Borrowed(if e.allow {
-                ALLOWED_BY_RULE
+            rule: Some(Arc::clone(rule)),
+            reason: Cow::Borrowed(if allow {
+                "allowed by the most specific matching rule"
             } else {
-                DENIED_BY_RULE
+                "denied by the most specific matching rule"
             }),
         },
         None => Decision {
-            allowed: false,
+            allowed: right == Right::Memfd,
             right,
             rule: None,
             reason: Cow::Borrowed(no_rule_reason(right)),
@@ -421,13 +441,55 @@ fn decision(right: Right, entry: Option<&Entry>) -> Decision {
     }
 }
 
-/// The memfd cap an entry means: its `max-bytes` for allow (none: no cap),
-/// 0 for deny.
-fn memfd_cap(entry: Option<&Entry>) -> Option<u64> {
-    match entry {
-        Some(e) if e.allow => e.max_bytes,
-        Some(_) => Some(0),
+/// The memfd cap the most specific matching memfd rule means, given as its
+/// verdict and `max-bytes`: its `max-bytes` for allow (none: no cap), 0
+/// for deny; no rule: no cap.
+pub(crate) fn memfd_cap(decider: Option<(bool, Option<u64>)>) -> Option<u64> {
+    match decider {
+        Some((true, max_bytes)) => max_bytes,
+        Some((false, _)) => Some(0),
         None => None,
+    }
+}
+
+/// The decision on a file request: each kind of access asked for, most
+/// privileged first, is decided by the most specific rule covering that
+/// kind (`decider` gives its verdict and info, or `None`); the first kind
+/// denied decides the request, else the first kind asked for. Shared by the
+/// snapshot and `explain`.
+pub(crate) fn file_decision<'a>(
+    asked: FileAccess,
+    mut decider: impl FnMut(FileKind) -> Option<(bool, &'a RuleRef)>,
+) -> Decision {
+    let mut first: Option<Decision> = None;
+    for kind in FileKind::ORDER {
+        if !kind.covered_by(asked) {
+            continue;
+        }
+        let d = match decider(kind) {
+            Some((allow, rule)) => Decision {
+                allowed: allow,
+                right: Right::File,
+                rule: Some(Arc::clone(rule)),
+                reason: Cow::Borrowed(kind.reason(Some(allow))),
+            },
+            None => file_refused(kind.reason(None)),
+        };
+        if !d.allowed {
+            return d;
+        }
+        first.get_or_insert(d);
+    }
+    first.unwrap_or_else(|| file_refused("no access kind asked for"))
+}
+
+/// A file request denied with no rule deciding, for `reason`.
+pub(crate) fn file_refused(reason: &'static str) -> Decision {
+    Decision {
+        allowed: false,
+        right: Right::File,
+        rule: None,
+        reason: Cow::Borrowed(reason),
     }
 }
 
@@ -484,7 +546,7 @@ impl PeerPolicy {
             .index()
             .own
             .decide(&[name], None, &self.inner.facts, None);
-        decision(Right::Own, entry)
+        decision(Right::Own, entry.map(Entry::verdict))
     }
 
     /// May this peer learn that `name` (a well-known name, or the owner's
@@ -494,7 +556,7 @@ impl PeerPolicy {
             .index()
             .see
             .decide(&[name], None, &self.inner.facts, Some(owner));
-        decision(Right::See, entry)
+        decision(Right::See, entry.map(Entry::verdict))
     }
 
     /// May this peer send `member` to `receiver`? `names` are the
@@ -507,7 +569,7 @@ impl PeerPolicy {
             self.index()
                 .talk
                 .decide(names, Some(member), &self.inner.facts, Some(receiver));
-        decision(Right::Talk, entry)
+        decision(Right::Talk, entry.map(Entry::verdict))
     }
 
     /// May this peer (as receiver) accept `member` from `sender`, which owns
@@ -517,7 +579,7 @@ impl PeerPolicy {
             self.index()
                 .receive
                 .decide(names, Some(member), &self.inner.facts, Some(sender));
-        decision(Right::Receive, entry)
+        decision(Right::Receive, entry.map(Entry::verdict))
     }
 
     /// May this peer attach fds to a message for `receiver`, addressed as /
@@ -527,7 +589,7 @@ impl PeerPolicy {
             .index()
             .pass_fds
             .decide(names, None, &self.inner.facts, Some(receiver));
-        decision(Right::PassFds, entry)
+        decision(Right::PassFds, entry.map(Entry::verdict))
     }
 
     /// The largest sealed memfd payload (bytes) this peer may attach to a
@@ -535,11 +597,11 @@ impl PeerPolicy {
     /// applies, or the deciding rule has no `max-bytes`). A deciding deny
     /// rule means `Some(0)`.
     pub fn max_memfd_bytes(&self, receiver: &PeerIdentity, names: &[&str]) -> Option<u64> {
-        memfd_cap(
-            self.index()
-                .memfd
-                .decide(names, None, &self.inner.facts, Some(receiver)),
-        )
+        let entry = self
+            .index()
+            .memfd
+            .decide(names, None, &self.inner.facts, Some(receiver));
+        memfd_cap(entry.map(|e| (e.allow, e.max_bytes)))
     }
 
     /// The memfd check as a [`Decision`] (allowed unless a deny rule
@@ -549,16 +611,18 @@ impl PeerPolicy {
             .index()
             .memfd
             .decide(names, None, &self.inner.facts, Some(receiver));
-        let mut d = decision(Right::Memfd, entry);
-        if entry.is_none() {
-            d.allowed = true;
-        }
-        (d, memfd_cap(entry))
+        (
+            decision(Right::Memfd, entry.map(Entry::verdict)),
+            memfd_cap(entry.map(|e| (e.allow, e.max_bytes))),
+        )
     }
 
     /// May this peer watch traffic not addressed to it?
     pub fn monitor(&self) -> Decision {
-        decision(Right::Monitor, self.index().monitor.first())
+        decision(
+            Right::Monitor,
+            self.index().monitor.first().map(Entry::verdict),
+        )
     }
 
     /// May the broker open `path` with `access` for this peer? The path
@@ -570,51 +634,12 @@ impl PeerPolicy {
     pub fn file_access(&self, path: &Path, access: FileAccess) -> Decision {
         let (normalized, ends) = match normalize_path(path) {
             Ok(n) => n,
-            Err(why) => {
-                return Decision {
-                    allowed: false,
-                    right: Right::File,
-                    rule: None,
-                    reason: Cow::Borrowed(why),
-                }
-            }
+            Err(why) => return file_refused(why),
         };
-        let mut first: Option<Decision> = None;
-        for kind in FileKind::ORDER {
-            if !kind.covered_by(access) {
-                continue;
-            }
-            let d = match self.index().file.decide(&normalized, &ends, kind) {
-                Some(e) => Decision {
-                    allowed: e.allow,
-                    right: Right::File,
-                    rule: Some(Arc::clone(&e.info)),
-                    reason: Cow::Owned(format!(
-                        "{} access {} by the most specific matching rule",
-                        kind.as_str(),
-                        if e.allow { "allowed" } else { "denied" }
-                    )),
-                },
-                None => Decision {
-                    allowed: false,
-                    right: Right::File,
-                    rule: None,
-                    reason: Cow::Owned(format!(
-                        "no rule grants {} access under this path",
-                        kind.as_str()
-                    )),
-                },
-            };
-            if !d.allowed {
-                return d;
-            }
-            first.get_or_insert(d);
-        }
-        first.unwrap_or(Decision {
-            allowed: false,
-            right: Right::File,
-            rule: None,
-            reason: Cow::Borrowed("no access kind asked for"),
+        let file = &self.index().file;
+        file_decision(access, |kind| {
+            file.decide(&normalized, &ends, kind)
+                .map(|e| (e.allow, &e.info))
         })
     }
 }
