@@ -964,6 +964,82 @@ access = ["read"]
     let snap = policy.snapshot(&parse_identity(U).unwrap());
     let d = snap.file_access(Path::new("/srv/data/../etc/passwd"), FileAccess::READ);
     assert!(d.reason.contains(".."), "{d}");
+    // The reason names the kind of access that decided.
+    let reason = |path: &str, access: &str| {
+        snap.file_access(Path::new(path), FileAccess::parse(access).unwrap())
+            .reason
+    };
+    assert_eq!(
+        reason("/srv/data/x", "r"),
+        "read access allowed by the most specific matching rule"
+    );
+    assert_eq!(
+        reason("/srv/data/inbox/secret/x", "rw"),
+        "read access denied by the most specific matching rule"
+    );
+    assert_eq!(
+        reason("/srv/data/x", "rw"),
+        "no rule grants write access under this path"
+    );
+    // Asking for no kind of access is refused, by `explain` too.
+    let nothing = snap.file_access(Path::new("/srv/data/x"), FileAccess::default());
+    assert!(!nothing.allowed, "{nothing}");
+    assert_eq!(nothing.rule, None);
+    assert_eq!(nothing.reason, "no access kind asked for");
+    let explained = policy.explain(
+        &parse_identity(U).unwrap(),
+        &Operation::File {
+            path: "/srv/data/x".into(),
+            access: FileAccess::default(),
+        },
+    );
+    assert_eq!(explained.decision, nothing);
+}
+
+#[test]
+fn file_access_text() {
+    let read = FileAccess::READ;
+    let rw = FileAccess {
+        write: true,
+        ..read
+    };
+    let all = FileAccess { create: true, ..rw };
+    let create = FileAccess {
+        create: true,
+        ..FileAccess::default()
+    };
+    let cases = [
+        ("r", Some(read)),
+        ("read", Some(read)),
+        ("rr", Some(read)),
+        ("rw", Some(rw)),
+        ("wr", Some(rw)),
+        ("read,write", Some(rw)),
+        ("write, read", Some(rw)),
+        ("r,w", Some(rw)),
+        ("c", Some(create)),
+        ("rwc", Some(all)),
+        ("read,write,create", Some(all)),
+        ("", None),
+        ("x", None),
+        ("rx", None),
+        ("r w", None),
+        ("rwcx", None),
+        ("reed", None),
+        ("read,", None),
+        (",", None),
+        ("READ", None),
+    ];
+    for (text, want) in cases {
+        assert_eq!(FileAccess::parse(text), want, "{text:?}");
+    }
+    assert_eq!(read.to_string(), "read");
+    assert_eq!(all.to_string(), "read,write,create");
+    assert_eq!(create.to_string(), "create");
+    assert_eq!(FileAccess::default().to_string(), "none");
+    for access in [read, rw, all, create] {
+        assert_eq!(FileAccess::parse(&access.to_string()), Some(access));
+    }
 }
 
 /// Lines and columns of errors, exactly.
