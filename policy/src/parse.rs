@@ -458,16 +458,30 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn glob(&mut self, value: &Value<'_>, key: &str) -> Option<Glob> {
+    /// A string value that `check` turns into a `T`; its error (a byte
+    /// offset into the string and a message) is reported at that character
+    /// of the value.
+    fn checked_string<T>(
+        &mut self,
+        value: &Value<'_>,
+        key: &str,
+        check: impl FnOnce(&str) -> Result<T, (usize, String)>,
+    ) -> Option<T> {
         let text = self.string(value, key)?;
-        match Glob::new(text) {
-            Ok(glob) => Some(glob),
-            Err(e) => {
-                let at = self.offset_in_string(&value.span(), text, e.offset);
-                self.error(at..at, format!("`{key}`: {}", e.message));
+        match check(text) {
+            Ok(checked) => Some(checked),
+            Err((offset, message)) => {
+                let at = self.offset_in_string(&value.span(), text, offset);
+                self.error(at..at, format!("`{key}`: {message}"));
                 None
             }
         }
+    }
+
+    fn glob(&mut self, value: &Value<'_>, key: &str) -> Option<Glob> {
+        self.checked_string(value, key, |text| {
+            Glob::new(text).map_err(|e| (e.offset, e.message))
+        })
     }
 
     /// A `subject` or `peer` table. Relations are accepted only for `peer`.
@@ -618,39 +632,17 @@ impl<'a> Parser<'a> {
     }
 
     fn name_pattern(&mut self, value: &Value<'_>) -> Option<NamePattern> {
-        let text = self.string(value, "name")?;
-        match parse_name_pattern(text) {
-            Ok(pattern) => Some(pattern),
-            Err((offset, message)) => {
-                let at = self.offset_in_string(&value.span(), text, offset);
-                self.error(at..at, format!("`name`: {message}"));
-                None
-            }
-        }
+        self.checked_string(value, "name", parse_name_pattern)
     }
 
     fn member(&mut self, value: &Value<'_>) -> Option<Box<str>> {
-        let text = self.string(value, "member")?;
-        match check_member(text) {
-            Ok(()) => Some(text.into()),
-            Err((offset, message)) => {
-                let at = self.offset_in_string(&value.span(), text, offset);
-                self.error(at..at, format!("`member`: {message}"));
-                None
-            }
-        }
+        self.checked_string(value, "member", |text| {
+            check_member(text).map(|()| text.into())
+        })
     }
 
     fn path(&mut self, value: &Value<'_>) -> Option<PathPrefix> {
-        let text = self.string(value, "path")?;
-        match parse_path_prefix(text) {
-            Ok(p) => Some(p),
-            Err((offset, message)) => {
-                let at = self.offset_in_string(&value.span(), text, offset);
-                self.error(at..at, format!("`path`: {message}"));
-                None
-            }
-        }
+        self.checked_string(value, "path", parse_path_prefix)
     }
 
     fn access(&mut self, value: &Value<'_>) -> Option<FileAccess> {
@@ -699,35 +691,42 @@ pub(crate) fn parse_runtime(text: &str) -> Option<ContainerRuntime> {
     })
 }
 
-/// Checks one dot-separated element of a well-known name; returns the byte
-/// offset (within the element) and reason of the first problem.
-fn check_name_element(element: &str) -> Result<(), (usize, &'static str)> {
-    let bytes = element.as_bytes();
-    if bytes.is_empty() {
-        return Err((0, "empty element"));
-    }
-    if bytes[0].is_ascii_digit() {
-        return Err((0, "an element may not start with a digit"));
-    }
-    if let Some(at) = bytes
-        .iter()
-        .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c == b'-'))
-    {
-        return Err((at, "character outside A-Z a-z 0-9 _ -"));
-    }
-    Ok(())
-}
-
-/// Checks dot-separated name elements; offsets are relative to `text`.
-fn check_name_elements(text: &str) -> Result<u32, (usize, String)> {
+/// Checks dot-separated elements: each non-empty, not starting with a
+/// digit, and made of bytes `allowed` accepts (`outside` says which).
+/// Returns the number of elements, or the byte offset into `text` and the
+/// reason of the first problem.
+fn check_elements(
+    text: &str,
+    allowed: fn(u8) -> bool,
+    outside: &'static str,
+) -> Result<u32, (usize, String)> {
     let mut offset = 0;
     let mut count = 0;
     for element in text.split('.') {
-        check_name_element(element).map_err(|(at, why)| (offset + at, why.to_string()))?;
+        let bytes = element.as_bytes();
+        if bytes.is_empty() {
+            return Err((offset, "empty element".into()));
+        }
+        if bytes[0].is_ascii_digit() {
+            return Err((offset, "an element may not start with a digit".into()));
+        }
+        if let Some(at) = bytes.iter().position(|&c| !allowed(c)) {
+            return Err((offset + at, outside.into()));
+        }
         offset += element.len() + 1;
         count += 1;
     }
     Ok(count)
+}
+
+/// Checks the elements of a well-known name (or prefix); offsets are
+/// relative to `text`.
+fn check_name_elements(text: &str) -> Result<u32, (usize, String)> {
+    check_elements(
+        text,
+        |c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-',
+        "character outside A-Z a-z 0-9 _ -",
+    )
 }
 
 /// `*`, `org.example.*` or `org.example.Foo`; errors carry a byte offset
@@ -785,24 +784,12 @@ fn check_member(text: &str) -> Result<(), (usize, String)> {
     if text.len() > MAX_NAME_LEN {
         return Err((MAX_NAME_LEN, "longer than 255 bytes".into()));
     }
-    let mut offset = 0;
-    for element in text.split('.') {
-        let bytes = element.as_bytes();
-        if bytes.is_empty() {
-            return Err((offset, "empty element".into()));
-        }
-        if bytes[0].is_ascii_digit() {
-            return Err((offset, "an element may not start with a digit".into()));
-        }
-        if let Some(at) = bytes
-            .iter()
-            .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_'))
-        {
-            return Err((offset + at, "character outside A-Z a-z 0-9 _".into()));
-        }
-        offset += element.len() + 1;
-    }
-    Ok(())
+    check_elements(
+        text,
+        |c| c.is_ascii_alphanumeric() || c == b'_',
+        "character outside A-Z a-z 0-9 _",
+    )
+    .map(|_| ())
 }
 
 /// An absolute path prefix; repeated and trailing slashes are folded, `.`
@@ -873,6 +860,11 @@ mod tests {
         assert_eq!(parse_name_pattern("org.9x").unwrap_err().0, 4);
         assert_eq!(parse_name_pattern("org.e x").unwrap_err().0, 5);
         assert_eq!(parse_name_pattern(":1.2").unwrap_err().0, 0);
+        // Names may have `-`, members may not.
+        assert_eq!(
+            parse_name_pattern("org.my-app.Foo").unwrap(),
+            NamePattern::Exact("org.my-app.Foo".into())
+        );
     }
 
     #[test]
@@ -881,6 +873,8 @@ mod tests {
         check_member("org.example.Get_2").unwrap();
         assert_eq!(check_member("Get-x").unwrap_err().0, 3);
         assert_eq!(check_member("a.2b").unwrap_err().0, 2);
+        assert_eq!(check_member("a..b").unwrap_err().0, 2);
+        assert_eq!(check_member("").unwrap_err().0, 0);
         assert!(check_member("*").is_err());
     }
 

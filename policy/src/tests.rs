@@ -1089,6 +1089,14 @@ fn parse_errors() {
             &[(4, 9, "at least two")],
         ),
         (
+            "[[rule]]\nallow = [\"talk\"]\nsubject = { anyone = true }\nmember = \"Get-x\"\n",
+            &[(4, 14, "`member`: character outside A-Z a-z 0-9 _")],
+        ),
+        (
+            "[[rule]]\nallow = [\"file\"]\nsubject = { anyone = true }\npath = \"srv\"\naccess = \"read\"\n",
+            &[(4, 9, "`path`: must be an absolute path")],
+        ),
+        (
             "\n\n[[rule]]\nallow = [\"talk\"]\n",
             &[(3, 1, "a rule needs a `subject`")],
         ),
