@@ -196,14 +196,13 @@ fn name_match(pattern: &NamePattern, names: &[&str]) -> Result<String, String> {
     {
         return Ok(format!("name {name} by {}", pattern.render()));
     }
-    let shown: Vec<&str> = names.to_vec();
-    if shown.is_empty() {
+    if names.is_empty() {
         Err(format!(
             "no well-known name involved; the rule is about {}",
             pattern.render()
         ))
     } else {
-        Err(format!("{} covers none of {shown:?}", pattern.render()))
+        Err(format!("{} covers none of {names:?}", pattern.render()))
     }
 }
 
