@@ -322,6 +322,17 @@ mod tests {
     }
 
     #[test]
+    fn malformed_escapes_stay_literal() {
+        assert_eq!(unescape_mountinfo("a\\040b\\011c"), "a b\tc");
+        // Not three octal digits, or not a byte: kept as written.
+        assert_eq!(unescape_mountinfo("x\\04"), "x\\04");
+        assert_eq!(unescape_mountinfo("x\\089y"), "x\\089y");
+        assert_eq!(unescape_mountinfo("x\\777"), "x\\777");
+        assert_eq!(unescape_mountinfo("x\\"), "x\\");
+        assert_eq!(unescape_mountinfo("\\\\134"), "\\\\");
+    }
+
+    #[test]
     fn prefers_whole_hierarchy_over_subtree_bind_mount() {
         let text = "\
 50 24 0:26 /docker/abc /mnt/sub rw - cgroup2 cgroup2 rw
