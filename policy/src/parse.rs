@@ -29,7 +29,8 @@ const RULE_KEYS: &str = "allow, deny, subject, peer, name, member, max-bytes, pa
 const SELECTOR_KEYS: &str = "anyone, uid, gid, label, host, container, listener";
 const PEER_KEYS: &str =
     "anyone, uid, gid, label, host, container, listener, same-uid, same-container";
-const RUNTIMES: &str = "docker, podman, containerd, crio, lxc, nspawn, unknown";
+/// The names [`parse_runtime`] knows, for "unknown runtime" messages.
+pub(crate) const RUNTIMES: &str = "docker, podman, containerd, crio, lxc, nspawn, unknown";
 
 /// What a parsed file says besides its rules.
 #[derive(Debug, Default, Clone, Copy)]
@@ -865,6 +866,20 @@ mod tests {
             parse_name_pattern("org.my-app.Foo").unwrap(),
             NamePattern::Exact("org.my-app.Foo".into())
         );
+    }
+
+    #[test]
+    fn runtimes() {
+        // The list in messages is what the parser knows, by the names the
+        // identity crate prints.
+        for name in RUNTIMES.split(", ") {
+            assert_eq!(
+                parse_runtime(name).map(ContainerRuntime::as_str),
+                Some(name)
+            );
+        }
+        assert_eq!(RUNTIMES.split(", ").count(), 7);
+        assert_eq!(parse_runtime("host"), None);
     }
 
     #[test]

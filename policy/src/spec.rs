@@ -6,7 +6,7 @@
 
 use pbus_identity::{Container, ContainerRuntime, PeerIdentity};
 
-use crate::parse::parse_runtime;
+use crate::parse::{parse_runtime, RUNTIMES};
 
 /// Why an identity description could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,8 +109,7 @@ pub fn parse_identity(spec: &str) -> Result<PeerIdentity, IdentitySpecError> {
                 } else {
                     parse_runtime(runtime).ok_or_else(|| {
                         fail(format!(
-                            "`container`: unknown runtime {runtime:?} (expected host, docker, \
-                             podman, containerd, crio, lxc, nspawn, unknown)"
+                            "`container`: unknown runtime {runtime:?} (expected host, {RUNTIMES})"
                         ))
                     })?
                 };
@@ -233,5 +232,12 @@ mod tests {
         ] {
             assert!(parse_identity(bad).is_err(), "{bad:?} accepted");
         }
+        let e = parse_identity("uid=1,container=rkt").unwrap_err();
+        assert!(
+            e.message.ends_with(
+                "(expected host, docker, podman, containerd, crio, lxc, nspawn, unknown)"
+            ),
+            "{e}"
+        );
     }
 }
