@@ -66,7 +66,6 @@ mod spec;
 #[cfg(test)]
 mod tests;
 
-use std::borrow::Cow;
 use std::fmt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
@@ -288,9 +287,9 @@ pub struct Decision {
     /// The rule that decided; `None` when no rule applied (or the request
     /// was refused before any rule was looked at, e.g. a `..` path).
     pub rule: Option<RuleRef>,
-    /// What decided, for `explain` and logs. Borrowed (no allocation) on the
-    /// per-message paths.
-    pub reason: Cow<'static, str>,
+    /// What decided, for `explain` and logs: one of a fixed set of texts,
+    /// so building a decision never allocates.
+    pub reason: &'static str,
 }
 
 impl fmt::Display for Decision {

@@ -19,7 +19,6 @@
 //! name, the most specific answer across the message's names decides the
 //! check. This module knows nothing about files or syntax.
 
-use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
@@ -426,17 +425,17 @@ pub(crate) fn decision(right: Right, decider: Option<(bool, &RuleRef)>) -> Decis
             allowed: allow,
             right,
             rule: Some(Arc::clone(rule)),
-            reason: Cow::Borrowed(if allow {
+            reason: if allow {
                 "allowed by the most specific matching rule"
             } else {
                 "denied by the most specific matching rule"
-            }),
+            },
         },
         None => Decision {
             allowed: right == Right::Memfd,
             right,
             rule: None,
-            reason: Cow::Borrowed(no_rule_reason(right)),
+            reason: no_rule_reason(right),
         },
     }
 }
@@ -471,7 +470,7 @@ pub(crate) fn file_decision<'a>(
                 allowed: allow,
                 right: Right::File,
                 rule: Some(Arc::clone(rule)),
-                reason: Cow::Borrowed(kind.reason(Some(allow))),
+                reason: kind.reason(Some(allow)),
             },
             None => file_refused(kind.reason(None)),
         };
@@ -489,7 +488,7 @@ pub(crate) fn file_refused(reason: &'static str) -> Decision {
         allowed: false,
         right: Right::File,
         rule: None,
-        reason: Cow::Borrowed(reason),
+        reason,
     }
 }
 
