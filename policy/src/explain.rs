@@ -4,8 +4,9 @@
 //! slow, transparent way: it walks every rule that mentions the right,
 //! records for each whether it matched and why (or which condition failed),
 //! sorts the matching ones by specificity, and reports the first as the
-//! decider. It shares the condition tests with the snapshot indexes but not
-//! the indexes themselves, so the unit tests can check that both agree.
+//! decider. It shares the condition tests, the ordering and the building of
+//! the decision from the deciding rule with the snapshot, but not the
+//! indexes, so the unit tests can check that both find the same rule.
 //! This module knows nothing about files or the daemon.
 
 use std::fmt;
