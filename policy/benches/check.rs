@@ -1,8 +1,10 @@
-//! Per-message policy check cost: one `talk` check against a compiled
-//! snapshot of a 1,000-rule policy, compared in the same run with the
-//! built-in default policy and with a naive linear scan over the same 1,000
-//! rules (implemented here, the way a policy without per-peer indexes would
-//! evaluate them).
+//! Per-message policy check cost: one `may_talk` check (the verdict the
+//! daemon asks for on every message) against a compiled snapshot of a
+//! 1,000-rule policy, compared in the same run with the built-in default
+//! policy and with a naive linear scan over the same 1,000 rules
+//! (implemented here, the way a policy without per-peer indexes would
+//! evaluate them); and the full `talk` [`Decision`](pbus_policy::Decision)
+//! that `explain` and logs use.
 //!
 //! Run with `cargo bench -p pbus-policy`. Prints the median ns per check
 //! over many samples, and ratios.
@@ -246,10 +248,22 @@ fn median_ns(samples: usize, iters: u32, mut f: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
+/// The daemon's per-message check: the verdict alone.
 fn talk_ns(snap: &PeerPolicy, receiver: &PeerIdentity, names: &[&str], member: &str) -> f64 {
     median_ns(201, 20_000, || {
-        let d = snap.talk(black_box(receiver), black_box(names), black_box(member));
-        black_box(d.allowed);
+        black_box(snap.may_talk(black_box(receiver), black_box(names), black_box(member)));
+    })
+}
+
+/// The same check building the whole decision (deciding rule included).
+fn talk_decision_ns(
+    snap: &PeerPolicy,
+    receiver: &PeerIdentity,
+    names: &[&str],
+    member: &str,
+) -> f64 {
+    median_ns(201, 20_000, || {
+        black_box(snap.talk(black_box(receiver), black_box(names), black_box(member)));
     })
 }
 
@@ -294,6 +308,7 @@ fn main() {
         (&[][..], "X"),
     ] {
         let fast = snap.talk(&receiver, names, m);
+        assert_eq!(snap.may_talk(&receiver, names, m), fast.allowed);
         let slow = naive_talk(&generated, &subject, &receiver, names, m);
         assert_eq!(
             fast.rule.as_ref().map(|r| (fast.allowed, r.index)),
@@ -305,6 +320,7 @@ fn main() {
     let indexed_hit = talk_ns(&snap, &receiver, hit, member);
     let indexed_miss = talk_ns(&snap, &receiver, miss, member);
     let indexed_several = talk_ns(&snap, &receiver, several, "Method1");
+    let decision_hit = talk_decision_ns(&snap, &receiver, hit, member);
     let builtin = Policy::builtin();
     let builtin_snap = builtin.snapshot(&subject);
     let builtin_hit = talk_ns(&builtin_snap, &receiver, hit, member);
@@ -324,14 +340,16 @@ fn main() {
          ({} rules kept); cached snapshot: {cached_snapshot_ns:.0} ns",
         snap.rule_count()
     );
-    println!("  talk, 1,000 rules, exact name + member hit : {indexed_hit:8.1} ns");
-    println!("  talk, 1,000 rules, no specific rule (miss)  : {indexed_miss:8.1} ns");
-    println!("  talk, 1,000 rules, 3 names                  : {indexed_several:8.1} ns");
-    println!("  talk, built-in default policy (baseline)    : {builtin_hit:8.1} ns");
-    println!("  talk, naive linear scan of 1,000 rules      : {naive_hit:8.1} ns");
+    println!("  may_talk, 1,000 rules, exact name + member hit : {indexed_hit:8.1} ns");
+    println!("  may_talk, 1,000 rules, no specific rule (miss)  : {indexed_miss:8.1} ns");
+    println!("  may_talk, 1,000 rules, 3 names                  : {indexed_several:8.1} ns");
+    println!("  may_talk, built-in default policy (baseline)    : {builtin_hit:8.1} ns");
+    println!("  naive linear scan of 1,000 rules                : {naive_hit:8.1} ns");
+    println!("  talk with its Decision, 1,000 rules, hit        : {decision_hit:8.1} ns");
     println!(
-        "  ratios: indexed/built-in {:.2}x, naive/indexed {:.0}x",
+        "  ratios: indexed/built-in {:.2}x, naive/indexed {:.0}x, decision/verdict {:.2}x",
         indexed_hit / builtin_hit,
-        naive_hit / indexed_hit
+        naive_hit / indexed_hit,
+        decision_hit / indexed_hit
     );
 }

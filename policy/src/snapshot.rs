@@ -432,12 +432,26 @@ pub(crate) fn decision(right: Right, decider: Option<(bool, &RuleRef)>) -> Decis
             },
         },
         None => Decision {
-            allowed: right == Right::Memfd,
+            allowed: allowed_without_rule(right),
             right,
             rule: None,
             reason: no_rule_reason(right),
         },
     }
+}
+
+/// The default when no rule decides `right`: denied, except memfd (no
+/// rule: no cap, so allowed).
+#[inline]
+fn allowed_without_rule(right: Right) -> bool {
+    right == Right::Memfd
+}
+
+/// The verdict alone of [`decision`]: for the per-message checks, which
+/// need no more and should not pay for cloning the deciding rule's `Arc`.
+#[inline]
+fn verdict_only(right: Right, entry: Option<&Entry>) -> bool {
+    entry.map_or_else(|| allowed_without_rule(right), |entry| entry.allow)
 }
 
 /// The memfd cap the most specific matching memfd rule means, given as its
@@ -589,6 +603,50 @@ impl PeerPolicy {
             .pass_fds
             .decide(names, None, &self.inner.facts, Some(receiver));
         decision(Right::PassFds, entry.map(Entry::verdict))
+    }
+
+    /// [`see`](Self::see)`(..).allowed`, without building the [`Decision`]:
+    /// for the daemon's checks, where only the verdict matters.
+    #[inline]
+    pub fn may_see(&self, owner: &PeerIdentity, name: &str) -> bool {
+        let entry = self
+            .index()
+            .see
+            .decide(&[name], None, &self.inner.facts, Some(owner));
+        verdict_only(Right::See, entry)
+    }
+
+    /// [`talk`](Self::talk)`(..).allowed`, without building the
+    /// [`Decision`]: the per-message check.
+    #[inline]
+    pub fn may_talk(&self, receiver: &PeerIdentity, names: &[&str], member: &str) -> bool {
+        let entry =
+            self.index()
+                .talk
+                .decide(names, Some(member), &self.inner.facts, Some(receiver));
+        verdict_only(Right::Talk, entry)
+    }
+
+    /// [`receive`](Self::receive)`(..).allowed`, without building the
+    /// [`Decision`]: the per-message check.
+    #[inline]
+    pub fn may_receive(&self, sender: &PeerIdentity, names: &[&str], member: &str) -> bool {
+        let entry =
+            self.index()
+                .receive
+                .decide(names, Some(member), &self.inner.facts, Some(sender));
+        verdict_only(Right::Receive, entry)
+    }
+
+    /// [`pass_fds`](Self::pass_fds)`(..).allowed`, without building the
+    /// [`Decision`]: the per-message check.
+    #[inline]
+    pub fn may_pass_fds(&self, receiver: &PeerIdentity, names: &[&str]) -> bool {
+        let entry = self
+            .index()
+            .pass_fds
+            .decide(names, None, &self.inner.facts, Some(receiver));
+        verdict_only(Right::PassFds, entry)
     }
 
     /// The largest sealed memfd payload (bytes) this peer may attach to a

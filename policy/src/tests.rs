@@ -108,15 +108,36 @@ fn operation(op: Op, target: &PeerIdentity) -> Operation {
     }
 }
 
-/// Runs the fast path (snapshot) for one row.
+/// Runs the fast path (snapshot) for one row; the verdict-only `may_*`
+/// checks must agree with the decision.
 fn fast(policy: &Arc<Policy>, subject: &PeerIdentity, target: &PeerIdentity, op: Op) -> Decision {
     let snap = policy.snapshot(subject);
     match op {
         Op::Own(name) => snap.own(name),
-        Op::See(name) => snap.see(target, name),
-        Op::Talk(n, member) => snap.talk(target, n, member),
-        Op::Recv(n, member) => snap.receive(target, n, member),
-        Op::Fds(n) => snap.pass_fds(target, n),
+        Op::See(name) => {
+            let d = snap.see(target, name);
+            assert_eq!(snap.may_see(target, name), d.allowed, "may_see");
+            d
+        }
+        Op::Talk(n, member) => {
+            let d = snap.talk(target, n, member);
+            assert_eq!(snap.may_talk(target, n, member), d.allowed, "may_talk");
+            d
+        }
+        Op::Recv(n, member) => {
+            let d = snap.receive(target, n, member);
+            assert_eq!(
+                snap.may_receive(target, n, member),
+                d.allowed,
+                "may_receive"
+            );
+            d
+        }
+        Op::Fds(n) => {
+            let d = snap.pass_fds(target, n);
+            assert_eq!(snap.may_pass_fds(target, n), d.allowed, "may_pass_fds");
+            d
+        }
         Op::Memfd(n, cap) => {
             let (d, limit) = snap.memfd(target, n);
             assert_eq!(limit, cap, "memfd cap");

@@ -234,8 +234,7 @@ impl<Io> Bus<Io> {
         };
         match owner {
             Some(owner)
-                if owner == from
-                    || asker.policy.see(&self.peers[&owner].identity, name).allowed =>
+                if owner == from || asker.policy.may_see(&self.peers[&owner].identity, name) =>
             {
                 Ok(owner)
             }
@@ -250,7 +249,7 @@ impl<Io> Bus<Io> {
             .names
             .iter()
             .filter(|(name, owner, _)| {
-                *owner == from || asker.policy.see(&self.peers[owner].identity, name).allowed
+                *owner == from || asker.policy.may_see(&self.peers[owner].identity, name)
             })
             .map(|(name, owner, queued)| NameEntry {
                 name: name.to_owned(),
@@ -263,8 +262,7 @@ impl<Io> Bus<Io> {
                 self.peers
                     .values()
                     .filter(|peer| {
-                        peer.id == from
-                            || asker.policy.see(&peer.identity, &peer.unique_name).allowed
+                        peer.id == from || asker.policy.may_see(&peer.identity, &peer.unique_name)
                     })
                     .map(|peer| NameEntry {
                         name: peer.unique_name.clone(),
@@ -293,9 +291,10 @@ impl<Io> Bus<Io> {
                 .into_iter()
                 .filter(|id| {
                     *id == from
-                        || self.peers.get(id).is_some_and(|peer| {
-                            asker.policy.see(&peer.identity, name.as_str()).allowed
-                        })
+                        || self
+                            .peers
+                            .get(id)
+                            .is_some_and(|peer| asker.policy.may_see(&peer.identity, name.as_str()))
                 })
                 .map(|id| id.unique_name().into_string())
                 .collect(),
@@ -313,7 +312,7 @@ impl<Io> Bus<Io> {
             .filter(|peer| {
                 privileged
                     || peer.id == from
-                    || asker.policy.see(&peer.identity, &peer.unique_name).allowed
+                    || asker.policy.may_see(&peer.identity, &peer.unique_name)
             })
             .map(|peer| {
                 let mut by_uid: Vec<QuotaUse> = peer

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use pbus_identity::PeerIdentity;
-use pbus_policy::{PeerPolicy, Policy};
+use pbus_policy::{PeerPolicy, Policy, Right};
 use pbus_proto::frame::{Flushed, OutQueue};
 use pbus_proto::header::HeaderView;
 use pbus_proto::names::{MemberName, ObjectPath, UniqueName};
@@ -846,8 +846,7 @@ impl<Io> Bus<Io> {
         let receiver = &self.peers[&to];
         if !sender
             .policy
-            .see(&receiver.identity, header.destination)
-            .allowed
+            .may_see(&receiver.identity, header.destination)
         {
             return Err(if header.destination.starts_with(':') {
                 BusError::NoSuchPeer(header.destination.to_owned())
@@ -878,25 +877,26 @@ impl<Io> Bus<Io> {
         receiver: &Peer<Io>,
         header: &HeaderView<'_>,
         plain_fds: bool,
-    ) -> Option<pbus_policy::Right> {
+    ) -> Option<Right> {
         let receiver_names = self.owned_names(receiver);
-        let talk = sender
+        if !sender
             .policy
-            .talk(&receiver.identity, &receiver_names, header.member);
-        if !talk.allowed {
-            return Some(talk.right);
+            .may_talk(&receiver.identity, &receiver_names, header.member)
+        {
+            return Some(Right::Talk);
         }
-        let receive = receiver
+        if !receiver
             .policy
-            .receive(&sender.identity, sender_names, header.member);
-        if !receive.allowed {
-            return Some(receive.right);
+            .may_receive(&sender.identity, sender_names, header.member)
+        {
+            return Some(Right::Receive);
         }
-        if plain_fds {
-            let pass = sender.policy.pass_fds(&receiver.identity, &receiver_names);
-            if !pass.allowed {
-                return Some(pass.right);
-            }
+        if plain_fds
+            && !sender
+                .policy
+                .may_pass_fds(&receiver.identity, &receiver_names)
+        {
+            return Some(Right::PassFds);
         }
         if !header.memfds.is_empty() {
             if let Some(max) = sender
@@ -904,7 +904,7 @@ impl<Io> Bus<Io> {
                 .max_memfd_bytes(&receiver.identity, &receiver_names)
             {
                 if header.memfds.iter().any(|memfd| memfd.length > max) {
-                    return Some(pbus_policy::Right::Memfd);
+                    return Some(Right::Memfd);
                 }
             }
         }
@@ -1550,7 +1550,7 @@ impl<Io> Bus<Io> {
             };
             let sees = |owner: Option<(PeerId, &Arc<PeerIdentity>)>| {
                 owner.is_some_and(|(owner_id, identity)| {
-                    owner_id == *id || receiver.policy.see(identity, name).allowed
+                    owner_id == *id || receiver.policy.may_see(identity, name)
                 })
             };
             !receiver.doomed && (sees(old) || sees(new))
