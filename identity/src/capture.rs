@@ -21,9 +21,6 @@ use crate::procfs::{confirm_pidfd_names, read_namespaces, read_proc_facts, ProcE
 /// peers against. Built once at daemon start.
 #[derive(Debug, Clone, Default)]
 pub struct HostContext {
-    /// The daemon's own pid namespace inode (the same as
-    /// `namespaces.pid`): where pid namespace chains start.
-    pub pid_namespace: u64,
     /// The daemon's own namespaces: a peer in any other is not the host.
     pub namespaces: Namespaces,
     /// Where the cgroup hierarchies are mounted.
@@ -48,10 +45,15 @@ impl HostContext {
     /// them).
     pub fn new(namespaces: Namespaces, cgroup_mounts: CgroupMounts) -> Self {
         Self {
-            pid_namespace: namespaces.pid,
             namespaces,
             cgroup_mounts,
         }
+    }
+
+    /// The daemon's own pid namespace inode: where pid namespace chains
+    /// start.
+    pub fn pid_namespace(&self) -> u64 {
+        self.namespaces.pid
     }
 }
 
@@ -123,7 +125,7 @@ pub fn identify_from_parts(
         .transpose()
         .map_err(|label| IdentifyError::LabelNotUtf8 { label })?;
     let pids = align_pid_namespaces(
-        host.pid_namespace,
+        host.pid_namespace(),
         socket.pid,
         facts.namespaces.pid,
         facts.pid_namespace_chain.as_deref(),
@@ -189,7 +191,7 @@ pub fn identify(
         ProcError::Gone { .. } => IdentifyError::PeerGone { pid: cred.pid },
         other => IdentifyError::Proc(other),
     };
-    let facts = read_proc_facts(pid, host.pid_namespace).map_err(refuse)?;
+    let facts = read_proc_facts(pid, host.pid_namespace()).map_err(refuse)?;
     let identity = identify_from_parts(
         SocketCredentials {
             pid,

@@ -135,9 +135,9 @@ fn assert_same_identity_as_us(identity: &PeerIdentity, host: &HostContext) {
     assert_eq!(identity.cgroup, expected_own_cgroup());
     assert_eq!(identity.namespaces, host.namespaces);
     assert_eq!(identity.container.runtime, ContainerRuntime::Host);
-    assert_eq!(identity.pid_namespace_chain, [host.pid_namespace]);
+    assert_eq!(identity.pid_namespace_chain, [host.pid_namespace()]);
     assert_eq!(identity.nspids, [identity.pid]);
-    assert_eq!(identity.pid_seen_from(host.pid_namespace), identity.pid);
+    assert_eq!(identity.pid_seen_from(host.pid_namespace()), identity.pid);
 }
 
 #[test]
@@ -235,10 +235,10 @@ fn pid_namespace_chain_of_nested_namespaces() {
     let sleeper = descendant_named(unshare.0.id(), "sleep");
     let middle = only_child_of(unshare.0.id());
     let proc_dir = PathBuf::from(format!("/proc/{sleeper}"));
-    let chain = walk_pid_namespace_chain(&proc_dir, host.pid_namespace).unwrap();
+    let chain = walk_pid_namespace_chain(&proc_dir, host.pid_namespace()).unwrap();
     let nspids = parse_status(&std::fs::read_to_string(proc_dir.join("status")).unwrap()).nspids;
     assert_eq!(chain.len(), 3, "{chain:?}");
-    assert_eq!(chain[0], host.pid_namespace);
+    assert_eq!(chain[0], host.pid_namespace());
     let inode = |pid: u32| {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(format!("/proc/{pid}/ns/pid"))
@@ -280,11 +280,11 @@ fn peer_in_a_new_pid_namespace_gets_translated_pids() {
     assert_eq!(identity.pid, helper);
     assert_eq!(identity.nspids, [helper, 1]);
     assert_eq!(identity.pid_namespace_chain.len(), 2);
-    assert_eq!(identity.pid_namespace_chain[0], host.pid_namespace);
+    assert_eq!(identity.pid_namespace_chain[0], host.pid_namespace());
     let peer_namespace = identity.pid_namespace_chain[1];
     assert_eq!(peer_namespace, identity.namespaces.pid);
-    assert_ne!(peer_namespace, host.pid_namespace);
-    assert_eq!(identity.pid_seen_from(host.pid_namespace), helper);
+    assert_ne!(peer_namespace, host.pid_namespace());
+    assert_eq!(identity.pid_seen_from(host.pid_namespace()), helper);
     assert_eq!(identity.pid_seen_from(peer_namespace), 1);
     assert_eq!(identity.pid_seen_from(identity.namespaces.net), 0);
     // Host cgroup, foreign pid namespace: namespaced, runtime unknown.

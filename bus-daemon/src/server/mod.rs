@@ -154,7 +154,7 @@ impl Server {
             self.config.limits.clone(),
             self.policy,
             bus_id.clone(),
-            host.pid_namespace,
+            host.pid_namespace(),
             fd_budget,
             Instant::now(),
         );
