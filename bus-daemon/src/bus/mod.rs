@@ -38,6 +38,7 @@ use pbus_proto::v1::{
 };
 use pbus_proto::{BUS_NAME, BUS_PATH, PROTOCOL_VERSION};
 use prost::Message;
+use smallvec::SmallVec;
 
 use crate::config::Limits;
 pub use error::BusError;
@@ -911,8 +912,9 @@ impl<Io> Bus<Io> {
         None
     }
 
-    /// The well-known names `peer` is primary owner of.
-    fn owned_names<'a>(&self, peer: &'a Peer<Io>) -> Vec<&'a str> {
+    /// The well-known names `peer` is primary owner of. Asked for twice per
+    /// routed message; peers own few names, so this stays on the stack.
+    fn owned_names<'a>(&self, peer: &'a Peer<Io>) -> SmallVec<[&'a str; 4]> {
         peer.names
             .iter()
             .filter(|name| self.names.owner(name) == Some(peer.id))
