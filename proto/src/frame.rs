@@ -177,18 +177,11 @@ pub enum FrameError {
 /// Panics only if the header or body exceed 4 GiB, which callers rule out
 /// by checking limits first.
 pub fn encode_frame(out: &mut Vec<u8>, header: &Header, body: &[u8], fd_count: u16) {
-    let header_len = header.encoded_len();
-    let prefix = FramePrefix {
-        header_len: u32::try_from(header_len).expect("header over 4 GiB"),
-        body_len: u32::try_from(body.len()).expect("body over 4 GiB"),
-        fd_count,
-    };
-    out.reserve(PREFIX_LEN + header_len + body.len());
-    out.extend_from_slice(&prefix.to_bytes());
-    header
-        .encode(out)
-        .expect("Vec<u8> grows as needed; encode cannot run out of room");
-    out.extend_from_slice(body);
+    write_frame(out, header.encoded_len(), body, fd_count, |out| {
+        header
+            .encode(out)
+            .expect("Vec<u8> grows as needed; encode cannot run out of room");
+    });
 }
 
 /// Appends one frame whose header is `view`'s with its `sender` replaced
@@ -202,6 +195,20 @@ pub fn encode_stamped_frame(
     fd_count: u16,
 ) {
     let header_len = crate::header::stamped_len(view, stamp);
+    write_frame(out, header_len, body, fd_count, |out| {
+        crate::header::write_stamped(view, stamp, out);
+    });
+}
+
+/// Appends a frame whose header `write_header` appends and which is
+/// `header_len` bytes long, with room for the whole frame reserved at once.
+fn write_frame(
+    out: &mut Vec<u8>,
+    header_len: usize,
+    body: &[u8],
+    fd_count: u16,
+    write_header: impl FnOnce(&mut Vec<u8>),
+) {
     let prefix = FramePrefix {
         header_len: u32::try_from(header_len).expect("header over 4 GiB"),
         body_len: u32::try_from(body.len()).expect("body over 4 GiB"),
@@ -209,7 +216,9 @@ pub fn encode_stamped_frame(
     };
     out.reserve(PREFIX_LEN + header_len + body.len());
     out.extend_from_slice(&prefix.to_bytes());
-    crate::header::write_stamped(view, stamp, out);
+    let header_start = out.len();
+    write_header(out);
+    debug_assert_eq!(out.len() - header_start, header_len, "header length");
     out.extend_from_slice(body);
 }
 
@@ -271,10 +280,9 @@ pub struct FrameReader<F> {
     first_frame_max: Option<u32>,
     /// Bytes of the frame that is still incomplete (possibly a partial prefix).
     partial: Vec<u8>,
-    /// Stream offset of the first byte not yet part of an emitted frame.
+    /// Stream offset of the first byte not yet part of an emitted frame;
+    /// the bytes fed so far end at `consumed + partial.len()`.
     consumed: u64,
-    /// Stream offset just past the last byte fed.
-    received: u64,
     /// Fd sets not yet claimed by a frame, oldest first.
     fd_sets: VecDeque<FdSet<F>>,
 }
@@ -287,7 +295,6 @@ impl<F> FrameReader<F> {
             first_frame_max: None,
             partial: Vec::new(),
             consumed: 0,
-            received: 0,
             fd_sets: VecDeque::new(),
         }
     }
@@ -330,15 +337,14 @@ impl<F> FrameReader<F> {
         fds: Vec<F>,
         mut on_frame: impl FnMut(RawFrame<'_, F>) -> Result<(), E>,
     ) -> Result<(), FeedError<E>> {
-        let start = self.received;
-        self.received += data.len() as u64;
         if !fds.is_empty() {
             if data.is_empty() {
                 return Err(FrameError::UnclaimedFds { count: fds.len() }.into());
             }
+            let start = self.consumed + self.partial.len() as u64;
             self.fd_sets.push_back(FdSet {
                 start,
-                end: self.received,
+                end: start + data.len() as u64,
                 fds,
             });
         }
@@ -474,6 +480,12 @@ fn split_frame(frame: &[u8], prefix: FramePrefix) -> (&[u8], &[u8]) {
     (&frame[PREFIX_LEN..header_end], &frame[header_end..])
 }
 
+/// The fd count of a frame's prefix; the caller has kept it within
+/// [`HARD_MAX_FDS_PER_FRAME`].
+fn checked_fd_count<F>(fds: &[F]) -> u16 {
+    u16::try_from(fds.len()).expect("fd count checked by caller")
+}
+
 /// Whether a flush wrote everything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flushed {
@@ -505,11 +517,13 @@ pub struct OutQueue<F> {
     segments: VecDeque<Segment<F>>,
     /// A drained buffer kept to avoid reallocating on the next frame.
     spare: Vec<u8>,
-    queued_bytes: usize,
+    /// Fds in `segments` not yet sent (kept so that reading it does not
+    /// walk the queue).
     queued_fds: usize,
     /// Stream offset just past the last byte queued.
     queued_total: u64,
-    /// Stream offset just past the last byte written.
+    /// Stream offset just past the last byte written (or dropped by
+    /// [`clear`](OutQueue::clear)); the bytes queued are the difference.
     written_total: u64,
 }
 
@@ -518,7 +532,6 @@ impl<F> Default for OutQueue<F> {
         Self {
             segments: VecDeque::new(),
             spare: Vec::new(),
-            queued_bytes: 0,
             queued_fds: 0,
             queued_total: 0,
             written_total: 0,
@@ -530,14 +543,8 @@ impl<F> OutQueue<F> {
     /// Queues a frame; returns the stream offset just past it, which
     /// [`written_total`](Self::written_total) reaches once it is fully sent.
     pub fn push(&mut self, header: &Header, body: &[u8], fds: Vec<F>) -> u64 {
-        let fd_count = u16::try_from(fds.len()).expect("fd count checked by caller");
-        let segment = self.segment_for(fds);
-        let before = segment.data.len();
-        encode_frame(&mut segment.data, header, body, fd_count);
-        let len = segment.data.len() - before;
-        self.queued_bytes += len;
-        self.queued_total += len as u64;
-        self.queued_total
+        let fd_count = checked_fd_count(&fds);
+        self.append(fds, |data| encode_frame(data, header, body, fd_count))
     }
 
     /// Queues a frame whose header is `view`'s with its sender replaced by
@@ -550,23 +557,26 @@ impl<F> OutQueue<F> {
         body: &[u8],
         fds: Vec<F>,
     ) -> u64 {
-        let fd_count = u16::try_from(fds.len()).expect("fd count checked by caller");
-        let segment = self.segment_for(fds);
-        let before = segment.data.len();
-        encode_stamped_frame(&mut segment.data, view, stamp, body, fd_count);
-        let len = segment.data.len() - before;
-        self.queued_bytes += len;
-        self.queued_total += len as u64;
-        self.queued_total
+        let fd_count = checked_fd_count(&fds);
+        self.append(fds, |data| {
+            encode_stamped_frame(data, view, stamp, body, fd_count);
+        })
     }
 
     /// Queues already-encoded frame bytes (one or more whole frames without
     /// fds, or exactly one frame whose fds are `fds`).
     pub fn push_encoded(&mut self, frame: &[u8], fds: Vec<F>) -> u64 {
+        self.append(fds, |data| data.extend_from_slice(frame))
+    }
+
+    /// Appends what `write` writes to the segment `fds` call for; returns
+    /// the stream offset just past it.
+    fn append(&mut self, fds: Vec<F>, write: impl FnOnce(&mut Vec<u8>)) -> u64 {
         let segment = self.segment_for(fds);
-        segment.data.extend_from_slice(frame);
-        self.queued_bytes += frame.len();
-        self.queued_total += frame.len() as u64;
+        let before = segment.data.len();
+        write(&mut segment.data);
+        let len = segment.data.len() - before;
+        self.queued_total += len as u64;
         self.queued_total
     }
 
@@ -591,7 +601,7 @@ impl<F> OutQueue<F> {
 
     /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes
+        (self.queued_total - self.written_total) as usize
     }
 
     /// Fds queued and not yet sent.
@@ -630,7 +640,6 @@ impl<F> OutQueue<F> {
                 segment.fds.clear();
             }
             segment.written += written;
-            self.queued_bytes -= written;
             self.written_total += written as u64;
             if segment.written == segment.data.len() {
                 let mut done = self.segments.pop_front().expect("front exists");
@@ -645,10 +654,10 @@ impl<F> OutQueue<F> {
 
     /// Drops everything queued (closing queued fds), e.g. on disconnect.
     pub fn clear(&mut self) {
-        let dropped: usize = self.segments.iter().map(|s| s.data.len() - s.written).sum();
-        self.written_total += dropped as u64;
+        // Dropped bytes count as written: every offset `push` returned is
+        // reached, so nothing waits for them any longer.
+        self.written_total = self.queued_total;
         self.segments.clear();
-        self.queued_bytes = 0;
         self.queued_fds = 0;
     }
 
@@ -950,6 +959,142 @@ mod tests {
         assert!(calls[1..].iter().all(|fds| fds.is_empty()));
         assert_eq!(queue.queued_fds(), 0);
         assert_eq!(queue.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn an_empty_header_and_fds_without_data_are_violations() {
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        let empty = FramePrefix {
+            header_len: 0,
+            body_len: 4,
+            fd_count: 0,
+        }
+        .to_bytes();
+        assert_eq!(
+            collect(&mut reader, &empty, vec![]).unwrap_err(),
+            FrameError::EmptyHeader
+        );
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        assert_eq!(
+            collect(&mut reader, &[], vec![3, 4]).unwrap_err(),
+            FrameError::UnclaimedFds { count: 2 }
+        );
+    }
+
+    #[test]
+    fn fd_ranges_follow_a_buffered_partial_frame() {
+        // The fds arrive with the read that starts the second frame while
+        // the first one is still incomplete in the reader's buffer.
+        let first = frame_bytes(1, &[1u8; 40], 0);
+        let second = frame_bytes(2, b"fd", 1);
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        assert!(collect(&mut reader, &first[..5], vec![])
+            .unwrap()
+            .is_empty());
+        let mut rest = first[5..].to_vec();
+        rest.extend(&second[..3]);
+        let got = collect(&mut reader, &rest, vec![9]).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(reader.buffered_fds(), 1);
+        let got = collect(&mut reader, &second[3..], vec![]).unwrap();
+        assert_eq!((got[0].0, got[0].2.clone()), (2, vec![9]));
+        assert!(reader.is_idle());
+    }
+
+    #[test]
+    fn stamped_frames_carry_the_length_of_the_stamped_header() {
+        let stamp_of = |unique_name: &str| {
+            let mut stamp = Vec::new();
+            crate::header::encode_sender_field(
+                &crate::v1::SenderInfo {
+                    unique_name: unique_name.into(),
+                    uid: 1000,
+                    ..Default::default()
+                },
+                &mut stamp,
+            );
+            stamp
+        };
+        let plain = header(5).encode_to_vec();
+        let mut forged = header(6);
+        forged.sender = Some(crate::v1::SenderInfo {
+            unique_name: ":1.999999".into(),
+            label: Some("forged".into()),
+            ..Default::default()
+        });
+        let forged = forged.encode_to_vec();
+        let mut stream = Vec::new();
+        for raw in [&plain, &forged] {
+            let view = crate::header::HeaderView::parse(raw).unwrap();
+            encode_stamped_frame(&mut stream, &view, &stamp_of(":1.3"), b"body", 0);
+        }
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        let mut senders = Vec::new();
+        reader
+            .feed(&stream, vec![], |frame| {
+                let header = Header::decode(frame.header).unwrap();
+                assert_eq!(frame.body, b"body");
+                senders.push((header.serial, header.sender.unwrap()));
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert_eq!(senders.len(), 2);
+        for (serial, sender) in senders {
+            assert_eq!(
+                (sender.unique_name.as_str(), sender.label),
+                (":1.3", None),
+                "frame {serial}"
+            );
+        }
+    }
+
+    #[test]
+    fn out_queue_counts_what_is_left_and_clear_reaches_every_offset() {
+        let mut queue = OutQueue::<i32>::default();
+        queue.push(&header(1), &[1u8; 50], vec![]);
+        let end = queue.push(&header(2), &[2u8; 50], vec![8, 9]);
+        assert_eq!(queue.queued_bytes() as u64, end);
+        assert_eq!(queue.queued_fds(), 2);
+        let mut budget = 30;
+        let status = queue
+            .flush(|data, _| {
+                if budget == 0 {
+                    return Err(io::Error::from(io::ErrorKind::WouldBlock));
+                }
+                let n = data.len().min(budget);
+                budget -= n;
+                Ok(n)
+            })
+            .unwrap();
+        assert_eq!(status, Flushed::Blocked);
+        assert_eq!(queue.written_total(), 30);
+        assert_eq!(queue.queued_bytes() as u64, end - 30);
+        assert_eq!(queue.queued_fds(), 2, "the second frame's fds are unsent");
+        queue.clear();
+        assert!(queue.is_empty());
+        assert_eq!((queue.queued_bytes(), queue.queued_fds()), (0, 0));
+        assert_eq!(queue.written_total(), end);
+        // Offsets go on from there.
+        let next = queue.push(&header(3), b"", vec![]);
+        assert_eq!(queue.queued_bytes() as u64, next - end);
+    }
+
+    #[test]
+    fn out_queue_retries_an_interrupted_send() {
+        let mut queue = OutQueue::<i32>::default();
+        let end = queue.push(&header(1), b"x", vec![]);
+        let mut calls = 0;
+        let status = queue
+            .flush(|data, _| {
+                calls += 1;
+                if calls == 1 {
+                    return Err(io::Error::from(io::ErrorKind::Interrupted));
+                }
+                Ok(data.len())
+            })
+            .unwrap();
+        assert_eq!((status, calls), (Flushed::All, 2));
+        assert_eq!(queue.written_total(), end);
     }
 
     #[test]
