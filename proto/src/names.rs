@@ -56,20 +56,29 @@ fn is_member_char(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_'
 }
 
-fn check_well_known(kind: &'static str, value: &str) -> Result<(), NameError> {
+/// The checks every dotted name shares: not empty, at most
+/// [`MAX_NAME_LEN`] bytes.
+fn check_name_len(kind: &'static str, value: &str) -> Result<(), NameError> {
     if value.is_empty() {
         return Err(NameError::new(kind, value, "empty"));
     }
     if value.len() > MAX_NAME_LEN {
         return Err(NameError::new(kind, value, "longer than 255 bytes"));
     }
-    if value.starts_with(':') {
-        return Err(NameError::new(
-            kind,
-            value,
-            "starts with ':' (unique names are assigned by the bus)",
-        ));
-    }
+    Ok(())
+}
+
+/// Checks the dot-separated elements of a well-known, member or error name:
+/// each non-empty, not starting with a digit and made of `allowed`
+/// characters (`allowed_text` says which), and at least `min_elements`
+/// of them.
+fn check_elements(
+    kind: &'static str,
+    value: &str,
+    allowed: fn(u8) -> bool,
+    allowed_text: &'static str,
+    min_elements: usize,
+) -> Result<(), NameError> {
     let mut elements = 0;
     for element in value.split('.') {
         elements += 1;
@@ -84,15 +93,11 @@ fn check_well_known(kind: &'static str, value: &str) -> Result<(), NameError> {
                 "has an element starting with a digit",
             ));
         }
-        if !bytes.iter().all(|&c| is_name_char(c)) {
-            return Err(NameError::new(
-                kind,
-                value,
-                "has a character outside A-Z a-z 0-9 _ -",
-            ));
+        if !bytes.iter().all(|&c| allowed(c)) {
+            return Err(NameError::new(kind, value, allowed_text));
         }
     }
-    if elements < 2 {
+    if elements < min_elements {
         return Err(NameError::new(
             kind,
             value,
@@ -100,6 +105,24 @@ fn check_well_known(kind: &'static str, value: &str) -> Result<(), NameError> {
         ));
     }
     Ok(())
+}
+
+fn check_well_known(kind: &'static str, value: &str) -> Result<(), NameError> {
+    check_name_len(kind, value)?;
+    if value.starts_with(':') {
+        return Err(NameError::new(
+            kind,
+            value,
+            "starts with ':' (unique names are assigned by the bus)",
+        ));
+    }
+    check_elements(
+        kind,
+        value,
+        is_name_char,
+        "has a character outside A-Z a-z 0-9 _ -",
+        2,
+    )
 }
 
 fn check_unique(kind: &'static str, value: &str) -> Result<(), NameError> {
@@ -130,47 +153,26 @@ fn check_unique(kind: &'static str, value: &str) -> Result<(), NameError> {
     Ok(())
 }
 
-fn check_member_like(
-    kind: &'static str,
-    value: &str,
-    min_elements: usize,
-) -> Result<(), NameError> {
-    if value.is_empty() {
-        return Err(NameError::new(kind, value, "empty"));
-    }
-    if value.len() > MAX_NAME_LEN {
-        return Err(NameError::new(kind, value, "longer than 255 bytes"));
-    }
-    let mut elements = 0;
-    for element in value.split('.') {
-        elements += 1;
-        let bytes = element.as_bytes();
-        if bytes.is_empty() {
-            return Err(NameError::new(kind, value, "has an empty element"));
-        }
-        if bytes[0].is_ascii_digit() {
-            return Err(NameError::new(
-                kind,
-                value,
-                "has an element starting with a digit",
-            ));
-        }
-        if !bytes.iter().all(|&c| is_member_char(c)) {
-            return Err(NameError::new(
-                kind,
-                value,
-                "has a character outside A-Z a-z 0-9 _",
-            ));
-        }
-    }
-    if elements < min_elements {
-        return Err(NameError::new(
-            kind,
-            value,
-            "needs at least two dot-separated elements",
-        ));
-    }
-    Ok(())
+fn check_member(kind: &'static str, value: &str) -> Result<(), NameError> {
+    check_name_len(kind, value)?;
+    check_elements(
+        kind,
+        value,
+        is_member_char,
+        "has a character outside A-Z a-z 0-9 _",
+        1,
+    )
+}
+
+fn check_error_name(kind: &'static str, value: &str) -> Result<(), NameError> {
+    check_name_len(kind, value)?;
+    check_elements(
+        kind,
+        value,
+        is_member_char,
+        "has a character outside A-Z a-z 0-9 _",
+        2,
+    )
 }
 
 fn check_path(kind: &'static str, value: &str) -> Result<(), NameError> {
@@ -203,7 +205,7 @@ fn check_path(kind: &'static str, value: &str) -> Result<(), NameError> {
 }
 
 macro_rules! name_type {
-    ($(#[$doc:meta])* $name:ident, $kind:literal, $check:expr) => {
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $check:path) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(String);
@@ -229,16 +231,14 @@ macro_rules! name_type {
         impl $name {
             /// Checks `value` against this kind's rules without allocating.
             pub fn validate(value: &str) -> Result<(), NameError> {
-                let check: fn(&str) -> Result<(), NameError> = $check;
-                check(value)
+                $check($kind, value)
             }
         }
 
         impl TryFrom<&str> for $name {
             type Error = NameError;
             fn try_from(value: &str) -> Result<Self, NameError> {
-                let check: fn(&str) -> Result<(), NameError> = $check;
-                check(value)?;
+                Self::validate(value)?;
                 Ok(Self(value.to_owned()))
             }
         }
@@ -246,8 +246,7 @@ macro_rules! name_type {
         impl TryFrom<String> for $name {
             type Error = NameError;
             fn try_from(value: String) -> Result<Self, NameError> {
-                let check: fn(&str) -> Result<(), NameError> = $check;
-                check(&value)?;
+                Self::validate(&value)?;
                 Ok(Self(value))
             }
         }
@@ -283,31 +282,31 @@ name_type!(
     /// A well-known bus name such as `org.example.Echo`.
     WellKnownName,
     "well-known name",
-    |v| check_well_known("well-known name", v)
+    check_well_known
 );
 name_type!(
     /// A unique connection name such as `:1.42`, assigned by the daemon.
     UniqueName,
     "unique name",
-    |v| check_unique("unique name", v)
+    check_unique
 );
 name_type!(
     /// A method or signal name such as `Echo` or `org.example.Echo.Say`.
     MemberName,
     "member name",
-    |v| check_member_like("member name", v, 1)
+    check_member
 );
 name_type!(
     /// An object path or topic such as `/org/example/echo`.
     ObjectPath,
     "object path",
-    |v| check_path("object path", v)
+    check_path
 );
 name_type!(
     /// An error name such as `org.pbus.Error.Timeout`.
     ErrorName,
     "error name",
-    |v| check_member_like("error name", v, 2)
+    check_error_name
 );
 
 impl UniqueName {
@@ -443,6 +442,50 @@ mod tests {
         }
         ErrorName::try_from("org.pbus.Error.Timeout").unwrap();
         assert!(ErrorName::try_from("Timeout").is_err());
+    }
+
+    #[test]
+    fn each_kind_reports_its_own_rule() {
+        let reason = |error: NameError| (error.kind, error.reason);
+        assert_eq!(
+            reason(WellKnownName::try_from("org.ex ample").unwrap_err()),
+            ("well-known name", "has a character outside A-Z a-z 0-9 _ -")
+        );
+        assert_eq!(
+            reason(WellKnownName::try_from(":1.2").unwrap_err()),
+            (
+                "well-known name",
+                "starts with ':' (unique names are assigned by the bus)"
+            )
+        );
+        assert_eq!(
+            reason(MemberName::try_from("a-b").unwrap_err()),
+            ("member name", "has a character outside A-Z a-z 0-9 _")
+        );
+        assert_eq!(
+            reason(MemberName::try_from("x.1a").unwrap_err()),
+            ("member name", "has an element starting with a digit")
+        );
+        assert_eq!(
+            reason(ErrorName::try_from("Timeout").unwrap_err()),
+            ("error name", "needs at least two dot-separated elements")
+        );
+        assert_eq!(
+            reason(ErrorName::try_from("").unwrap_err()),
+            ("error name", "empty")
+        );
+        assert_eq!(
+            reason(MemberName::validate(&"m".repeat(256)).unwrap_err()),
+            ("member name", "longer than 255 bytes")
+        );
+        assert_eq!(
+            reason(ObjectPath::try_from(String::from("/a//b")).unwrap_err()),
+            ("object path", "has an empty element or a trailing '/'")
+        );
+        assert_eq!(
+            reason(UniqueName::try_from(":1").unwrap_err()),
+            ("unique name", "needs at least two dot-separated elements")
+        );
     }
 
     #[test]
