@@ -519,7 +519,7 @@ impl Connection {
         F: Fn(MethodCall) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Reply, MethodError>> + Send + 'static,
     {
-        MemberName::try_from(method)?;
+        MemberName::validate(method)?;
         let handler: Handler = Arc::new(move |call| Box::pin(handler(call)));
         self.inner
             .handlers
@@ -539,10 +539,12 @@ impl Connection {
     }
 
     /// Queues a frame, waiting first if too much is already queued.
-    pub(crate) async fn send(&self, mut header: Header, outgoing: Outgoing) -> Result<(), Error> {
-        let (body, fds) = outgoing.into_wire(&mut header, self.inner.memfd_threshold)?;
-        self.check_limits(&header, body.len(), fds.len())?;
-        if self.queue(&header, &body, fds)? {
+    /// `outgoing` sets the header's payload fields; the header stays the
+    /// caller's, so a frame refused here can be answered with another.
+    pub(crate) async fn send(&self, header: &mut Header, outgoing: Outgoing) -> Result<(), Error> {
+        let (body, fds) = outgoing.into_wire(header, self.inner.memfd_threshold)?;
+        self.check_limits(header, body.len(), fds.len())?;
+        if self.queue(header, &body, fds)? {
             return Ok(());
         }
         // The queue is over its high-water mark: wait until the writer has
@@ -648,7 +650,7 @@ impl Connection {
             serial,
             armed: true,
         };
-        self.send(header, outgoing).await?;
+        self.send(&mut header, outgoing).await?;
         // No local timer: the bus enforces the timeout and always answers
         // (reply, error or Timeout); if the bus goes away the connection
         // closes and every pending call fails with Disconnected.
@@ -673,7 +675,7 @@ impl Connection {
         header.serial = self.next_serial();
         header.kind = MessageKind::MethodCall as i32;
         header.flags |= HeaderFlag::NoReplyExpected as u32;
-        self.send(header, outgoing).await
+        self.send(&mut header, outgoing).await
     }
 
     fn default_timeout(&self) -> Duration {
@@ -1045,33 +1047,26 @@ impl Connection {
         result: Result<Reply, MethodError>,
     ) -> Result<(), Error> {
         let mut header = Header {
+            kind: MessageKind::MethodReturn as i32,
             destination: caller,
             reply_serial: serial,
             serial: self.next_serial(),
             ..Header::default()
         };
-        match result {
-            Ok(reply) => {
-                header.kind = MessageKind::MethodReturn as i32;
-                match self.send(header.clone(), reply).await {
-                    // A reply we cannot send (too large, fds refused...)
-                    // still owes the caller an answer.
-                    Err(
-                        error @ (Error::TooLarge { .. } | Error::Remote { .. } | Error::Memfd(_)),
-                    ) => {
-                        header.kind = MessageKind::Error as i32;
-                        header.error = Some(MethodError::from(error).to_wire());
-                        self.send(header, Outgoing::default()).await
-                    }
-                    other => other,
+        let error = match result {
+            Ok(reply) => match self.send(&mut header, reply).await {
+                // A reply we cannot send (too large, fds refused...) still
+                // owes the caller an answer: an error in the same header.
+                Err(error @ (Error::TooLarge { .. } | Error::Remote { .. } | Error::Memfd(_))) => {
+                    MethodError::from(error)
                 }
-            }
-            Err(error) => {
-                header.kind = MessageKind::Error as i32;
-                header.error = Some(error.to_wire());
-                self.send(header, Outgoing::default()).await
-            }
-        }
+                other => return other,
+            },
+            Err(error) => error,
+        };
+        header.kind = MessageKind::Error as i32;
+        header.error = Some(error.into_wire());
+        self.send(&mut header, Outgoing::default()).await
     }
 
     /// Emits a broadcast signal to every subscriber whose match rule
@@ -1134,7 +1129,7 @@ impl SignalBuilder {
         if !self.destination.is_empty() {
             BusName::validate(&self.destination)?;
         }
-        let header = Header {
+        let mut header = Header {
             kind: MessageKind::Signal as i32,
             serial: self.connection.next_serial(),
             destination: self.destination,
@@ -1143,6 +1138,6 @@ impl SignalBuilder {
             args: self.args,
             ..Header::default()
         };
-        self.connection.send(header, body).await
+        self.connection.send(&mut header, body).await
     }
 }

@@ -139,11 +139,11 @@ impl MethodError {
         }
     }
 
-    pub(crate) fn to_wire(&self) -> ErrorInfo {
+    pub(crate) fn into_wire(self) -> ErrorInfo {
         ErrorInfo {
             code: self.code as i32,
-            name: self.name.clone(),
-            message: self.message.clone(),
+            name: self.name,
+            message: self.message,
             detail: String::new(),
         }
     }

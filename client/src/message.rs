@@ -272,8 +272,9 @@ impl Outgoing {
         self
     }
 
-    /// Puts the memfd refs into `header` and returns the fds in wire order:
-    /// body memfd, extra memfds, plain fds.
+    /// Sets `header`'s payload fields (type, memfd refs, body_in_memfd,
+    /// whatever they held before) and returns the body and the fds in wire
+    /// order: body memfd, extra memfds, plain fds.
     pub(crate) fn into_wire(
         self,
         header: &mut Header,
@@ -293,6 +294,7 @@ impl Outgoing {
         }
         let mut wire_fds = Vec::with_capacity(fds.len() + memfds.len() + 1);
         header.body_in_memfd = body_memfd.is_some();
+        header.memfds.clear();
         for memfd in body_memfd.into_iter().chain(memfds) {
             header.memfds.push(MemfdRef {
                 fd_index: wire_fds.len() as u32,
@@ -308,3 +310,119 @@ impl Outgoing {
 
 /// What a raw method handler answers.
 pub type Reply = Outgoing;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memfd_ref(fd_index: u32, length: u64) -> MemfdRef {
+        MemfdRef {
+            fd_index,
+            offset: 0,
+            length,
+        }
+    }
+
+    fn sealed(bytes: &[u8]) -> OwnedFd {
+        SealedMemfd::from_bytes(bytes).unwrap().into_fd()
+    }
+
+    fn protocol_error(result: Result<Incoming, Error>) -> String {
+        match result {
+            Err(Error::Protocol(message)) => message,
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn memfds_body_and_plain_fds_are_told_apart() {
+        let plain = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let header = Header {
+            memfds: vec![memfd_ref(1, 4), memfd_ref(2, 5)],
+            body_in_memfd: true,
+            ..Header::default()
+        };
+        let fds = vec![plain, sealed(b"body"), sealed(b"extra")];
+        let incoming = Incoming::from_parts(header, b"", fds).unwrap();
+        assert!(incoming.body().is_memfd());
+        assert_eq!(incoming.body().as_bytes(), b"body");
+        assert_eq!(incoming.memfds().len(), 1);
+        assert_eq!(&incoming.memfds()[0].map().unwrap()[..], b"extra");
+        assert_eq!(incoming.fds().len(), 1);
+        assert!(incoming.header().memfds.is_empty());
+    }
+
+    #[test]
+    fn a_memfd_ref_needs_an_fd_of_its_own() {
+        let header = Header {
+            memfds: vec![memfd_ref(1, 0)],
+            ..Header::default()
+        };
+        let error = protocol_error(Incoming::from_parts(header, b"", vec![sealed(b"x")]));
+        assert_eq!(error, "memfd index 1 has no fd");
+        // One fd cannot be two payloads.
+        let header = Header {
+            memfds: vec![memfd_ref(0, 1), memfd_ref(0, 1)],
+            ..Header::default()
+        };
+        let error = protocol_error(Incoming::from_parts(header, b"", vec![sealed(b"x")]));
+        assert_eq!(error, "memfd index 0 has no fd");
+    }
+
+    #[test]
+    fn a_body_in_a_memfd_needs_a_memfd() {
+        let header = Header {
+            body_in_memfd: true,
+            ..Header::default()
+        };
+        let error = protocol_error(Incoming::from_parts(header, b"", Vec::new()));
+        assert_eq!(error, "body_in_memfd without a memfd");
+    }
+
+    #[test]
+    fn received_memfds_must_be_sealed_and_in_range() {
+        let unsealed = pbus_sys::memfd::memfd_create("unsealed").unwrap();
+        let header = Header {
+            memfds: vec![memfd_ref(0, 0)],
+            ..Header::default()
+        };
+        assert!(matches!(
+            Incoming::from_parts(header.clone(), b"", vec![unsealed]),
+            Err(Error::Memfd(message)) if message.contains("not fully sealed")
+        ));
+        let header = Header {
+            memfds: vec![memfd_ref(0, 5)],
+            ..header
+        };
+        assert!(matches!(
+            Incoming::from_parts(header, b"", vec![sealed(b"0123")]),
+            Err(Error::Memfd(message)) if message.contains("does not fit")
+        ));
+    }
+
+    #[test]
+    fn into_wire_replaces_the_payload_fields_it_sets() {
+        let mut header = Header {
+            payload_type: "stale.Type".into(),
+            memfds: vec![memfd_ref(0, 1)],
+            body_in_memfd: true,
+            ..Header::default()
+        };
+        let (body, fds) = Outgoing::raw("now.Type", b"abc".to_vec())
+            .into_wire(&mut header, 1 << 10)
+            .unwrap();
+        assert_eq!((body.as_slice(), fds.len()), (&b"abc"[..], 0));
+        assert_eq!(header.payload_type, "now.Type");
+        assert!(header.memfds.is_empty());
+        assert!(!header.body_in_memfd);
+        // Over the threshold the body moves to a memfd, listed first.
+        let (body, fds) = Outgoing::raw("", vec![1u8; 11])
+            .memfd(SealedMemfd::from_bytes(b"extra").unwrap())
+            .into_wire(&mut header, 10)
+            .unwrap();
+        assert!(body.is_empty());
+        assert_eq!(fds.len(), 2);
+        assert!(header.body_in_memfd);
+        assert_eq!(header.memfds, vec![memfd_ref(0, 11), memfd_ref(1, 5)]);
+    }
+}

@@ -91,13 +91,13 @@ impl MatchRule {
 
     fn validate(&self) -> Result<(), Error> {
         if !self.rule.sender.is_empty() {
-            BusName::try_from(self.rule.sender.as_str())?;
+            BusName::validate(&self.rule.sender)?;
         }
         if !self.rule.path.is_empty() {
-            ObjectPath::try_from(self.rule.path.as_str())?;
+            ObjectPath::validate(&self.rule.path)?;
         }
         if !self.rule.member.is_empty() {
-            MemberName::try_from(self.rule.member.as_str())?;
+            MemberName::validate(&self.rule.member)?;
         }
         Ok(())
     }
@@ -321,7 +321,7 @@ impl Connection {
         let stream = SignalStream {
             rx,
             id,
-            rule: rule.clone(),
+            rule,
             connection: self.clone(),
         };
         if let (Some(name), true) = (&track, first_tracker) {
@@ -334,14 +334,14 @@ impl Connection {
                 }
             }
         }
-        self.add_match(&rule).await?;
+        self.add_match(&stream.rule).await?;
         Ok(stream)
     }
 
     /// Watches the owner of `name`: the current owner now, then every
     /// change.
     pub async fn watch_name_owner(&self, name: &str) -> Result<NameOwnerWatch, Error> {
-        BusName::try_from(name)?;
+        BusName::validate(name)?;
         let stream = self.subscribe(owner_rule(name)).await?;
         let current = self.get_name_owner(name).await.ok();
         Ok(NameOwnerWatch { stream, current })
