@@ -13,13 +13,14 @@
 //!   signal). The workload loops in [`crate::worker`] are generic over it,
 //!   so timing and bookkeeping are the same code for every system.
 //!
-//! Adding a system (pbus goes into `systems/pbus.rs`, not present yet):
-//! implement both traits, add a [`ClientKind`] variant with its arm in
-//! [`crate::worker::run`], and list the system in [`all`].
+//! Adding a system: implement both traits, add a [`ClientKind`] variant
+//! with its arm in [`crate::worker::run`], and list the system in [`all`]
+//! and [`CANONICAL_ORDER`].
 
 pub mod dbus;
 pub mod pbus;
 pub mod relay;
+pub mod service;
 
 use std::time::{Duration, Instant};
 
@@ -35,7 +36,7 @@ use crate::stats::Histogram;
 
 /// Names of all systems the bench knows, in the order results and ratios
 /// are listed (ratios are "earlier / later"). `pbus` is first so that its
-/// ratios against every baseline are printed once it is registered.
+/// ratios against every baseline are printed.
 pub const CANONICAL_ORDER: [&str; 5] = ["pbus", "pbus-vec", "relay", "dbus-broker", "dbus-daemon"];
 
 /// Every system compiled into this build, in [`CANONICAL_ORDER`].

@@ -17,8 +17,9 @@ use zbus::message::{Flags, Message, Type as MessageType};
 use zbus::{Connection, MessageStream};
 
 use super::wire::LightConn;
-use super::{server_name, INTERFACE, METHOD_CALL, METHOD_COUNT, METHOD_ONEWAY, PATH};
+use super::INTERFACE;
 use crate::stats::Histogram;
+use crate::systems::service::{server_name, METHOD_CALL, METHOD_COUNT, METHOD_ONEWAY, PATH};
 use crate::systems::{CallSpec, Client, LightRole};
 
 /// The D-Bus worker-side client.

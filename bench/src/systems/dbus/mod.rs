@@ -22,26 +22,11 @@ pub mod wire;
 use std::path::Path;
 
 use crate::scenario::Scenario;
+use crate::systems::service::{noise_path, FANOUT_PATH, SIGNAL_MEMBER};
 
-/// Object path of the benchmark service.
-pub const PATH: &str = "/org/pbus/bench";
-/// Interface of the benchmark methods and the fanout signal.
+/// Interface of the benchmark methods and the fanout signal (the other
+/// names are in [`crate::systems::service`]).
 pub const INTERFACE: &str = "org.pbus.Bench";
-/// Method answered with the reply payload.
-pub const METHOD_CALL: &str = "Call";
-/// Method sent with NO_REPLY_EXPECTED and counted by the server.
-pub const METHOD_ONEWAY: &str = "Oneway";
-/// Method answered with the number of one-way messages received (`t`).
-pub const METHOD_COUNT: &str = "Count";
-/// Member of the fanout signal.
-pub const SIGNAL_MEMBER: &str = "Tick";
-/// Object path the fanout signal is emitted from.
-pub const FANOUT_PATH: &str = "/org/pbus/bench/fanout";
-
-/// The well-known name owned by server number `target`.
-pub fn server_name(target: u32) -> String {
-    format!("org.pbus.Bench.S{target}")
-}
 
 /// The match rule of a fanout subscriber.
 pub fn subscriber_rule() -> String {
@@ -49,11 +34,15 @@ pub fn subscriber_rule() -> String {
 }
 
 /// Unrelated match rule number `n`: same interface and member as the fanout
-/// signal but another object path, the shape of the per-object
-/// `PropertiesChanged` rules that dominate real buses. A daemon that indexes
-/// rules only by interface or member still has to look at every one.
+/// signal but another object path ([`noise_path`]), the shape of the
+/// per-object `PropertiesChanged` rules that dominate real buses. A daemon
+/// that indexes rules only by interface or member still has to look at
+/// every one.
 pub fn noise_rule(n: usize) -> String {
-    format!("type='signal',interface='{INTERFACE}',member='{SIGNAL_MEMBER}',path='/org/pbus/bench/noise/{n}'")
+    format!(
+        "type='signal',interface='{INTERFACE}',member='{SIGNAL_MEMBER}',path='{}'",
+        noise_path(n)
+    )
 }
 
 /// The D-Bus message size limit (2^27 bytes, from the specification; zbus,

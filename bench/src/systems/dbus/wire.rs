@@ -16,7 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use zbus::message::Message;
 
-use super::{noise_rule, socket_of, subscriber_rule, FANOUT_PATH, INTERFACE, SIGNAL_MEMBER};
+use super::{noise_rule, socket_of, subscriber_rule, INTERFACE};
+use crate::systems::service::{FANOUT_PATH, SIGNAL_MEMBER};
 use crate::systems::LightRole;
 
 /// D-Bus message type of a method return.

@@ -21,8 +21,8 @@ use anyhow::{bail, Context, Result};
 use pbus::{Connection, Outgoing, RequestNameFlags, RequestNameResult, SealedMemfd};
 
 use super::wire::LightConn;
-use super::{server_name, METHOD_CALL, METHOD_COUNT, METHOD_ONEWAY, PATH};
 use crate::stats::Histogram;
+use crate::systems::service::{server_name, METHOD_CALL, METHOD_COUNT, METHOD_ONEWAY, PATH};
 use crate::systems::{CallSpec, Client, LightRole};
 
 /// Calls wait this long at most; large payloads on a loaded machine are slow.

@@ -28,30 +28,6 @@ use crate::procs::{self_command, ChildProc, LogTail};
 use crate::scenario::Scenario;
 use crate::systems::{ClientKind, Instance, System};
 
-/// Object path of the benchmark service and of the fanout signal.
-pub const PATH: &str = "/org/pbus/bench";
-/// Method answered with the reply payload.
-pub const METHOD_CALL: &str = "Call";
-/// Method sent without expecting a reply, counted by the server.
-pub const METHOD_ONEWAY: &str = "Oneway";
-/// Method answered with the number of one-way messages received (u64 LE).
-pub const METHOD_COUNT: &str = "Count";
-/// Member of the fanout signal.
-pub const SIGNAL_MEMBER: &str = "Tick";
-/// Path the fanout signal is emitted on.
-pub const FANOUT_PATH: &str = "/org/pbus/bench/fanout";
-
-/// The well-known name owned by server number `target`.
-pub fn server_name(target: u32) -> String {
-    format!("org.pbus.Bench.S{target}")
-}
-
-/// The path of unrelated match rule number `n`: same member as the fanout
-/// signal, another path (the shape the D-Bus baselines use too).
-pub fn noise_path(n: usize) -> String {
-    format!("/org/pbus/bench/noise/{n}")
-}
-
 /// Limits raised so no workload hits them (10,000 connections from one
 /// uid, 10,000 match rules on a few connections, GiB payloads in memfds).
 const CONFIG: &str = "[limits]

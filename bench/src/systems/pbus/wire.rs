@@ -17,7 +17,7 @@ use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-use super::{noise_path, FANOUT_PATH, SIGNAL_MEMBER};
+use crate::systems::service::{noise_path, FANOUT_PATH, SIGNAL_MEMBER};
 use crate::systems::LightRole;
 
 /// A bare pbus connection whose handshake is complete.
@@ -30,13 +30,6 @@ pub struct LightConn {
     next_serial: u64,
 }
 
-/// The socket path in a `unix:path=...` address.
-fn socket_of(address: &str) -> Result<&str> {
-    address
-        .strip_prefix("unix:path=")
-        .ok_or_else(|| anyhow!("not a pbus address: {address}"))
-}
-
 fn add_match(serial: u64, rule: MatchRule) -> (Header, Vec<u8>) {
     let header = Header {
         kind: MessageKind::MethodCall as i32,
@@ -44,7 +37,7 @@ fn add_match(serial: u64, rule: MatchRule) -> (Header, Vec<u8>) {
         destination: BUS_NAME.to_owned(),
         path: BUS_PATH.to_owned(),
         member: "AddMatch".to_owned(),
-        payload_type: "pbus.v1.AddMatchRequest".to_owned(),
+        payload_type: pbus_proto::type_name::<AddMatchRequest>(),
         ..Header::default()
     };
     (header, AddMatchRequest { rule: Some(rule) }.encode_to_vec())
@@ -61,7 +54,8 @@ fn fanout_rule(path: String) -> MatchRule {
 impl LightConn {
     /// Connects, completes the handshake and installs the role's rules.
     pub async fn connect(address: &str, role: LightRole) -> Result<LightConn> {
-        let stream = UnixStream::connect(socket_of(address)?)
+        let socket: pbus::Address = address.parse().context("parsing the pbus address")?;
+        let stream = UnixStream::connect(socket.path())
             .await
             .with_context(|| format!("connecting to {address}"))?;
         let mut conn = LightConn {
