@@ -10,6 +10,15 @@ fn pbusctl() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pbusctl"))
 }
 
+/// Runs pbusctl with `args` and returns its exit code and standard error.
+fn failure(args: &[&str]) -> (Option<i32>, String) {
+    let output = pbusctl().args(args).output().unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("pbusctl-cli-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -78,11 +87,36 @@ fn policy_explain_works_offline() {
 
 #[test]
 fn an_unreachable_bus_is_a_clear_failure() {
-    let output = pbusctl()
-        .args(["--address", "unix:path=/nonexistent/pbus/bus.sock", "ping"])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&output.stderr);
+    let (code, text) = failure(&["--address", "unix:path=/nonexistent/pbus/bus.sock", "ping"]);
+    assert_eq!(code, Some(1));
     assert!(text.contains("/nonexistent/pbus/bus.sock"), "{text}");
+}
+
+#[test]
+fn a_malformed_address_is_bad_usage() {
+    let (code, text) = failure(&["--address", "tcp:host=x", "ping"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("not a pbus address"), "{text}");
+}
+
+#[test]
+fn offline_explain_refuses_incomplete_questions() {
+    let subject = [
+        "policy",
+        "explain",
+        "--subject-identity",
+        "uid=1000,gid=1000",
+    ];
+    let (code, text) = failure(&[&subject[..], &["--right", "fly"]].concat());
+    assert_eq!(code, Some(1));
+    assert!(text.contains("unknown right \"fly\""), "{text}");
+    let (code, text) = failure(&[&subject[..], &["--right", "talk"]].concat());
+    assert_eq!(code, Some(1));
+    assert!(
+        text.contains("--right talk needs --target-identity"),
+        "{text}"
+    );
+    let (code, text) = failure(&[&subject[..], &["--right", "file"]].concat());
+    assert_eq!(code, Some(1));
+    assert!(text.contains("--right file needs --path"), "{text}");
 }
