@@ -72,8 +72,9 @@ pub struct HeaderView<'a> {
     pub body_in_memfd: bool,
     /// The `error` field, when present (a reply that is an ERROR).
     pub error: Option<ErrorInfo>,
-    /// Whether the sender wrote a `sender` field (it will be replaced).
-    pub has_sender: bool,
+    /// Bytes of `raw` (tags included) taken by `sender` fields the client
+    /// wrote; 0 when it wrote none. Stamping removes them.
+    pub sender_bytes: usize,
 }
 
 /// Reads a varint at `*at`, advancing it.
@@ -162,6 +163,7 @@ impl<'a> HeaderView<'a> {
         };
         let mut at = 0;
         while at < raw.len() {
+            let field_start = at;
             let (number, wire) = read_tag(raw, &mut at)?;
             match number {
                 field::KIND => {
@@ -232,7 +234,7 @@ impl<'a> HeaderView<'a> {
                     // Dropped, but still validated so the view refuses what
                     // prost would.
                     SenderInfo::decode(bytes).map_err(|_| HeaderError("malformed sender field"))?;
-                    view.has_sender = true;
+                    view.sender_bytes += at - field_start;
                 }
                 _ => skip(raw, wire, &mut at)?,
             }
@@ -250,22 +252,13 @@ pub fn encode_sender_field(sender: &SenderInfo, out: &mut Vec<u8>) {
 /// Length of `raw` once its `sender` fields are removed and `stamp`
 /// (from [`encode_sender_field`]) is appended.
 pub fn stamped_len(view: &HeaderView<'_>, stamp: &[u8]) -> usize {
-    if !view.has_sender {
-        return view.raw.len() + stamp.len();
-    }
-    let mut kept = 0;
-    for_each_field(view.raw, |number, bytes| {
-        if number != field::SENDER {
-            kept += bytes.len();
-        }
-    });
-    kept + stamp.len()
+    view.raw.len() - view.sender_bytes + stamp.len()
 }
 
 /// Appends the header of `view` to `out` with every `sender` field removed
 /// and `stamp` (a complete `sender` field) appended.
 pub fn write_stamped(view: &HeaderView<'_>, stamp: &[u8], out: &mut Vec<u8>) {
-    if view.has_sender {
+    if view.sender_bytes != 0 {
         for_each_field(view.raw, |number, bytes| {
             if number != field::SENDER {
                 out.extend_from_slice(bytes);
@@ -355,7 +348,9 @@ mod tests {
         assert_eq!(view.memfds, header.memfds);
         assert!(view.body_in_memfd);
         assert_eq!(view.error, header.error);
-        assert!(view.has_sender);
+        let mut sender_field = Vec::new();
+        encode_sender_field(header.sender.as_ref().unwrap(), &mut sender_field);
+        assert_eq!(view.sender_bytes, sender_field.len());
     }
 
     #[test]
@@ -407,6 +402,7 @@ mod tests {
         encode_sender_field(&SenderInfo::default(), &mut stamp);
         let mut out = Vec::new();
         write_stamped(&view, &stamp, &mut out);
+        assert_eq!(out.len(), stamped_len(&view, &stamp));
         let decoded = Header::decode(out.as_slice()).unwrap();
         assert_eq!(decoded.sender, Some(SenderInfo::default()));
     }
