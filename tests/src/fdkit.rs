@@ -266,25 +266,25 @@ impl PipeProbe {
         }
         got
     }
-
-    /// True once every write end is closed and nothing is left unread.
-    pub fn is_closed(&self) -> bool {
-        loop {
-            match self.poll() {
-                PipeState::Closed => return true,
-                PipeState::Open => return false,
-                PipeState::Data(_) => continue,
-            }
-        }
-    }
 }
 
 /// Waits until every probe reads EOF (every copy of every write end is
-/// closed, ours included); panics naming `what` after `timeout`.
+/// closed, ours included); panics naming `what` after `timeout`, and at
+/// once if a probe has unread bytes: a write end was used that should not
+/// have been (or more was written than the test read).
 pub async fn wait_all_closed(probes: &[PipeProbe], what: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        let open = probes.iter().filter(|probe| !probe.is_closed()).count();
+        let mut open = 0;
+        for (index, probe) in probes.iter().enumerate() {
+            match probe.poll() {
+                PipeState::Closed => {}
+                PipeState::Open => open += 1,
+                PipeState::Data(bytes) => {
+                    panic!("{what}: write end {index} was written to: {bytes:?}")
+                }
+            }
+        }
         if open == 0 {
             return;
         }

@@ -282,11 +282,8 @@ async fn max_fds_per_message_arrive_and_one_more_is_refused() {
         "a reply with MAX+1 fds, as the callee sees it",
     );
     drop(write_ends);
+    // (Which also fails if any refused fd was written to.)
     wait_all_closed(&probes, "refused fds", TIMEOUT).await;
-    assert!(
-        probes.iter().all(|probe| probe.is_closed()),
-        "no refused fd was written to"
-    );
 
     // The library refuses to build MAX+1 and sends MAX.
     let (_, write_ends) = PipeProbe::many(MAX + 1);
