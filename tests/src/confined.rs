@@ -11,14 +11,13 @@
 //! bind the socket there.
 
 use std::fs::File;
-use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
+use crate::daemon::{default_log_level, wait_until_accepting};
+use crate::peer::{setpriv_command, signal_pid};
 use crate::{copy_executable, pbusd_binary};
 
 /// A `pbusd` running as another uid with a hard fd limit.
@@ -49,8 +48,8 @@ impl ConfinedBus {
         let peer_binary = copy_executable(peer_binary, dir.path());
         let socket = dir.path().join("bus.sock");
         let stderr_path = dir.path().join("pbusd.stderr");
-        let mut command = Command::new("setpriv");
-        command.args(ids(uid)).arg("prlimit");
+        let mut command = setpriv_command(uid);
+        command.arg("prlimit");
         command.arg(format!("--nofile={nofile}:{nofile}")).arg("--");
         command.arg(&pbusd).arg("--listen").arg(&socket);
         if let Some(config) = config {
@@ -60,9 +59,7 @@ impl ConfinedBus {
         }
         std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid))
             .expect("chown the bus directory");
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "warn");
-        }
+        default_log_level(&mut command);
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -77,32 +74,15 @@ impl ConfinedBus {
             exited: false,
             dir,
         };
-        bus.wait_until_listening();
+        // Connecting as root gets us refused (the daemon cannot identify
+        // root), which is fine: the socket is up.
+        wait_until_accepting(
+            "confined pbusd",
+            &mut bus.child,
+            &bus.socket,
+            &bus.stderr_path,
+        );
         bus
-    }
-
-    fn wait_until_listening(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waitpid") {
-                self.exited = true;
-                panic!(
-                    "confined pbusd exited during startup with {status}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            // Connecting as root gets us refused (the daemon cannot
-            // identify root), which is fine: the socket is up.
-            if self.socket.exists() && StdUnixStream::connect(&self.socket).is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "confined pbusd did not listen; stderr:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
     }
 
     /// The daemon's pid (setpriv and prlimit exec it in place).
@@ -145,8 +125,8 @@ impl ConfinedBus {
     /// against this bus, with `args` after the socket path, wrapped in
     /// `prefix` (e.g. `["prlimit", "--nofile=40:40", "--"]`) if given.
     pub fn peer_command(&self, prefix: &[&str], args: &[&str]) -> Command {
-        let mut command = Command::new("setpriv");
-        command.args(ids(self.uid)).args(prefix);
+        let mut command = setpriv_command(self.uid);
+        command.args(prefix);
         command.arg(&self.peer_binary).arg(&self.socket).args(args);
         command
     }
@@ -160,15 +140,6 @@ impl ConfinedBus {
     }
 }
 
-/// `setpriv` arguments that switch to `uid` (and gid `uid`).
-fn ids(uid: u32) -> Vec<String> {
-    vec![
-        format!("--reuid={uid}"),
-        format!("--regid={uid}"),
-        "--clear-groups".to_owned(),
-    ]
-}
-
 impl Drop for ConfinedBus {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -180,8 +151,7 @@ impl Drop for ConfinedBus {
         }
         if self.is_running() {
             // Our own child, by pid, while it is unreaped.
-            let pid = Pid::from_raw(i32::try_from(self.pid()).expect("pid fits i32"));
-            let _ = kill(pid, Signal::SIGKILL);
+            let _ = signal_pid(self.pid(), Signal::SIGKILL);
             let _ = self.child.wait();
         }
     }

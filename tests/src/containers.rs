@@ -52,12 +52,11 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use pbus_identity::{CgroupMount, CgroupMounts};
 use pbus_proto::v1::{ContainerInfo, ContainerRuntime};
 
-use crate::{find_binary, unique_suffix, PeerProcess, TestBus, TIMEOUT};
+use crate::{find_binary, signal_pid, unique_suffix, PeerProcess, TestBus, TIMEOUT};
 
 /// Environment variable naming the `pbus-test-peer` binary, if it is not
 /// next to the test executable.
@@ -766,9 +765,7 @@ impl FakeContainer {
                 return false;
             }
             for pid in pids {
-                if let Ok(pid) = i32::try_from(pid) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                }
+                let _ = signal_pid(pid, Signal::SIGKILL);
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -1242,9 +1239,7 @@ impl Drop for ContainerPeer {
             .iter()
             .any(|(pid, _)| *pid == self.host_pid);
         if self.host_pid != child && below_wrapper {
-            if let Ok(pid) = i32::try_from(self.host_pid) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
+            let _ = signal_pid(self.host_pid, Signal::SIGKILL);
             let deadline = Instant::now() + Duration::from_secs(2);
             while self.process.is_running() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));

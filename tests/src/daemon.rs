@@ -13,10 +13,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use pbus::{Address, Connection, ConnectionBuilder};
 
+use crate::peer::signal_pid;
+use crate::procfs;
 use crate::raw::RawClient;
 
 /// Environment variable that names the `pbusd` binary to test.
@@ -70,11 +71,48 @@ pub fn pbusd_binary() -> PathBuf {
 /// to `warn` unless the test environment sets it; stdin is closed.
 pub fn pbusd_command() -> Command {
     let mut command = Command::new(pbusd_binary());
+    default_log_level(&mut command);
+    command.stdin(Stdio::null());
+    command
+}
+
+/// Sets `RUST_LOG` to `warn` for a daemon `command` unless the test
+/// environment sets it.
+pub(crate) fn default_log_level(command: &mut Command) {
     if std::env::var_os("RUST_LOG").is_none() {
         command.env("RUST_LOG", "warn");
     }
-    command.stdin(Stdio::null());
-    command
+}
+
+/// Waits until `socket` accepts connections. Panics, with the daemon's
+/// stderr (from `stderr_path`), if `child` exits first or nothing accepts
+/// within [`START_TIMEOUT`]. `what` names the daemon in those messages.
+pub(crate) fn wait_until_accepting(
+    what: &str,
+    child: &mut Child,
+    socket: &Path,
+    stderr_path: &Path,
+) {
+    let stderr = || std::fs::read_to_string(stderr_path).unwrap_or_default();
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().expect("waitpid on the daemon") {
+            panic!(
+                "{what} exited during startup with {status}; stderr:\n{}",
+                stderr()
+            );
+        }
+        if StdUnixStream::connect(socket).is_ok() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not accept connections on {} within {START_TIMEOUT:?}; stderr:\n{}",
+            socket.display(),
+            stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Options for a [`TestBus`]; see [`TestBus::builder`].
@@ -132,7 +170,8 @@ impl TestBusBuilder {
             exit: None,
             dir,
         };
-        bus.wait_until_accepting();
+        let child = bus.child.as_mut().expect("just spawned");
+        wait_until_accepting("pbusd", child, &bus.socket, &bus.stderr_path);
         bus
     }
 }
@@ -165,29 +204,6 @@ impl TestBus {
         TestBusBuilder::default()
     }
 
-    fn wait_until_accepting(&mut self) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = self.try_wait() {
-                panic!(
-                    "pbusd exited during startup with {status}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            if StdUnixStream::connect(&self.socket).is_ok() {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "pbusd did not accept connections on {} within {START_TIMEOUT:?}; stderr:\n{}",
-                    self.socket.display(),
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     /// The bus address (`unix:path=...`).
     pub fn address(&self) -> Address {
         Address::unix(&self.socket)
@@ -215,53 +231,24 @@ impl TestBus {
 
     /// Number of fds the daemon holds open (entries of `/proc/PID/fd`).
     pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
-            .unwrap_or_else(|error| panic!("cannot list /proc/{}/fd: {error}", self.pid))
-            .count()
+        procfs::fd_count(self.pid)
     }
 
     /// The daemon's resident memory in KiB (`VmRSS`).
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .unwrap_or_else(|error| panic!("cannot read /proc/{}/status: {error}", self.pid));
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/PID/status")
+        procfs::rss_kib(self.pid)
     }
 
     /// The fd count once it has stopped changing (two equal readings 50 ms
     /// apart), for taking a baseline.
     pub async fn settled_fd_count(&self) -> usize {
-        let mut last = self.fd_count();
-        for _ in 0..100 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let now = self.fd_count();
-            if now == last {
-                return now;
-            }
-            last = now;
-        }
-        last
+        procfs::settled_fd_count(self.pid).await
     }
 
     /// Waits until the daemon's fd count is back to `baseline`; panics with
     /// the last count after `timeout`.
     pub async fn wait_for_fd_count(&self, baseline: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let count = self.fd_count();
-            if count == baseline {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "pbusd holds {count} fds, expected it back at {baseline} within {timeout:?}"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        procfs::wait_for_fd_count(self.pid, baseline, timeout).await;
     }
 
     /// Connects a client with default options; panics on failure.
@@ -317,8 +304,7 @@ impl TestBus {
         // Only our own child, by pid, and only while it is unreaped (so the
         // pid cannot have been recycled).
         if self.exit.is_none() {
-            let pid = Pid::from_raw(i32::try_from(self.pid).expect("pid fits i32"));
-            let _ = kill(pid, signal);
+            let _ = signal_pid(self.pid, signal);
         }
     }
 

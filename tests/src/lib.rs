@@ -35,7 +35,9 @@ mod raw;
 pub mod wait;
 
 pub use daemon::{find_binary, pbusd_binary, pbusd_command, TestBus, TestBusBuilder};
-pub use peer::{copy_executable, proc_status, PeerProcess, ProcStatus};
+pub use peer::{
+    copy_executable, proc_status, setpriv_command, signal_pid, PeerProcess, ProcStatus,
+};
 pub use privilege::require_root;
 pub use raw::{RawClient, RawError, RawMessage};
 pub use wait::{drain_signals, expect_signal, wait_for, wait_for_async, within};

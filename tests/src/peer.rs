@@ -196,8 +196,7 @@ impl PeerProcess {
     /// Kills the child (by pid, only while unreaped) and reaps it.
     pub fn kill(&mut self) {
         if self.try_wait().is_none() {
-            let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits i32"));
-            let _ = kill(pid, Signal::SIGKILL);
+            let _ = signal_pid(self.child.id(), Signal::SIGKILL);
             self.exit = self.child.wait().ok();
         }
     }
@@ -216,11 +215,37 @@ impl Drop for PeerProcess {
     }
 }
 
+/// Sends `signal` to process `pid`. Only for processes the test started
+/// and has not reaped (so the pid cannot have been recycled): never by
+/// name.
+pub fn signal_pid(pid: u32, signal: Signal) -> nix::Result<()> {
+    kill(
+        Pid::from_raw(i32::try_from(pid).expect("pid fits i32")),
+        signal,
+    )
+}
+
+/// A `setpriv` command that runs what is appended to it as `uid`, with gid
+/// `uid` and no supplementary groups.
+pub fn setpriv_command(uid: u32) -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg("--clear-groups");
+    command
+}
+
 /// Copies `binary` into `dir` with mode 0755 and returns the copy, so a
 /// child running under another uid can execute it even when the build
-/// directory is not reachable for that uid (e.g. under a 0700 /root).
+/// directory is not reachable for that uid (e.g. under a 0700 /root). A
+/// copy already there is reused (it may be running: overwriting it would
+/// fail with ETXTBSY).
 pub fn copy_executable(binary: &Path, dir: &Path) -> PathBuf {
     let target = dir.join(binary.file_name().expect("binary has a file name"));
+    if target.exists() {
+        return target;
+    }
     std::fs::copy(binary, &target)
         .unwrap_or_else(|error| panic!("cannot copy {}: {error}", binary.display()));
     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))
