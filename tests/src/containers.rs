@@ -53,9 +53,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use pbus::{Connection, Outgoing, SenderInfo};
 use pbus_identity::{CgroupMount, CgroupMounts};
 use pbus_proto::v1::{ContainerInfo, ContainerRuntime};
 
+use crate::messages::{Identity, Text};
 use crate::{find_binary, signal_pid, unique_suffix, PeerProcess, TestBus, TIMEOUT};
 
 /// Environment variable naming the `pbus-test-peer` binary, if it is not
@@ -162,6 +164,23 @@ impl Placement {
     fn systemd_v1(self) -> bool {
         matches!(self, Self::SystemdV1 | Self::Both)
     }
+}
+
+/// A fake container of `shape` in the first of `placements` this machine
+/// offers. `None` when it offers none: the calling test skips (or fails,
+/// see [`privilege::skip`](crate::privilege::skip)) with every reason.
+pub fn container_or_skip(shape: Shape, placements: &[Placement]) -> Option<FakeContainer> {
+    let mut reasons = Vec::new();
+    for &placement in placements {
+        match FakeContainer::create(shape, placement) {
+            Ok(container) => return Some(container),
+            Err(why) => reasons.push(format!("{placement:?}: {why}")),
+        }
+    }
+    crate::privilege::skip(&format!(
+        "no cgroup hierarchy for a {shape:?} container: {reasons:?}"
+    ));
+    None
 }
 
 /// A container as the bus reports it: runtime, id, pod UID (empty when
@@ -692,17 +711,8 @@ impl FakeContainer {
         isolation: Isolation,
         args: &[&str],
     ) -> ContainerPeer {
-        let binary = test_peer_binary();
-        let mut argv: Vec<OsString> = isolation
-            .unshare_args()
-            .into_iter()
-            .map(OsString::from)
-            .collect();
-        argv.push(binary.clone().into());
-        argv.push(bus.socket_path().into());
-        argv.extend(args.iter().map(OsString::from));
-        let command = self.command_in_cgroups(&argv);
-        ContainerPeer::start(command, &binary, Some(self), isolation).await
+        self.start_peer(bus, isolation.unshare_args(), isolation, args)
+            .await
     }
 
     /// Starts a second peer in this container, in `target`'s namespaces
@@ -714,20 +724,28 @@ impl FakeContainer {
         join: Join,
         args: &[&str],
     ) -> ContainerPeer {
-        let binary = test_peer_binary();
-        let mut argv: Vec<OsString> = target
-            .isolation
-            .nsenter_args(target.host_pid())
-            .into_iter()
-            .map(OsString::from)
-            .collect();
+        let mut wrapper = target.isolation.nsenter_args(target.host_pid());
         let mut isolation = target.isolation;
         if join == Join::NestedPid {
             let nested = Isolation::pid();
-            argv.extend(nested.unshare_args().into_iter().map(OsString::from));
+            wrapper.extend(nested.unshare_args());
             isolation.pid = true;
             isolation.mount = true;
         }
+        self.start_peer(bus, wrapper, isolation, args).await
+    }
+
+    /// Starts `wrapper... pbus-test-peer SOCKET args...` in this
+    /// container's cgroups; `isolation` is what the wrapper makes.
+    async fn start_peer(
+        &self,
+        bus: &TestBus,
+        wrapper: Vec<String>,
+        isolation: Isolation,
+        args: &[&str],
+    ) -> ContainerPeer {
+        let binary = test_peer_binary();
+        let mut argv: Vec<OsString> = wrapper.into_iter().map(OsString::from).collect();
         argv.push(binary.clone().into());
         argv.push(bus.socket_path().into());
         argv.extend(args.iter().map(OsString::from));
@@ -776,6 +794,26 @@ impl FakeContainer {
     /// cleaned up; empty means everything is gone.
     pub fn remove(mut self) -> Vec<String> {
         self.cleanup()
+    }
+
+    /// Like [`remove`](Self::remove), and panics (naming `what`) unless
+    /// everything is gone: no process left, none of the container's
+    /// directories left.
+    pub fn remove_or_panic(self, what: &str) {
+        let directories: Vec<PathBuf> = self
+            .hierarchies
+            .iter()
+            .map(|hierarchy| hierarchy.directory.clone())
+            .collect();
+        let failures = self.remove();
+        assert!(failures.is_empty(), "{what}: cleanup: {failures:?}");
+        for directory in directories {
+            assert!(
+                !directory.exists(),
+                "{what}: {} left behind",
+                directory.display()
+            );
+        }
     }
 
     fn cleanup(&mut self) -> Vec<String> {
@@ -1247,6 +1285,20 @@ impl Drop for ContainerPeer {
         }
         self.process.kill();
     }
+}
+
+/// Calls `name`'s `WhoAmI` (a `pbus-test-peer` serving it) from
+/// `observer`: the reply's sender stamp as `observer` sees it, and what the
+/// peer said about itself (and about `observer`, stamped on the call).
+pub async fn who_am_i(observer: &Connection, name: &str) -> (SenderInfo, Identity) {
+    let reply = observer
+        .method_call(name, "WhoAmI")
+        .send(Outgoing::new(&Text::new("who")))
+        .await
+        .unwrap_or_else(|error| panic!("WhoAmI on {name}: {error}"))
+        .expect("a reply");
+    let identity: Identity = reply.decode().expect("an Identity");
+    (reply.sender().clone(), identity)
 }
 
 /// Environment variable naming the `pbusctl` binary, if it is not next to

@@ -17,11 +17,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use pbus::Outgoing;
 use pbus_proto::v1::ContainerRuntime;
-use pbus_tests::containers::{cgroup_paths, check_pbusctl_status, ContainerView};
+use pbus_tests::containers::{cgroup_paths, check_pbusctl_status, who_am_i, ContainerView};
 use pbus_tests::containers_docker::{require_docker, DockerContainer, DockerImage};
-use pbus_tests::messages::{Identity, Text};
 use pbus_tests::{require_root, PeerProcess, TestBus, TIMEOUT};
 
 const PEER_BIN: &str = env!("CARGO_BIN_EXE_pbus-test-peer");
@@ -86,19 +84,10 @@ async fn docker_container_peer_is_identified_as_docker_knows_it() {
     // A message the container peer sends (its reply) reaches a host
     // receiver stamped with the host pid; the peer is pid 1 inside and saw
     // the host caller as 0.
-    let reply = observer
-        .method_call(SERVICE, "WhoAmI")
-        .send(Outgoing::new(&Text::new("who")))
-        .await
-        .unwrap()
-        .expect("a reply");
-    assert_eq!(reply.sender().unique_name, name);
-    assert_eq!(reply.sender().pid, host_pid, "stamped pid on the reply");
-    assert_eq!(
-        ContainerView::of(reply.sender().container.as_ref()),
-        expected
-    );
-    let said: Identity = reply.decode().unwrap();
+    let (stamp, said) = who_am_i(&observer, SERVICE).await;
+    assert_eq!(stamp.unique_name, name);
+    assert_eq!(stamp.pid, host_pid, "stamped pid on the reply");
+    assert_eq!(ContainerView::of(stamp.container.as_ref()), expected);
     assert_eq!(said.pid, 1, "the helper is the container's main process");
     let caller = said.caller.expect("caller stamp");
     assert_eq!(caller.unique_name, observer.unique_name());

@@ -30,29 +30,15 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-use pbus::{Connection, Outgoing};
+use nix::sys::signal::Signal;
+use pbus::Connection;
 use pbus_tests::containers::{
-    cgroup_paths, check_pbusctl_status, ContainerView, FakeContainer, Isolation, Placement, Shape,
+    cgroup_paths, check_pbusctl_status, container_or_skip, who_am_i, ContainerView, FakeContainer,
+    Isolation, Placement, Shape,
 };
-use pbus_tests::messages::{Identity, Text};
-use pbus_tests::{require_root, wait_for, TestBus, TIMEOUT};
+use pbus_tests::{require_root, signal_pid, wait_for, TestBus, TIMEOUT};
 
 const PEER_BIN: &str = env!("CARGO_BIN_EXE_pbus-test-peer");
-
-/// Calls `name`'s `WhoAmI` from `observer` and returns the reply's stamp
-/// and what the peer said about itself.
-async fn who_am_i(observer: &Connection, name: &str) -> (pbus::SenderInfo, Identity) {
-    let reply = observer
-        .method_call(name, "WhoAmI")
-        .send(Outgoing::new(&Text::new("who")))
-        .await
-        .unwrap_or_else(|error| panic!("WhoAmI on {name}: {error}"))
-        .expect("a reply");
-    let identity: Identity = reply.decode().expect("an Identity");
-    (reply.sender().clone(), identity)
-}
 
 /// Puts a peer into a container of `shape` placed per `placement` and
 /// checks everything the bus reports about it. Returns false (with a
@@ -113,16 +99,7 @@ async fn check_shape(
     assert_eq!(own.unique_name, name);
 
     assert!(peer.finish(TIMEOUT).success(), "{what}: peer exit");
-    let directories: Vec<_> = container
-        .directories()
-        .into_iter()
-        .map(ToOwned::to_owned)
-        .collect();
-    let failures = container.remove();
-    assert!(failures.is_empty(), "{what}: cleanup: {failures:?}");
-    for directory in directories {
-        assert!(!directory.exists(), "{} left behind", directory.display());
-    }
+    container.remove_or_panic(&what);
     true
 }
 
@@ -274,8 +251,7 @@ async fn container_with_its_own_namespaces_is_identified_by_its_cgroup() {
         assert_eq!(own.container, container.expected(), "{what}: own view");
         assert_eq!(own.pid, 1, "{what}: own pid as seen from inside");
         assert!(peer.finish(TIMEOUT).success(), "{what}");
-        let failures = container.remove();
-        assert!(failures.is_empty(), "{what}: cleanup: {failures:?}");
+        container.remove_or_panic(&what);
     }
     assert!(ran > 0, "no cgroup hierarchy to place containers in");
 }
@@ -287,12 +263,8 @@ async fn namespaced_peer_in_no_known_cgroup_is_unknown_never_host() {
     }
     let bus = TestBus::start();
     let observer = bus.connect().await;
-    let container = match FakeContainer::create(Shape::Plain, Placement::Both) {
-        Ok(container) => container,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
+    let Some(container) = container_or_skip(Shape::Plain, &[Placement::Both]) else {
+        return;
     };
     let own_pid_namespace = observer
         .peer_identity("")
@@ -367,24 +339,22 @@ async fn namespaced_peer_in_no_known_cgroup_is_unknown_never_host() {
         assert_eq!(own.container, expected, "{what}: own view");
         assert!(peer.finish(TIMEOUT).success(), "{what}");
     }
-    let failures = container.remove();
-    assert!(failures.is_empty(), "cleanup: {failures:?}");
+    container.remove_or_panic("the plain container");
 }
 
 /// SIGSTOPs a process of ours (the daemon) until dropped.
-struct Stopped(Pid);
+struct Stopped(u32);
 
 impl Stopped {
     fn new(pid: u32) -> Self {
-        let pid = Pid::from_raw(i32::try_from(pid).expect("pid fits i32"));
-        kill(pid, Signal::SIGSTOP).expect("SIGSTOP the daemon");
+        signal_pid(pid, Signal::SIGSTOP).expect("SIGSTOP the daemon");
         Self(pid)
     }
 }
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        let _ = kill(self.0, Signal::SIGCONT);
+        let _ = signal_pid(self.0, Signal::SIGCONT);
     }
 }
 

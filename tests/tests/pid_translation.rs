@@ -19,38 +19,20 @@
 //! any policy allows; replies are never policy-checked.
 #![forbid(unsafe_code)]
 
-use pbus::{Connection, ErrorCode, Outgoing};
+use pbus::ErrorCode;
 use pbus_tests::containers::{
-    ContainerPeer, ContainerView, FakeContainer, Isolation, Join, Placement, Shape,
+    container_or_skip, who_am_i, ContainerPeer, ContainerView, FakeContainer, Isolation, Join,
+    Placement, Shape,
 };
-use pbus_tests::messages::{Identity, Text};
 use pbus_tests::{require_root, TestBus, TIMEOUT};
 
-/// The test process's own call to `name`'s `WhoAmI`: the reply's stamped
-/// pid and what the peer said (its own pid, and our pid as stamped).
-async fn who_am_i(observer: &Connection, name: &str) -> (u32, Identity) {
-    let reply = observer
-        .method_call(name, "WhoAmI")
-        .send(Outgoing::new(&Text::new("who")))
-        .await
-        .unwrap_or_else(|error| panic!("WhoAmI on {name}: {error}"))
-        .expect("a reply");
-    (reply.sender().pid, reply.decode().expect("an Identity"))
-}
-
-/// A fake container to hold namespaced peers (and to clean them up), or a
-/// printed reason to skip.
+/// A fake container to hold namespaced peers (and to clean them up), or
+/// `None` when the test skips.
 fn container(shape: Shape) -> Option<FakeContainer> {
-    match FakeContainer::create(shape, Placement::Both)
-        .or_else(|_| FakeContainer::create(shape, Placement::Unified))
-        .or_else(|_| FakeContainer::create(shape, Placement::SystemdV1))
-    {
-        Ok(container) => Some(container),
-        Err(why) => {
-            eprintln!("skipped: no cgroup hierarchy for the test's processes: {why}");
-            None
-        }
-    }
+    container_or_skip(
+        shape,
+        &[Placement::Both, Placement::Unified, Placement::SystemdV1],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,21 +114,20 @@ async fn host_and_child_namespace_peers_see_translated_pids() {
         let identity = observer.peer_identity(&inner_name).await.unwrap();
         assert_eq!(identity.pid, inner.host_pid(), "{what}");
         assert_eq!(identity.host_pid, inner.host_pid(), "{what}");
-        let (stamped, said) = who_am_i(&observer, service).await;
-        assert_eq!(stamped, inner.host_pid(), "{what}");
+        let (stamp, said) = who_am_i(&observer, service).await;
+        assert_eq!(stamp.pid, inner.host_pid(), "{what}");
         assert_eq!(said.pid, 1, "{what}");
         assert_eq!(said.caller.expect("caller").pid, 0, "{what}");
         assert!(inner.finish(TIMEOUT).success(), "{what}");
     }
 
     // And the host peer is stamped with its real pid for the host.
-    let (stamped, said) = who_am_i(&observer, "org.pbus.test.Host").await;
-    assert_eq!(stamped, host.host_pid());
+    let (stamp, said) = who_am_i(&observer, "org.pbus.test.Host").await;
+    assert_eq!(stamp.pid, host.host_pid());
     assert_eq!(said.pid, host.host_pid());
     assert_eq!(said.caller.expect("caller").pid, std::process::id());
     assert!(host.finish(TIMEOUT).success());
-    let failures = container.remove();
-    assert!(failures.is_empty(), "cleanup: {failures:?}");
+    container.remove_or_panic("the container");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,8 +192,7 @@ async fn peers_in_the_same_child_namespace_see_inner_pids() {
     }
     assert!(second.finish(TIMEOUT).success());
     assert!(first.finish(TIMEOUT).success());
-    let failures = container.remove();
-    assert!(failures.is_empty(), "cleanup: {failures:?}");
+    container.remove_or_panic("the container");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,15 +267,14 @@ async fn nested_pid_namespace_peer_and_parent_namespace_peer() {
         let identity = observer.peer_identity(peer.unique_name()).await.unwrap();
         assert_eq!(identity.pid, peer.host_pid(), "{}", peer.unique_name());
     }
-    let (stamped, said) = who_am_i(&observer, "org.pbus.test.Nested").await;
-    assert_eq!(stamped, nested.host_pid());
+    let (stamp, said) = who_am_i(&observer, "org.pbus.test.Nested").await;
+    assert_eq!(stamp.pid, nested.host_pid());
     assert_eq!(said.pid, 1);
     assert_eq!(said.caller.expect("caller").pid, 0);
 
     assert!(nested.finish(TIMEOUT).success());
     assert!(parent.finish(TIMEOUT).success());
-    let failures = container.remove();
-    assert!(failures.is_empty(), "cleanup: {failures:?}");
+    container.remove_or_panic("the container");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,6 +360,5 @@ async fn broadcast_signals_are_stamped_for_each_receivers_namespace() {
     for peer in [&mut host, &mut nested, &mut sibling, &mut parent] {
         assert!(peer.finish(TIMEOUT).success());
     }
-    let failures = container.remove();
-    assert!(failures.is_empty(), "cleanup: {failures:?}");
+    container.remove_or_panic("the container");
 }

@@ -16,7 +16,8 @@ use pbus::{Connection, RequestNameFlags, RequestNameResult};
 use pbus_proto::errors::error_name;
 use pbus_proto::v1::ErrorCode;
 use pbus_tests::containers::{
-    test_peer_binary, ContainerPeer, FakeContainer, Isolation, Placement, Shape,
+    container_or_skip, test_peer_binary, ContainerPeer, FakeContainer, Isolation, Placement, Shape,
+    PBUSCTL_BIN_ENV,
 };
 use pbus_tests::messages::Text;
 use pbus_tests::{copy_executable, find_binary, PeerProcess, TestBus, TIMEOUT};
@@ -74,22 +75,10 @@ impl PolicyDir {
 /// offers; `None` (with a printed reason) when there is none, a failure
 /// under `PBUS_REQUIRE_PRIVILEGED=1`.
 pub fn container(shape: Shape) -> Option<FakeContainer> {
-    let mut reasons = Vec::new();
-    for placement in [Placement::Unified, Placement::Both, Placement::SystemdV1] {
-        match FakeContainer::create(shape, placement) {
-            Ok(container) => return Some(container),
-            Err(why) => reasons.push(format!("{placement:?}: {why}")),
-        }
-    }
-    let why = format!("no cgroup hierarchy for a {shape:?} container: {reasons:?}");
-    if std::env::var(pbus_tests::privilege::REQUIRE_PRIVILEGED_ENV).is_ok_and(|v| v == "1") {
-        panic!(
-            "{why}, and {} forbids skipping",
-            pbus_tests::privilege::REQUIRE_PRIVILEGED_ENV
-        );
-    }
-    eprintln!("skipped: {why}");
-    None
+    container_or_skip(
+        shape,
+        &[Placement::Unified, Placement::Both, Placement::SystemdV1],
+    )
 }
 
 /// `{ container = { runtime = "RUNTIME", id = "<prefix of the id>*" } }`:
@@ -249,7 +238,7 @@ impl HostService {
 
 /// The `pbusctl` binary; panics if it is not built.
 pub fn pbusctl_binary() -> PathBuf {
-    find_binary("pbusctl", "PBUSCTL_BIN").unwrap_or_else(|| {
+    find_binary("pbusctl", PBUSCTL_BIN_ENV).unwrap_or_else(|| {
         panic!(
             "pbusctl is not built next to the tests; run \
              `cargo build -p pbusd -p pbusctl -p pbus-tests` with the same CARGO_TARGET_DIR"
