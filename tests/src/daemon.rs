@@ -272,6 +272,20 @@ impl TestBus {
             })
     }
 
+    /// Connects a [`RawClient`] that owns `name` (it must become the
+    /// primary owner) and has nothing in its inbox.
+    pub async fn raw_owning(&self, name: &str) -> RawClient {
+        let mut client = self.raw().await;
+        assert_eq!(
+            client.request_name(name, 0).await,
+            Ok(pbus_proto::v1::RequestNameResult::PrimaryOwner),
+            "{name}"
+        );
+        client.sync().await;
+        client.take_inbox();
+        client
+    }
+
     /// Connects a [`RawClient`] and completes the handshake; panics on failure.
     pub async fn raw(&self) -> RawClient {
         RawClient::connect_hello(&self.socket)

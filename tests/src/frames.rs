@@ -1,12 +1,14 @@
 //! Raw frames built to measure, and the bus's answers checked exactly.
 //!
-//! * Headers for calls and signals with a chosen serial, and
+//! * Headers for calls, replies, signals and HELLO, and
 //!   [`pad_header`], which grows a header to an exact encoded length (for
 //!   testing a size limit at N and N+1 bytes).
 //! * [`assert_error`] and [`expect_disconnect`]: the specific error code
 //!   and `detail` the bus must answer with.
 //! * [`try_connect`]: a raw connection that reports the bus's refusal (the
 //!   ERROR frame it sends before closing) instead of failing on it.
+//! * [`expect_serials`]: a receiver got exactly the frames that were
+//!   accepted, in order.
 //! * [`peer_stats`]: one peer's queue and quota use from `GetStats`.
 
 use std::io;
@@ -14,7 +16,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use pbus::Connection;
-use pbus_proto::v1::{ErrorCode, ErrorInfo, Feature, Header, MemfdRef, MessageKind, PeerStats};
+use pbus_proto::v1::{
+    ErrorCode, ErrorInfo, Feature, Header, Hello, MemfdRef, MessageKind, PeerStats,
+};
 use pbus_proto::PROTOCOL_VERSION;
 
 use crate::{RawClient, RawError, RawMessage, TIMEOUT};
@@ -40,6 +44,34 @@ pub fn signal_header(serial: u64, destination: &str, path: &str, member: &str) -
         member: member.to_owned(),
         ..Header::default()
     }
+}
+
+/// A METHOD_RETURN header answering call `reply_serial` of `destination`.
+pub fn reply_header(serial: u64, destination: &str, reply_serial: u64) -> Header {
+    Header {
+        kind: MessageKind::MethodReturn as i32,
+        serial,
+        reply_serial,
+        destination: destination.to_owned(),
+        ..Header::default()
+    }
+}
+
+/// The header and body of a HELLO announcing `protocol_version`,
+/// `features` and `client_name`.
+pub fn hello(protocol_version: u32, features: u32, client_name: &str) -> (Header, Vec<u8>) {
+    use prost::{Message, Name};
+    let header = Header {
+        kind: MessageKind::Hello as i32,
+        payload_type: Hello::full_name(),
+        ..Header::default()
+    };
+    let hello = Hello {
+        protocol_version,
+        features,
+        client_name: client_name.to_owned(),
+    };
+    (header, hello.encode_to_vec())
 }
 
 /// A memfd reference for `Header.memfds`.
@@ -115,6 +147,38 @@ pub async fn expect_disconnect(
         "{what}: unexpected frames before the refusal: {frames:?}"
     );
     last.header.error.expect("an error")
+}
+
+/// Reads frames, bus signals aside, until as many as `expected` came;
+/// asserts they are the frames `expected` lists by serial, in order, and
+/// that nothing else is waiting after a round trip (naming `what`).
+/// Returns them.
+pub async fn expect_serials(
+    receiver: &mut RawClient,
+    expected: &[u64],
+    what: &str,
+) -> Vec<RawMessage> {
+    let mut frames = Vec::new();
+    while frames.len() < expected.len() {
+        let frame = receiver
+            .recv(TIMEOUT)
+            .await
+            .unwrap_or_else(|error| panic!("{what}: after {} frames: {error}", frames.len()));
+        if !frame.is_bus_signal() {
+            frames.push(frame);
+        }
+    }
+    let serials: Vec<u64> = frames.iter().map(|frame| frame.header.serial).collect();
+    assert_eq!(
+        serials, expected,
+        "{what}: exactly the accepted frames, in order"
+    );
+    let extra = receiver.take_delivered().await;
+    assert!(
+        extra.is_empty(),
+        "{what}: refused frames were delivered: {extra:?}"
+    );
+    frames
 }
 
 /// How an attempt to connect ended.

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use pbus_proto::frame::{encode_frame, FeedError, FrameLimits, FrameReader};
 use pbus_proto::v1::{
-    AddMatchRequest, ErrorCode, ErrorInfo, Feature, Header, HeaderFlag, Hello, MatchRule,
-    MessageKind, PingReply, PingRequest, ReleaseNameReply, ReleaseNameRequest, ReleaseNameResult,
+    AddMatchRequest, ErrorCode, ErrorInfo, Feature, Header, HeaderFlag, MatchRule, MessageKind,
+    PingReply, PingRequest, ReleaseNameReply, ReleaseNameRequest, ReleaseNameResult,
     RemoveMatchRequest, RequestNameReply, RequestNameRequest, RequestNameResult, Welcome,
 };
 use pbus_proto::{BUS_NAME, BUS_PATH, PROTOCOL_VERSION};
@@ -26,7 +26,7 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 
-use crate::TIMEOUT;
+use crate::{fdkit, frames, TIMEOUT};
 
 /// One frame received from the bus, decoded.
 #[derive(Debug)]
@@ -195,17 +195,8 @@ impl RawClient {
 
     /// Sends a HELLO frame without waiting for the answer.
     pub async fn send_hello(&mut self, protocol_version: u32, features: u32) -> io::Result<()> {
-        let header = Header {
-            kind: MessageKind::Hello as i32,
-            payload_type: Hello::full_name(),
-            ..Header::default()
-        };
-        let hello = Hello {
-            protocol_version,
-            features,
-            client_name: "pbus-tests raw client".into(),
-        };
-        self.send(&header, &hello.encode_to_vec()).await
+        let (header, body) = frames::hello(protocol_version, features, "pbus-tests raw client");
+        self.send(&header, &body).await
     }
 
     /// The unique name from WELCOME (empty before the handshake).
@@ -285,18 +276,27 @@ impl RawClient {
         body: &[u8],
         timeout_ms: u32,
     ) -> io::Result<u64> {
-        let serial = self.next_serial();
         let header = Header {
-            kind: MessageKind::MethodCall as i32,
-            serial,
-            destination: destination.to_owned(),
-            member: member.to_owned(),
             payload_type: payload_type.to_owned(),
             timeout_ms,
-            ..Header::default()
+            ..frames::call_header(self.next_serial(), destination, member)
         };
         self.send(&header, body).await?;
-        Ok(serial)
+        Ok(header.serial)
+    }
+
+    /// Sends a METHOD_CALL with no body and `fds` attached; returns its
+    /// serial.
+    pub async fn send_call_with_fds(
+        &mut self,
+        destination: &str,
+        member: &str,
+        fds: &[OwnedFd],
+    ) -> io::Result<u64> {
+        let header = frames::call_header(self.next_serial(), destination, member);
+        self.send_with_fds(&header, &[], &fdkit::borrow_all(fds))
+            .await?;
+        Ok(header.serial)
     }
 
     /// Sends a signal (broadcast if `destination` is empty) and returns its
@@ -309,18 +309,12 @@ impl RawClient {
         args: &[&str],
         body: &[u8],
     ) -> io::Result<u64> {
-        let serial = self.next_serial();
         let header = Header {
-            kind: MessageKind::Signal as i32,
-            serial,
-            destination: destination.to_owned(),
-            path: path.to_owned(),
-            member: member.to_owned(),
             args: args.iter().map(|a| (*a).to_owned()).collect(),
-            ..Header::default()
+            ..frames::signal_header(self.next_serial(), destination, path, member)
         };
         self.send(&header, body).await?;
-        Ok(serial)
+        Ok(header.serial)
     }
 
     /// Sends a METHOD_RETURN for `reply_serial` to `destination` and
@@ -332,17 +326,12 @@ impl RawClient {
         payload_type: &str,
         body: &[u8],
     ) -> io::Result<u64> {
-        let serial = self.next_serial();
         let header = Header {
-            kind: MessageKind::MethodReturn as i32,
-            serial,
-            reply_serial,
-            destination: destination.to_owned(),
             payload_type: payload_type.to_owned(),
-            ..Header::default()
+            ..frames::reply_header(self.next_serial(), destination, reply_serial)
         };
         self.send(&header, body).await?;
-        Ok(serial)
+        Ok(header.serial)
     }
 
     /// Reads from the socket until at least one more frame is decoded.
@@ -456,6 +445,12 @@ impl RawClient {
         .await
     }
 
+    /// The next METHOD_CALL sent to us; other frames go to the inbox.
+    pub async fn recv_call(&mut self, timeout: Duration) -> Result<RawMessage, RawError> {
+        self.recv_until(timeout, |frame| frame.kind() == MessageKind::MethodCall)
+            .await
+    }
+
     /// Reads until the bus closes the connection and returns every frame it
     /// sent first (usually the ERROR saying why). Fails with `Timeout` if the
     /// connection stays open.
@@ -488,6 +483,28 @@ impl RawClient {
         self.inbox.drain(..).collect()
     }
 
+    /// After a round trip through the bus ([`sync`](Self::sync)), every
+    /// frame we were sent and have not read, bus signals left out (the inbox
+    /// is emptied).
+    pub async fn take_delivered(&mut self) -> Vec<RawMessage> {
+        self.sync().await;
+        self.take_inbox()
+            .into_iter()
+            .filter(|frame| !frame.is_bus_signal())
+            .collect()
+    }
+
+    /// After a round trip through the bus ([`sync`](Self::sync)), the
+    /// ERROR it answered our frame `serial` with, if it refused it. The
+    /// inbox is emptied.
+    pub async fn refusal_of(&mut self, serial: u64) -> Option<ErrorInfo> {
+        self.sync().await;
+        self.take_inbox()
+            .into_iter()
+            .find(|frame| frame.kind() == MessageKind::Error && frame.header.reply_serial == serial)
+            .map(|frame| frame.header.error.unwrap_or_default())
+    }
+
     /// Calls a bus method and waits for its answer: `Ok(reply)` or
     /// `Err(error info)`. Panics if the bus does not answer in time.
     pub async fn bus_call<Req: Message + Name, Rep: Message + Default>(
@@ -495,21 +512,12 @@ impl RawClient {
         member: &str,
         request: &Req,
     ) -> Result<Rep, ErrorInfo> {
-        let serial = self.next_serial();
-        let header = Header {
-            kind: MessageKind::MethodCall as i32,
-            serial,
-            destination: BUS_NAME.to_owned(),
-            path: BUS_PATH.to_owned(),
-            member: member.to_owned(),
-            payload_type: Req::full_name(),
-            ..Header::default()
-        };
+        let header = self.bus_call_header::<Req>(member, 0);
         self.send(&header, &request.encode_to_vec())
             .await
             .unwrap_or_else(|error| panic!("cannot send {member}: {error}"));
         let reply = self
-            .recv_reply(serial, TIMEOUT)
+            .recv_reply(header.serial, TIMEOUT)
             .await
             .unwrap_or_else(|error| panic!("no answer to {member}: {error}"));
         match reply.kind() {
@@ -524,18 +532,18 @@ impl RawClient {
         member: &str,
         request: &Req,
     ) -> io::Result<()> {
-        let serial = self.next_serial();
-        let header = Header {
-            kind: MessageKind::MethodCall as i32,
-            serial,
-            destination: BUS_NAME.to_owned(),
-            path: BUS_PATH.to_owned(),
-            member: member.to_owned(),
-            payload_type: Req::full_name(),
-            flags: HeaderFlag::NoReplyExpected as u32,
-            ..Header::default()
-        };
+        let header = self.bus_call_header::<Req>(member, HeaderFlag::NoReplyExpected as u32);
         self.send(&header, &request.encode_to_vec()).await
+    }
+
+    /// The header of a call of the bus's `member` with a `Req` body.
+    fn bus_call_header<Req: Name>(&mut self, member: &str, flags: u32) -> Header {
+        Header {
+            path: BUS_PATH.to_owned(),
+            payload_type: Req::full_name(),
+            flags,
+            ..frames::call_header(self.next_serial(), BUS_NAME, member)
+        }
     }
 
     /// `RequestName`.

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use pbus::{Connection, Error, MethodError, RequestNameFlags, RequestNameResult};
-use pbus_proto::v1::{ErrorCode, MessageKind, PingReply, PingRequest};
+use pbus_proto::v1::{ErrorCode, PingReply, PingRequest};
 use pbus_proto::BUS_NAME;
 use pbus_tests::messages::Text;
 use pbus_tests::{within, TestBus, TIMEOUT};
@@ -232,10 +232,7 @@ async fn callee_disconnect_fails_the_call_with_no_reply() {
                 .await
         }
     });
-    let call = raw_callee
-        .recv_until(TIMEOUT, |frame| frame.kind() == MessageKind::MethodCall)
-        .await
-        .unwrap();
+    let call = raw_callee.recv_call(TIMEOUT).await.unwrap();
     assert_eq!(call.header.member, "Anything");
     drop(raw_callee);
     let error = within("NoReply", TIMEOUT, pending)

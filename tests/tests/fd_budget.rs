@@ -4,29 +4,16 @@
 //! refused with the limit named while other clients keep working.
 #![forbid(unsafe_code)]
 
-use std::os::fd::{AsFd, OwnedFd};
-use std::time::Duration;
-
 use pbus::proto::frame::encode_frame;
-use pbus::proto::v1::{ErrorCode, Header, MessageKind};
-use pbus_tests::TestBus;
-
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-fn dev_null() -> OwnedFd {
-    OwnedFd::from(std::fs::File::open("/dev/null").unwrap())
-}
+use pbus::proto::v1::ErrorCode;
+use pbus_tests::fdkit::{borrow_all, dev_nulls};
+use pbus_tests::frames::{call_header, expect_disconnect};
+use pbus_tests::{wait_for, TestBus, TIMEOUT};
 
 /// The first half of a call carrying `fds`: the prefix promises a body that
 /// never comes, so the daemon must hold the fds for the incomplete frame.
 fn half_frame(fds: usize) -> Vec<u8> {
-    let header = Header {
-        kind: MessageKind::MethodCall as i32,
-        serial: 1,
-        destination: "org.pbus.test.Nobody".into(),
-        member: "Take".into(),
-        ..Header::default()
-    };
+    let header = call_header(1, "org.pbus.test.Nobody", "Take");
     let mut bytes = Vec::new();
     encode_frame(&mut bytes, &header, &[0u8; 4096], fds as u16);
     bytes.truncate(bytes.len() - 2048);
@@ -39,8 +26,8 @@ async fn fds_of_incomplete_frames_count_against_the_fd_budget() {
     let baseline = bus.settled_fd_count().await;
     let probe = bus.connect().await;
     probe.ping().await.unwrap();
-    let fds: Vec<OwnedFd> = (0..60).map(|_| dev_null()).collect();
-    let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+    let fds = dev_nulls(60);
+    let borrowed = borrow_all(&fds);
 
     // 60 fds held for a half frame fit in the budget (the daemon's own uid
     // owns the pool and is held only to its total)...
@@ -51,7 +38,7 @@ async fn fds_of_incomplete_frames_count_against_the_fd_budget() {
         .unwrap();
     // (Nothing more can be sent on `first`: it would become the body.)
     let held = baseline + 2 + 60;
-    pbus_tests::wait_for("the daemon to hold the half frame's fds", TIMEOUT, || {
+    wait_for("the daemon to hold the half frame's fds", TIMEOUT, || {
         bus.fd_count() >= held
     })
     .await;
@@ -61,17 +48,14 @@ async fn fds_of_incomplete_frames_count_against_the_fd_budget() {
         .send_bytes_with_fds(&half_frame(60), &borrowed)
         .await
         .unwrap();
-    let frames = second.read_until_closed(TIMEOUT).await.unwrap();
-    let refusal = frames
-        .iter()
-        .find_map(|frame| frame.error().cloned())
-        .expect("the bus said why it closed the connection");
-    assert_eq!(
-        refusal.code,
-        ErrorCode::LimitsExceeded as i32,
-        "{refusal:?}"
-    );
-    assert_eq!(refusal.detail, "max_fds_total");
+    // The bus says why it closes the connection.
+    expect_disconnect(
+        &mut second,
+        ErrorCode::LimitsExceeded,
+        Some("max_fds_total"),
+        "a second half frame over the fd budget",
+    )
+    .await;
     // The daemon never held more than its budget.
     assert!(
         bus.fd_count() < baseline + 100,

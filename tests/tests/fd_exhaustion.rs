@@ -21,8 +21,7 @@ use std::process::Command;
 
 use pbus_proto::v1::{ErrorCode, MessageKind};
 use pbus_tests::confined::ConfinedBus;
-use pbus_tests::fdkit::{borrow_all, dev_nulls};
-use pbus_tests::frames::call_header;
+use pbus_tests::fdkit::dev_nulls;
 use pbus_tests::messages::Text;
 use pbus_tests::{procfs, require_root, PeerProcess, TestBus, TIMEOUT};
 
@@ -106,13 +105,8 @@ async fn a_client_out_of_fd_slots_drops_its_own_connection() {
 
     // A few fds fit.
     let fds = dev_nulls(10);
-    let serial = caller.next_serial();
-    caller
-        .send_with_fds(
-            &call_header(serial, SERVICE, "Take"),
-            &[],
-            &borrow_all(&fds),
-        )
+    let serial = caller
+        .send_call_with_fds(SERVICE, "Take", &fds)
         .await
         .unwrap();
     drop(fds);
@@ -124,13 +118,8 @@ async fn a_client_out_of_fd_slots_drops_its_own_connection() {
     // Too many: the service's library sees MSG_CTRUNC and hangs up; the
     // call fails with NO_REPLY.
     let fds = dev_nulls(100);
-    let serial = caller.next_serial();
-    caller
-        .send_with_fds(
-            &call_header(serial, SERVICE, "Take"),
-            &[],
-            &borrow_all(&fds),
-        )
+    let serial = caller
+        .send_call_with_fds(SERVICE, "Take", &fds)
         .await
         .unwrap();
     drop(fds);

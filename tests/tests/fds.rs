@@ -31,13 +31,14 @@ use std::sync::{Arc, Mutex};
 
 use pbus::{Connection, MatchRule, MethodCall, Outgoing, RequestNameFlags, RequestNameResult};
 use pbus_proto::frame::encode_frame;
-use pbus_proto::v1::{ErrorCode, MessageKind, RequestNameResult as WireResult};
+use pbus_proto::v1::{ErrorCode, MessageKind};
 use pbus_tests::fdkit::{
     assert_bundle_seen, borrow_all, sealed_memfd, use_received_fd, wait_all_closed, FdBundle,
     PipeProbe,
 };
 use pbus_tests::frames::{
-    assert_error, call_header, expect_disconnect, memfd_ref, peer_stats, signal_header,
+    assert_error, call_header, expect_disconnect, memfd_ref, peer_stats, reply_header,
+    signal_header,
 };
 use pbus_tests::messages::Text;
 use pbus_tests::{expect_signal, TestBus, TIMEOUT};
@@ -193,13 +194,8 @@ async fn max_fds_per_message_arrive_and_one_more_is_refused() {
 
     // Exactly MAX: all arrive, in order, each the pipe it was meant to be.
     let (probes, write_ends) = PipeProbe::many(MAX);
-    let serial = sender.next_serial();
-    sender
-        .send_with_fds(
-            &call_header(serial, SERVICE, "Take"),
-            &[],
-            &borrow_all(&write_ends),
-        )
+    let serial = sender
+        .send_call_with_fds(SERVICE, "Take", &write_ends)
         .await
         .unwrap();
     drop(write_ends);
@@ -214,13 +210,8 @@ async fn max_fds_per_message_arrive_and_one_more_is_refused() {
     // MAX + 1 in a call, a unicast signal and a reply: refused, and every
     // fd is closed once we close ours.
     let (probes, write_ends) = PipeProbe::many(MAX + 1);
-    let serial = sender.next_serial();
-    sender
-        .send_with_fds(
-            &call_header(serial, SERVICE, "Take"),
-            &[],
-            &borrow_all(&write_ends),
-        )
+    let serial = sender
+        .send_call_with_fds(SERVICE, "Take", &write_ends)
         .await
         .unwrap();
     let answer = sender.recv_reply(serial, TIMEOUT).await.unwrap();
@@ -253,13 +244,12 @@ async fn max_fds_per_message_arrive_and_one_more_is_refused() {
         .send_call(callee.unique_name(), "Give", "", &[], 0)
         .await
         .unwrap();
-    let call = callee
-        .recv_until(TIMEOUT, |frame| frame.kind() == MessageKind::MethodCall)
-        .await
-        .unwrap();
-    let mut reply_header = call_header(callee.next_serial(), sender.unique_name(), "");
-    reply_header.kind = MessageKind::MethodReturn as i32;
-    reply_header.reply_serial = call.header.serial;
+    let call = callee.recv_call(TIMEOUT).await.unwrap();
+    let reply_header = reply_header(
+        callee.next_serial(),
+        sender.unique_name(),
+        call.header.serial,
+    );
     callee
         .send_with_fds(&reply_header, &[], &borrow_all(&write_ends))
         .await
@@ -333,13 +323,8 @@ async fn the_kernel_maximum_of_253_fds_arrives() {
     let baseline = bus.settled_fd_count().await;
     let mut sender = bus.raw().await;
     let (probes, write_ends) = PipeProbe::many(MAX);
-    let serial = sender.next_serial();
-    sender
-        .send_with_fds(
-            &call_header(serial, SERVICE, "Take"),
-            &[],
-            &borrow_all(&write_ends),
-        )
+    let serial = sender
+        .send_call_with_fds(SERVICE, "Take", &write_ends)
         .await
         .unwrap();
     drop(write_ends);
@@ -382,13 +367,7 @@ enum Lie {
 async fn frames_that_lie_about_their_fds_are_violations() {
     let bus = TestBus::start();
     let good = bus.connect().await;
-    let mut receiver = bus.raw().await;
-    assert_eq!(
-        receiver.request_name(SERVICE, 0).await,
-        Ok(WireResult::PrimaryOwner)
-    );
-    receiver.sync().await;
-    receiver.take_inbox();
+    let mut receiver = bus.raw_owning(SERVICE).await;
     let baseline = bus.settled_fd_count().await;
 
     let cases = [
@@ -467,12 +446,7 @@ async fn frames_that_lie_about_their_fds_are_violations() {
         bus.wait_for_fd_count(baseline, TIMEOUT).await;
     }
     // The receiver got none of it.
-    receiver.sync().await;
-    let delivered: Vec<_> = receiver
-        .take_inbox()
-        .into_iter()
-        .filter(|frame| !frame.is_bus_signal())
-        .collect();
+    let delivered = receiver.take_delivered().await;
     assert!(
         delivered.is_empty(),
         "lying frames were delivered: {delivered:?}"

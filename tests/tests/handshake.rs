@@ -15,7 +15,8 @@ use pbus::Connection;
 use pbus_proto::frame::{encode_frame, FramePrefix};
 use pbus_proto::v1::{ErrorCode, Feature, Header, MessageKind, PingRequest};
 use pbus_proto::{BUS_NAME, PROTOCOL_VERSION};
-use pbus_tests::{RawClient, RawMessage, TestBus, TIMEOUT};
+use pbus_tests::frames::{self, call_header, expect_disconnect};
+use pbus_tests::{TestBus, TIMEOUT};
 use prost::{Message, Name};
 
 const HANDSHAKE_TIMEOUT_MS: u64 = 300;
@@ -41,39 +42,9 @@ fn prefix(header_len: u32, body_len: u32, fd_count: u16, reserved: u16) -> Vec<u
 
 fn ping_header(serial: u64) -> Header {
     Header {
-        kind: MessageKind::MethodCall as i32,
-        serial,
-        destination: BUS_NAME.into(),
-        member: "Ping".into(),
         payload_type: PingRequest::full_name(),
-        ..Header::default()
+        ..call_header(serial, BUS_NAME, "Ping")
     }
-}
-
-/// Reads until the bus hangs up; the last thing it sent must be one ERROR
-/// with `code` (and `detail`, if given). Returns that error frame.
-async fn expect_refusal(
-    client: &mut RawClient,
-    code: ErrorCode,
-    detail: Option<&str>,
-    what: &str,
-) -> RawMessage {
-    let mut frames = client
-        .read_until_closed(TIMEOUT)
-        .await
-        .unwrap_or_else(|error| panic!("{what}: not disconnected: {error}"));
-    let error = frames
-        .pop()
-        .unwrap_or_else(|| panic!("{what}: disconnected without an ERROR"));
-    assert_eq!(error.error_code(), Some(code), "{what}: {error:?}");
-    if let Some(detail) = detail {
-        assert_eq!(error.error().unwrap().detail, detail, "{what}");
-    }
-    assert!(
-        frames.iter().all(|frame| frame.is_bus_signal()),
-        "{what}: unexpected frames before the refusal: {frames:?}"
-    );
-    error
 }
 
 /// The well-behaved client still gets answers.
@@ -94,7 +65,7 @@ async fn handshake_rules() {
     let mut bytes = Vec::new();
     encode_frame(&mut bytes, &ping_header(1), &[], 0);
     client.send_bytes(&bytes).await.unwrap();
-    expect_refusal(
+    expect_disconnect(
         &mut client,
         ErrorCode::HandshakeFailed,
         None,
@@ -110,37 +81,26 @@ async fn handshake_rules() {
             .send_hello(version, Feature::FdPassing as u32)
             .await
             .unwrap();
-        let error = expect_refusal(
+        let error = expect_disconnect(
             &mut client,
             ErrorCode::HandshakeFailed,
             None,
             "wrong version",
         )
         .await;
-        assert!(
-            error.error().unwrap().message.contains("version"),
-            "{error:?}"
-        );
+        assert!(error.message.contains("version"), "{error:?}");
     }
     assert_still_working(&good, "wrong versions").await;
 
     // HELLO with an fd attached.
     let mut client = bus.raw_unhandshaked().await;
-    let header = Header {
-        kind: MessageKind::Hello as i32,
-        ..Header::default()
-    };
-    let hello = pbus_proto::v1::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        features: Feature::FdPassing as u32,
-        client_name: String::new(),
-    };
+    let (header, hello) = frames::hello(PROTOCOL_VERSION, Feature::FdPassing as u32, "");
     let stdin = std::io::stdin();
     client
-        .send_with_fds(&header, &hello.encode_to_vec(), &[stdin.as_fd()])
+        .send_with_fds(&header, &hello, &[stdin.as_fd()])
         .await
         .unwrap();
-    expect_refusal(
+    expect_disconnect(
         &mut client,
         ErrorCode::HandshakeFailed,
         None,
@@ -153,7 +113,7 @@ async fn handshake_rules() {
         let started = Instant::now();
         let mut client = bus.raw_unhandshaked().await;
         client.send_bytes(partial).await.unwrap();
-        expect_refusal(
+        expect_disconnect(
             &mut client,
             ErrorCode::HandshakeFailed,
             None,
@@ -266,15 +226,8 @@ async fn malformed_frames_disconnect_only_the_offender() {
             "second HELLO",
             {
                 let mut bytes = Vec::new();
-                let header = Header {
-                    kind: MessageKind::Hello as i32,
-                    ..Header::default()
-                };
-                let hello = pbus_proto::v1::Hello {
-                    protocol_version: PROTOCOL_VERSION,
-                    ..Default::default()
-                };
-                encode_frame(&mut bytes, &header, &hello.encode_to_vec(), 0);
+                let (header, hello) = frames::hello(PROTOCOL_VERSION, 0, "");
+                encode_frame(&mut bytes, &header, &hello, 0);
                 bytes
             },
             ErrorCode::ProtocolViolation,
@@ -288,7 +241,7 @@ async fn malformed_frames_disconnect_only_the_offender() {
         // the refusal.
         client.take_inbox();
         client.send_bytes(&bytes).await.unwrap();
-        expect_refusal(&mut client, code, detail, what).await;
+        expect_disconnect(&mut client, code, detail, what).await;
         assert_still_working(&good, what).await;
     }
 

@@ -19,18 +19,17 @@
 //! other clients work.
 #![forbid(unsafe_code)]
 
-use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use pbus::{MatchRule, Outgoing, RequestNameFlags, RequestNameResult, SealedMemfd};
 use pbus_proto::frame::{encode_frame, FramePrefix, PREFIX_LEN};
-use pbus_proto::v1::{ErrorCode, HeaderFlag, MessageKind, RequestNameResult as WireResult};
-use pbus_tests::fdkit::sealed_memfd;
+use pbus_proto::v1::{ErrorCode, HeaderFlag, MessageKind};
+use pbus_tests::fdkit::{borrow_all, sealed_memfd};
 use pbus_tests::frames::{
     assert_error, call_header, expect_disconnect, memfd_ref, pad_header, peer_stats,
 };
 use pbus_tests::messages::Text;
-use pbus_tests::{wait_for_async, RawClient, TestBus, TIMEOUT};
+use pbus_tests::{wait_for_async, TestBus, TIMEOUT};
 use prost::{Message, Name};
 
 const MAX_MEMFDS: u32 = 2;
@@ -57,28 +56,6 @@ fn config() -> String {
     )
 }
 
-/// A raw client owning `RECEIVER`, with its inbox emptied.
-async fn receiver(bus: &TestBus) -> RawClient {
-    let mut receiver = bus.raw().await;
-    assert_eq!(
-        receiver.request_name(RECEIVER, 0).await,
-        Ok(WireResult::PrimaryOwner)
-    );
-    receiver.sync().await;
-    receiver.take_inbox();
-    receiver
-}
-
-/// Everything but bus signals that `client` was sent and has not read.
-async fn delivered(client: &mut RawClient) -> Vec<pbus_tests::RawMessage> {
-    client.sync().await;
-    client
-        .take_inbox()
-        .into_iter()
-        .filter(|frame| !frame.is_bus_signal())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn welcome_announces_every_limit() {
     let bus = TestBus::with_config(&config());
@@ -102,7 +79,7 @@ async fn welcome_announces_every_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memfds_per_message_at_n_and_n_plus_1() {
     let bus = TestBus::with_config(&config());
-    let mut receiver = receiver(&bus).await;
+    let mut receiver = bus.raw_owning(RECEIVER).await;
     let mut sender = bus.raw().await;
     let library = bus.connect().await;
     let baseline = bus.settled_fd_count().await;
@@ -115,15 +92,14 @@ async fn memfds_per_message_at_n_and_n_plus_1() {
         header.memfds = (0..count)
             .map(|index| memfd_ref(index, 0, payload.len() as u64))
             .collect();
-        let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
         sender
-            .send_with_fds(&header, b"inline", &borrowed)
+            .send_with_fds(&header, b"inline", &borrow_all(&fds))
             .await
             .unwrap();
         drop(fds);
         sender.sync().await;
         let answers = sender.take_inbox();
-        let frames = delivered(&mut receiver).await;
+        let frames = receiver.take_delivered().await;
         if count == MAX_MEMFDS {
             assert!(answers.is_empty(), "{answers:?}");
             assert_eq!(frames.len(), 1, "{frames:?}");
@@ -171,7 +147,7 @@ async fn memfds_per_message_at_n_and_n_plus_1() {
         .await
         .unwrap();
     library.ping().await.unwrap();
-    let frames = delivered(&mut receiver).await;
+    let frames = receiver.take_delivered().await;
     assert_eq!(frames.len(), 1);
     assert_eq!(frames[0].header.memfds.len(), 2);
     assert!(frames[0].header.body_in_memfd);
@@ -182,7 +158,7 @@ async fn memfds_per_message_at_n_and_n_plus_1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frame_and_header_bytes_at_n_and_n_plus_1() {
     let bus = TestBus::with_config(&config());
-    let mut receiver = receiver(&bus).await;
+    let mut receiver = bus.raw_owning(RECEIVER).await;
     let good = bus.connect().await;
     let baseline = bus.settled_fd_count().await;
 
@@ -199,7 +175,7 @@ async fn frame_and_header_bytes_at_n_and_n_plus_1() {
         if extra == 0 {
             sender.sync().await;
             assert!(sender.take_inbox().is_empty());
-            let frames = delivered(&mut receiver).await;
+            let frames = receiver.take_delivered().await;
             assert_eq!(frames.len(), 1, "a frame of exactly max_frame_bytes");
             assert_eq!(frames[0].body.len(), body_len);
         } else {
@@ -223,7 +199,7 @@ async fn frame_and_header_bytes_at_n_and_n_plus_1() {
         if extra == 0 {
             sender.sync().await;
             assert!(sender.take_inbox().is_empty());
-            let frames = delivered(&mut receiver).await;
+            let frames = receiver.take_delivered().await;
             assert_eq!(frames.len(), 1, "a header of exactly max_header_bytes");
             assert_eq!(frames[0].header.args, header.args);
         } else {
@@ -255,7 +231,7 @@ async fn frame_and_header_bytes_at_n_and_n_plus_1() {
     .await;
     assert!(started.elapsed() < Duration::from_secs(2));
 
-    assert!(delivered(&mut receiver).await.is_empty());
+    assert!(receiver.take_delivered().await.is_empty());
     good.ping().await.unwrap();
     bus.wait_for_fd_count(baseline, TIMEOUT).await;
 }
@@ -328,7 +304,7 @@ async fn names_and_match_rules_at_n_and_n_plus_1() {
 async fn pending_calls_at_n_and_n_plus_1() {
     let bus = TestBus::with_config(&config());
     let baseline = bus.settled_fd_count().await;
-    let mut callee = receiver(&bus).await;
+    let mut callee = bus.raw_owning(RECEIVER).await;
     let mut caller = bus.raw().await;
     let observer = bus.connect().await;
 
@@ -364,7 +340,8 @@ async fn pending_calls_at_n_and_n_plus_1() {
     caller.send(&no_reply, &[]).await.unwrap();
     caller.sync().await;
     assert!(caller.take_inbox().is_empty());
-    let calls: Vec<u64> = delivered(&mut callee)
+    let calls: Vec<u64> = callee
+        .take_delivered()
         .await
         .iter()
         .map(|frame| {
@@ -389,7 +366,7 @@ async fn pending_calls_at_n_and_n_plus_1() {
         .send_call(RECEIVER, "Wait", "", &[], 60_000)
         .await
         .unwrap();
-    let calls = delivered(&mut callee).await;
+    let calls = callee.take_delivered().await;
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].header.serial, serial);
     // The caller going away clears its pending calls.
@@ -410,7 +387,7 @@ async fn reply_timeouts_default_and_clamp() {
         "[limits]\ndefault_reply_timeout_ms = {DEFAULT_TIMEOUT_MS}\n\
          max_reply_timeout_ms = {MAX_TIMEOUT_MS}\n"
     ));
-    let _callee = receiver(&bus).await;
+    let _callee = bus.raw_owning(RECEIVER).await;
     let mut caller = bus.raw().await;
     // (asked for, effective): 0 means the default; more than the maximum
     // is clamped to it.

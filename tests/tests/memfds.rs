@@ -30,8 +30,8 @@ use pbus::{
 };
 use pbus_proto::v1::{ErrorCode, Header, MessageKind};
 use pbus_sys::memfd::seal;
-use pbus_tests::fdkit::{memfd_with, regular_file, same_inode, sealed_memfd};
-use pbus_tests::frames::{assert_error, call_header, memfd_ref, signal_header};
+use pbus_tests::fdkit::{borrow_all, memfd_with, regular_file, same_inode, sealed_memfd};
+use pbus_tests::frames::{assert_error, call_header, memfd_ref, reply_header, signal_header};
 use pbus_tests::messages::Text;
 use pbus_tests::{procfs, RawClient, TestBus, TIMEOUT};
 use tokio::sync::mpsc;
@@ -253,8 +253,10 @@ fn assert_invalid_memfd(answer: &pbus_tests::RawMessage, case: &BadMemfd, how: &
 }
 
 async fn send(client: &mut RawClient, header: &Header, fds: &[OwnedFd]) -> pbus_tests::RawMessage {
-    let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
-    client.send_with_fds(header, &[], &borrowed).await.unwrap();
+    client
+        .send_with_fds(header, &[], &borrow_all(fds))
+        .await
+        .unwrap();
     client.recv_reply(header.serial, TIMEOUT).await.unwrap()
 }
 
@@ -329,17 +331,16 @@ async fn sealed_memfds_pass_and_every_bad_one_is_refused_with_its_reason() {
         .send_call(callee.unique_name(), "Give", "", &[], 0)
         .await
         .unwrap();
-    let call = callee
-        .recv_until(TIMEOUT, |frame| frame.kind() == MessageKind::MethodCall)
-        .await
-        .unwrap();
+    let call = callee.recv_call(TIMEOUT).await.unwrap();
     let case = bad_memfds(dir.path()).remove(0);
-    let mut reply = with_memfds(
-        call_header(callee.next_serial(), sender.unique_name(), ""),
+    let reply = with_memfds(
+        reply_header(
+            callee.next_serial(),
+            sender.unique_name(),
+            call.header.serial,
+        ),
         &case,
     );
-    reply.kind = MessageKind::MethodReturn as i32;
-    reply.reply_serial = call.header.serial;
     let answer = send(&mut callee, &reply, &case.fds).await;
     assert_invalid_memfd(&answer, &case, "reply, as the callee sees it");
     let answer = sender.recv_reply(caller_serial, TIMEOUT).await.unwrap();
@@ -349,12 +350,7 @@ async fn sealed_memfds_pass_and_every_bad_one_is_refused_with_its_reason() {
     // Nothing bad was delivered, and the sender is still connected.
     sender.sync().await;
     assert!(seen.try_recv().is_err(), "a bad memfd reached the service");
-    subscriber.sync().await;
-    let delivered: Vec<_> = subscriber
-        .take_inbox()
-        .into_iter()
-        .filter(|frame| !frame.is_bus_signal())
-        .collect();
+    let delivered = subscriber.take_delivered().await;
     assert!(
         delivered.is_empty(),
         "bad broadcasts were delivered: {delivered:?}"

@@ -17,6 +17,7 @@ use std::process::Command;
 
 use pbus::{Connection, MatchRule, Outgoing, RequestNameFlags, RequestNameResult, SenderInfo};
 use pbus_proto::v1::{ContainerInfo, ContainerRuntime, ErrorCode, Header, MessageKind};
+use pbus_tests::frames::{call_header, reply_header, signal_header};
 use pbus_tests::messages::{Identity, Text};
 use pbus_tests::{
     copy_executable, expect_signal, proc_status, require_root, within, PeerProcess, TestBus,
@@ -240,20 +241,15 @@ async fn forged_sender_fields_are_overwritten() {
     let liar_name = liar.unique_name().to_owned();
 
     // A call.
-    let serial = liar.next_serial();
     let header = Header {
-        kind: MessageKind::MethodCall as i32,
-        serial,
-        destination: SERVICE.into(),
-        member: "Report".into(),
         payload_type: Text::full_name(),
         sender: Some(forged_sender()),
-        ..Header::default()
+        ..call_header(liar.next_serial(), SERVICE, "Report")
     };
     liar.send(&header, &Text::new("lie").encode_to_vec())
         .await
         .unwrap();
-    let reply = liar.recv_reply(serial, TIMEOUT).await.unwrap();
+    let reply = liar.recv_reply(header.serial, TIMEOUT).await.unwrap();
     assert_eq!(reply.kind(), MessageKind::MethodReturn, "{reply:?}");
     let stamped = within("the call", TIMEOUT, seen.recv()).await.unwrap();
     assert_not_forged(&service, &stamped, &liar_name).await;
@@ -265,14 +261,9 @@ async fn forged_sender_fields_are_overwritten() {
         .unwrap();
     for destination in ["", SERVICE] {
         let header = Header {
-            kind: MessageKind::Signal as i32,
-            serial: liar.next_serial(),
-            destination: destination.into(),
-            path: "/lie".into(),
-            member: "Lie".into(),
             payload_type: Text::full_name(),
             sender: Some(forged_sender()),
-            ..Header::default()
+            ..signal_header(liar.next_serial(), destination, "/lie", "Lie")
         };
         liar.send(&header, &Text::new(destination).encode_to_vec())
             .await
@@ -294,18 +285,15 @@ async fn forged_sender_fields_are_overwritten() {
                 .await
         }
     });
-    let call = liar
-        .recv_until(TIMEOUT, |frame| frame.kind() == MessageKind::MethodCall)
-        .await
-        .unwrap();
+    let call = liar.recv_call(TIMEOUT).await.unwrap();
     let header = Header {
-        kind: MessageKind::MethodReturn as i32,
-        serial: liar.next_serial(),
-        reply_serial: call.header.serial,
-        destination: service.unique_name().into(),
         payload_type: Text::full_name(),
         sender: Some(forged_sender()),
-        ..Header::default()
+        ..reply_header(
+            liar.next_serial(),
+            service.unique_name(),
+            call.header.serial,
+        )
     };
     liar.send(&header, &Text::new("answer").encode_to_vec())
         .await

@@ -9,7 +9,8 @@
 use std::time::{Duration, Instant};
 
 use pbus::{RequestNameFlags, RequestNameResult};
-use pbus_proto::v1::{ErrorCode, MessageKind, RequestNameResult as WireResult};
+use pbus_proto::v1::{ErrorCode, MessageKind};
+use pbus_tests::frames::expect_serials;
 use pbus_tests::messages::Text;
 use pbus_tests::{within, RawClient, RawMessage, TestBus, TIMEOUT};
 use prost::{Message, Name};
@@ -94,13 +95,7 @@ async fn full_receiver_queue_is_an_error_not_a_stall() {
     let caller = bus.connect().await;
 
     // The sink owns a name, then never reads its socket again.
-    let mut sink = bus.raw().await;
-    assert_eq!(
-        sink.request_name(SINK, 0).await,
-        Ok(WireResult::PrimaryOwner)
-    );
-    sink.sync().await;
-    sink.take_inbox();
+    let mut sink = bus.raw_owning(SINK).await;
 
     // The pair keeps talking the whole time.
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -213,40 +208,17 @@ async fn full_receiver_queue_is_an_error_not_a_stall() {
 
     // The sink reads: exactly the accepted calls, in order, and nothing
     // that was refused.
-    let mut delivered = Vec::new();
-    while delivered.len() < accepted.len() {
-        let frame = sink
-            .recv(TIMEOUT)
-            .await
-            .unwrap_or_else(|error| panic!("sink after {} calls: {error}", delivered.len()));
-        if frame.is_bus_signal() {
-            continue;
-        }
+    for frame in expect_serials(&mut sink, &accepted, "the sink reads").await {
         assert_eq!(frame.kind(), MessageKind::MethodCall, "{frame:?}");
         assert_eq!(frame.sender_name(), flooder.unique_name());
-        delivered.push(frame.header.serial);
     }
-    assert_eq!(delivered, accepted);
-    sink.sync().await;
-    let extra: Vec<RawMessage> = sink
-        .take_inbox()
-        .into_iter()
-        .filter(|frame| !frame.is_bus_signal())
-        .collect();
-    assert!(
-        extra.is_empty(),
-        "refused messages were delivered: {extra:?}"
-    );
 
     // With its queue drained the sink is an ordinary callee again.
     let serial = flooder
         .send_call(SINK, "Swallow", &Text::full_name(), &[], 0)
         .await
         .unwrap();
-    let call = sink
-        .recv_until(TIMEOUT, |frame| frame.kind() == MessageKind::MethodCall)
-        .await
-        .unwrap();
+    let call = sink.recv_call(TIMEOUT).await.unwrap();
     assert_eq!(call.header.serial, serial);
     sink.send_reply(flooder.unique_name(), serial, "", &[])
         .await

@@ -32,9 +32,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pbus::{Connection, RequestNameFlags, RequestNameResult};
-use pbus_proto::v1::{ErrorCode, ErrorInfo, MessageKind, RequestNameResult as WireResult};
+use pbus_proto::v1::{ErrorCode, ErrorInfo};
 use pbus_tests::fdkit::{borrow_all, dev_nulls};
-use pbus_tests::frames::{call_header, peer_stats, queued_by, signal_header};
+use pbus_tests::frames::{call_header, expect_serials, peer_stats, queued_by, signal_header};
 use pbus_tests::messages::Text;
 use pbus_tests::{
     copy_executable, procfs, require_root, within, PeerProcess, RawClient, TestBus, TIMEOUT,
@@ -73,27 +73,8 @@ impl Sender {
             .send_with_fds(&header, &vec![b'q'; body_len], &borrow_all(fds))
             .await
             .unwrap();
-        self.client.sync().await;
-        let refusal = self
-            .client
-            .take_inbox()
-            .into_iter()
-            .find(|frame| frame.kind() == MessageKind::Error && frame.header.reply_serial == serial)
-            .map(|frame| frame.header.error.unwrap_or_default());
-        (serial, refusal)
+        (serial, self.client.refusal_of(serial).await)
     }
-}
-
-/// A raw receiver owning `name` that reads nothing until told to.
-async fn receiver(bus: &TestBus, name: &str) -> RawClient {
-    let mut receiver = bus.raw().await;
-    assert_eq!(
-        receiver.request_name(name, 0).await,
-        Ok(WireResult::PrimaryOwner)
-    );
-    receiver.sync().await;
-    receiver.take_inbox();
-    receiver
 }
 
 /// Sends plug frames to `receiver` until the daemon has to queue one
@@ -118,28 +99,11 @@ async fn plug(sender: &mut Sender, observer: &Connection, receiver: &RawClient) 
 /// Reads until every serial in `expected` arrived (in order), then checks
 /// nothing else came; returns the frames' fd counts.
 async fn drain(receiver: &mut RawClient, expected: &[u64]) -> Vec<usize> {
-    let mut fds = Vec::new();
-    let mut serials = Vec::new();
-    while serials.len() < expected.len() {
-        let frame = receiver
-            .recv(TIMEOUT)
-            .await
-            .unwrap_or_else(|error| panic!("after {} frames: {error}", serials.len()));
-        if frame.is_bus_signal() {
-            continue;
-        }
-        serials.push(frame.header.serial);
-        fds.push(frame.fds.len());
-    }
-    assert_eq!(serials, expected, "exactly the accepted frames, in order");
-    receiver.sync().await;
-    let extra: Vec<_> = receiver
-        .take_inbox()
-        .into_iter()
-        .filter(|frame| !frame.is_bus_signal())
-        .collect();
-    assert!(extra.is_empty(), "refused frames were delivered: {extra:?}");
-    fds
+    expect_serials(receiver, expected, "the receiver reads")
+        .await
+        .iter()
+        .map(|frame| frame.fds.len())
+        .collect()
 }
 
 fn assert_queue_full(refusal: Option<&ErrorInfo>, limit: &str, what: &str) {
@@ -167,7 +131,7 @@ async fn receiver_queue_caps_at_n_and_n_plus_1() {
     let mut sender = Sender::new(&bus).await;
 
     // Messages: N queued, then one more refused.
-    let mut receiver_m = receiver(&bus, "org.pbus.test.Messages").await;
+    let mut receiver_m = bus.raw_owning("org.pbus.test.Messages").await;
     let to = receiver_m.unique_name().to_owned();
     let mut accepted = plug(&mut sender, &observer, &receiver_m).await;
     let queued = peer_stats(&observer, &to).await.queued_messages;
@@ -191,7 +155,7 @@ async fn receiver_queue_caps_at_n_and_n_plus_1() {
     assert!(refusal.unwrap().message.contains("queue is full"));
 
     // Bytes, to the byte: fill to exactly N, then N+1 is refused.
-    let mut receiver_b = receiver(&bus, "org.pbus.test.Bytes").await;
+    let mut receiver_b = bus.raw_owning("org.pbus.test.Bytes").await;
     let to_b = receiver_b.unique_name().to_owned();
     let mut accepted_b = plug(&mut sender, &observer, &receiver_b).await;
     let charged = |stats: &pbus_proto::v1::PeerStats| queued_by(stats, 0).1;
@@ -230,7 +194,7 @@ async fn receiver_queue_caps_at_n_and_n_plus_1() {
 
     // Fds: N fds queued (one per frame), then one more is refused, while a
     // frame without fds still fits.
-    let mut receiver_f = receiver(&bus, "org.pbus.test.Fds").await;
+    let mut receiver_f = bus.raw_owning("org.pbus.test.Fds").await;
     let to_f = receiver_f.unique_name().to_owned();
     let mut accepted_f = plug(&mut sender, &observer, &receiver_f).await;
     for _ in 0..FDS {
@@ -323,7 +287,7 @@ async fn receivers_that_never_read_cost_bounded_memory() {
     let baseline = bus.settled_fd_count().await;
     let mut sinks = Vec::new();
     for index in 0..SINKS {
-        sinks.push(receiver(&bus, &format!("org.pbus.test.Sink{index}")).await);
+        sinks.push(bus.raw_owning(&format!("org.pbus.test.Sink{index}")).await);
     }
     let (echo, stop, pair) = echo_pair(&bus).await;
     let mut senders = vec![Sender::new(&bus).await, Sender::new(&bus).await];
@@ -480,7 +444,7 @@ async fn uids_share_a_receiver_fairly() {
     let peer_bin = copy_executable(std::path::Path::new(PEER_BIN), bus.dir());
     let baseline = bus.settled_fd_count().await;
     let observer = bus.connect().await;
-    let mut fair = receiver(&bus, FAIR).await;
+    let mut fair = bus.raw_owning(FAIR).await;
     let to = fair.unique_name().to_owned();
     let mut own_uid = Sender::new(&bus).await;
     let plugged = plug(&mut own_uid, &observer, &fair).await;

@@ -435,12 +435,7 @@ async fn unicast_signals_reach_only_their_destination() {
     );
     // The third peer has no match rules, so it gets no sentinel; a round
     // trip shows what it was sent.
-    third.sync().await;
-    let got: Vec<RawMessage> = third
-        .take_inbox()
-        .into_iter()
-        .filter(|frame| !frame.is_bus_signal())
-        .collect();
+    let got = third.take_delivered().await;
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].decode::<Text>().text, "to-third");
     assert_eq!(got[0].header.destination, third.unique_name());

@@ -68,10 +68,7 @@ async fn only_the_callee_answers_and_only_once() {
         )
         .await
         .unwrap();
-    let call = callee
-        .recv_until(TIMEOUT, |frame| frame.kind() == MessageKind::MethodCall)
-        .await
-        .unwrap();
+    let call = callee.recv_call(TIMEOUT).await.unwrap();
     assert_eq!(call.header.serial, serial);
     assert_eq!(call.sender_name(), caller_name);
 
@@ -127,18 +124,15 @@ async fn only_the_callee_answers_and_only_once() {
     let header = reply_header(&mut callee, MessageKind::Error, &caller_name, serial);
     assert_refused_reply(&mut callee, header, &[], "second reply as error").await;
 
-    // Nothing else reached the caller: after a round trip through the bus
-    // its inbox holds no reply of any kind.
-    caller.sync().await;
-    let extra: Vec<_> = caller
-        .take_inbox()
-        .into_iter()
-        .filter(|frame| !frame.is_bus_signal())
-        .collect();
+    // Nothing else reached anyone: after a round trip through the bus the
+    // caller's inbox holds no reply of any kind, and the spoofer and the
+    // callee were sent nothing but their refusals.
+    let extra = caller.take_delivered().await;
     assert!(extra.is_empty(), "the caller was sent {extra:?}");
-    spoofer.sync().await;
-    callee.sync().await;
-    assert!(spoofer.take_inbox().iter().all(|f| f.is_bus_signal()));
+    let extra = spoofer.take_delivered().await;
+    assert!(extra.is_empty(), "the spoofer was sent {extra:?}");
+    let extra = callee.take_delivered().await;
+    assert!(extra.is_empty(), "the callee was sent {extra:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,10 +152,7 @@ async fn library_caller_gets_the_real_reply_not_the_forged_one() {
                 .await
         }
     });
-    let call = callee
-        .recv_until(TIMEOUT, |frame| frame.kind() == MessageKind::MethodCall)
-        .await
-        .unwrap();
+    let call = callee.recv_call(TIMEOUT).await.unwrap();
     let header = reply_header(
         &mut spoofer,
         MessageKind::MethodReturn,
@@ -203,10 +194,7 @@ async fn reply_after_the_bus_timed_out_the_call_is_refused() {
         .send_call(&callee_name, "Slow", &Text::full_name(), &[], 150)
         .await
         .unwrap();
-    let call = callee
-        .recv_until(TIMEOUT, |frame| frame.kind() == MessageKind::MethodCall)
-        .await
-        .unwrap();
+    let call = callee.recv_call(TIMEOUT).await.unwrap();
     let timed_out = caller.recv_reply(serial, TIMEOUT).await.unwrap();
     assert_eq!(timed_out.error_code(), Some(ErrorCode::Timeout));
     let header = reply_header(
@@ -222,11 +210,6 @@ async fn reply_after_the_bus_timed_out_the_call_is_refused() {
         "late reply",
     )
     .await;
-    caller.sync().await;
-    let extra: Vec<_> = caller
-        .take_inbox()
-        .into_iter()
-        .filter(|frame| !frame.is_bus_signal())
-        .collect();
+    let extra = caller.take_delivered().await;
     assert!(extra.is_empty(), "the caller was sent {extra:?}");
 }
