@@ -58,21 +58,9 @@ use pbus_identity::{CgroupMount, CgroupMounts};
 use pbus_proto::v1::{ContainerInfo, ContainerRuntime};
 
 use crate::messages::{Identity, Text};
-use crate::{find_binary, signal_pid, unique_suffix, PeerProcess, TestBus, TIMEOUT};
-
-/// Environment variable naming the `pbus-test-peer` binary, if it is not
-/// next to the test executable.
-pub const TEST_PEER_BIN_ENV: &str = "PBUS_TEST_PEER_BIN";
-
-/// The `pbus-test-peer` helper binary; panics if it is not built.
-pub fn test_peer_binary() -> PathBuf {
-    find_binary("pbus-test-peer", TEST_PEER_BIN_ENV).unwrap_or_else(|| {
-        panic!(
-            "pbus-test-peer was not found next to the test executable; \
-             build the pbus-tests package or set {TEST_PEER_BIN_ENV}"
-        )
-    })
-}
+use crate::{
+    find_binary, signal_pid, test_peer_binary, unique_suffix, PeerProcess, TestBus, TIMEOUT,
+};
 
 /// The cgroup layout of one kind of container, as its runtime creates it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

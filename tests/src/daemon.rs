@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use pbus::{Address, Connection, ConnectionBuilder};
 
-use crate::peer::signal_pid;
+use crate::peer::{copy_executable, setpriv_command, signal_pid, test_peer_binary, PeerProcess};
 use crate::procfs;
 use crate::raw::RawClient;
 
@@ -284,6 +284,17 @@ impl TestBus {
         client.sync().await;
         client.take_inbox();
         client
+    }
+
+    /// Runs the `pbus-test-peer` helper against this bus as `uid` (gid
+    /// `uid`, no supplementary groups): `pbus-test-peer SOCKET args...`.
+    /// The helper runs from a copy in the bus's directory, which that uid
+    /// can reach.
+    pub fn peer_as_uid(&self, uid: u32, args: &[&str]) -> PeerProcess {
+        let binary = copy_executable(&test_peer_binary(), self.dir());
+        let mut command = setpriv_command(uid);
+        command.arg(binary).arg(&self.socket).args(args);
+        PeerProcess::spawn(command)
     }
 
     /// Connects a [`RawClient`] and completes the handshake; panics on failure.

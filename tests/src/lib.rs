@@ -36,7 +36,8 @@ pub mod wait;
 
 pub use daemon::{find_binary, pbusd_binary, pbusd_command, TestBus, TestBusBuilder};
 pub use peer::{
-    copy_executable, proc_status, setpriv_command, signal_pid, PeerProcess, ProcStatus,
+    copy_executable, proc_status, setpriv_command, signal_pid, test_peer_binary, PeerProcess,
+    ProcStatus, TEST_PEER_BIN_ENV,
 };
 pub use privilege::require_root;
 pub use raw::{RawClient, RawError, RawMessage};

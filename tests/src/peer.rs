@@ -14,6 +14,22 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::mpsc;
 
+use crate::find_binary;
+
+/// Environment variable naming the `pbus-test-peer` binary, if it is not
+/// next to the test executable.
+pub const TEST_PEER_BIN_ENV: &str = "PBUS_TEST_PEER_BIN";
+
+/// The `pbus-test-peer` helper binary; panics if it is not built.
+pub fn test_peer_binary() -> PathBuf {
+    find_binary("pbus-test-peer", TEST_PEER_BIN_ENV).unwrap_or_else(|| {
+        panic!(
+            "pbus-test-peer was not found next to the test executable; \
+             build the pbus-tests package or set {TEST_PEER_BIN_ENV}"
+        )
+    })
+}
+
 /// The ids of a process from `/proc/PID/status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcStatus {
@@ -150,6 +166,12 @@ impl PeerProcess {
                 self.stderr()
             ),
         }
+    }
+
+    /// The stdout lines the child printed so far and the test has not
+    /// read, without waiting for more.
+    pub fn pending_lines(&mut self) -> Vec<String> {
+        std::iter::from_fn(|| self.lines.try_recv().ok()).collect()
     }
 
     /// The next stdout line, which must start with `word` and a space;

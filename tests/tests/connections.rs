@@ -15,17 +15,15 @@
 //!   fds it held before.
 #![forbid(unsafe_code)]
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pbus_proto::v1::{ErrorCode, ErrorInfo, Feature, GetStatsReply, GetStatsRequest};
 use pbus_proto::PROTOCOL_VERSION;
 use pbus_tests::frames::{connect_retrying, try_connect, Connected};
-use pbus_tests::{copy_executable, require_root, PeerProcess, RawClient, TestBus, TIMEOUT};
+use pbus_tests::{require_root, PeerProcess, RawClient, TestBus, TIMEOUT};
 use tokio::sync::Semaphore;
 
-const PEER_BIN: &str = env!("CARGO_BIN_EXE_pbus-test-peer");
 const OTHER_UID: u32 = 65534;
 
 fn assert_refused(info: &ErrorInfo, limit: &str, what: &str) {
@@ -37,18 +35,14 @@ fn assert_refused(info: &ErrorInfo, limit: &str, what: &str) {
     assert_eq!(info.detail, limit, "{what}: the error names the limit");
 }
 
-/// The `pbus-test-peer` helper as `OTHER_UID` against `bus`, with `args`.
-fn other_uid_peer(bus: &TestBus, args: &[&str]) -> PeerProcess {
-    let binary = copy_executable(std::path::Path::new(PEER_BIN), bus.dir());
-    let mut command = Command::new("setpriv");
-    command
-        .arg(format!("--reuid={OTHER_UID}"))
-        .arg(format!("--regid={OTHER_UID}"))
-        .arg("--clear-groups")
-        .arg(binary)
-        .arg(bus.socket_path())
-        .args(args);
-    PeerProcess::spawn(command)
+/// An echo service as `OTHER_UID` that got in, or `None` when not root.
+async fn other_uid_echo(bus: &TestBus) -> Option<PeerProcess> {
+    if !require_root("a connection of another uid") {
+        return None;
+    }
+    let mut peer = bus.peer_as_uid(OTHER_UID, &["echo", "org.pbus.test.Other"]);
+    peer.expect_line("ready", TIMEOUT).await;
+    Some(peer)
 }
 
 async fn connect_n(bus: &TestBus, n: usize) -> Vec<RawClient> {
@@ -77,7 +71,7 @@ async fn max_connections_at_n_and_n_plus_1() {
     assert_refused(&refusal, "max_connections", "connection N+1");
     if require_root("a connection of another uid") {
         // The limit is for everyone.
-        let mut other = other_uid_peer(&bus, &["echo", "org.pbus.test.Other"]);
+        let mut other = bus.peer_as_uid(OTHER_UID, &["echo", "org.pbus.test.Other"]);
         let status = other.finish(TIMEOUT);
         assert_eq!(status.code(), Some(2), "{}", other.stderr());
         assert!(
@@ -111,13 +105,8 @@ async fn max_connections_per_uid_at_n_and_n_plus_1() {
         .await
         .expect_refused("connection N+1");
     assert_refused(&refusal, "max_connections_per_uid", "connection N+1");
-    let mut other = None;
-    if require_root("a connection of another uid") {
-        // Another uid has a limit of its own.
-        let mut peer = other_uid_peer(&bus, &["echo", "org.pbus.test.Other"]);
-        peer.expect_line("ready", TIMEOUT).await;
-        other = Some(peer);
-    }
+    // Another uid has a limit of its own.
+    let other = other_uid_echo(&bus).await;
     clients.pop();
     bus.wait_for_fd_count(baseline + N - 1 + usize::from(other.is_some()), TIMEOUT)
         .await;
@@ -147,6 +136,16 @@ async fn unhandshaked(bus: &TestBus, good: &pbus::Connection, n: usize) -> Vec<R
     clients
 }
 
+/// Connects without a handshake and expects the bus to refuse the
+/// connection at once, naming `limit`, and to close it.
+async fn expect_refused_before_hello(bus: &TestBus, limit: &str, what: &str) -> RawClient {
+    let mut refused = connect_retrying(bus.socket_path()).await;
+    let error = refused.recv(TIMEOUT).await.unwrap();
+    assert_refused(error.error().expect("an ERROR"), limit, what);
+    assert!(refused.read_until_closed(TIMEOUT).await.unwrap().is_empty());
+    refused
+}
+
 async fn complete_handshakes(clients: &mut [RawClient]) {
     for client in clients {
         client
@@ -166,14 +165,8 @@ async fn incomplete_handshakes_at_n_and_n_plus_1() {
     let baseline = bus.settled_fd_count().await;
     let mut waiting = unhandshaked(&bus, &good, N).await;
     // The next one is refused before it says anything.
-    let mut refused = connect_retrying(bus.socket_path()).await;
-    let error = refused.recv(TIMEOUT).await.unwrap();
-    assert_refused(
-        error.error().expect("an ERROR"),
-        "max_incomplete_handshakes",
-        "handshake N+1",
-    );
-    assert!(refused.read_until_closed(TIMEOUT).await.unwrap().is_empty());
+    let refused =
+        expect_refused_before_hello(&bus, "max_incomplete_handshakes", "handshake N+1").await;
     // The N complete, and then there is room again.
     complete_handshakes(&mut waiting).await;
     let mut late = try_connect(bus.socket_path())
@@ -194,20 +187,14 @@ async fn incomplete_handshakes_per_uid_at_n_and_n_plus_1() {
     let good = bus.connect().await;
     let baseline = bus.settled_fd_count().await;
     let mut waiting = unhandshaked(&bus, &good, N).await;
-    let mut refused = connect_retrying(bus.socket_path()).await;
-    let error = refused.recv(TIMEOUT).await.unwrap();
-    assert_refused(
-        error.error().expect("an ERROR"),
+    let refused = expect_refused_before_hello(
+        &bus,
         "max_incomplete_handshakes_per_uid",
         "handshake N+1 of one uid",
-    );
-    let mut other = None;
-    if require_root("a connection of another uid") {
-        // Another uid is not held up by this one's waiting connections.
-        let mut peer = other_uid_peer(&bus, &["echo", "org.pbus.test.Other"]);
-        peer.expect_line("ready", TIMEOUT).await;
-        other = Some(peer);
-    }
+    )
+    .await;
+    // Another uid is not held up by this one's waiting connections.
+    let other = other_uid_echo(&bus).await;
     complete_handshakes(&mut waiting).await;
     let mut late = try_connect(bus.socket_path())
         .await
@@ -235,14 +222,11 @@ async fn ten_thousand_connections_of_one_uid_over_its_limit() {
         "[limits]\nmax_connections_per_uid = {LIMIT}\nmax_incomplete_handshakes = 256\n\
          max_incomplete_handshakes_per_uid = 256\n"
     ));
-    let mut pinger = other_uid_peer(&bus, &["ping-loop"]);
+    let mut pinger = bus.peer_as_uid(OTHER_UID, &["ping-loop"]);
     pinger.expect_line("connected", TIMEOUT).await;
     let baseline = bus.settled_fd_count().await;
     // Forget the pings from before the storm.
-    while tokio::time::timeout(Duration::ZERO, pinger.next_line(TIMEOUT))
-        .await
-        .is_ok()
-    {}
+    pinger.pending_lines();
 
     let started = Instant::now();
     let slots = Arc::new(Semaphore::new(AT_ONCE));
@@ -286,15 +270,18 @@ async fn ten_thousand_connections_of_one_uid_over_its_limit() {
 
     // The other uid's pings went on throughout, at normal latency (the
     // lines it printed so far, without waiting for more).
-    let mut pongs = Vec::new();
-    while let Ok(line) = tokio::time::timeout(Duration::ZERO, pinger.next_line(TIMEOUT)).await {
-        let micros: u64 = line
-            .strip_prefix("pong ")
-            .unwrap_or_else(|| panic!("the pinger said {line:?}"))
-            .parse()
-            .unwrap();
-        pongs.push(Duration::from_micros(micros));
-    }
+    let pongs: Vec<Duration> = pinger
+        .pending_lines()
+        .iter()
+        .map(|line| {
+            let micros: u64 = line
+                .strip_prefix("pong ")
+                .unwrap_or_else(|| panic!("the pinger said {line:?}"))
+                .parse()
+                .unwrap();
+            Duration::from_micros(micros)
+        })
+        .collect();
     let slowest = pongs.iter().max().copied().unwrap_or_default();
     eprintln!(
         "{ATTEMPTS} connections ({AT_ONCE} at a time) in {storm:?}: {} welcomed, {refused} \

@@ -17,12 +17,10 @@ use std::process::Command;
 
 use pbus::{Connection, MatchRule, Outgoing, RequestNameFlags, RequestNameResult, SenderInfo};
 use pbus_proto::v1::{ContainerInfo, ContainerRuntime, ErrorCode, Header, MessageKind};
+use pbus_tests::containers::who_am_i;
 use pbus_tests::frames::{call_header, reply_header, signal_header};
-use pbus_tests::messages::{Identity, Text};
-use pbus_tests::{
-    copy_executable, expect_signal, proc_status, require_root, within, PeerProcess, TestBus,
-    TIMEOUT,
-};
+use pbus_tests::messages::Text;
+use pbus_tests::{expect_signal, proc_status, require_root, within, PeerProcess, TestBus, TIMEOUT};
 use prost::{Message, Name};
 use tokio::sync::mpsc;
 
@@ -78,21 +76,12 @@ async fn assert_peer_identity_is_real(asker: &Connection, unique_name: &str, pid
     assert_eq!(groups, real.groups);
 }
 
-/// Runs the helper calling `SERVICE.Report` (through `prefix`, e.g. setpriv)
-/// and returns the process, its unique name and its result line.
-async fn run_caller(bus: &TestBus, prefix: &[&str], binary: &str) -> (PeerProcess, String, String) {
-    let mut command = match prefix.split_first() {
-        Some((program, args)) => {
-            let mut command = Command::new(program);
-            command.args(args).arg(binary);
-            command
-        }
-        None => Command::new(binary),
-    };
-    command
-        .arg(bus.socket_path())
-        .args(["call", SERVICE, "Report", "hello"]);
-    let mut child = PeerProcess::spawn(command);
+/// The helper's arguments (after the socket) to call `SERVICE.Report`.
+const CALL_REPORT: [&str; 4] = ["call", SERVICE, "Report", "hello"];
+
+/// Waits for `child` (the helper as [`CALL_REPORT`] asks, through setpriv
+/// or not) to call; returns it, its unique name and its result line.
+async fn run_caller(mut child: PeerProcess) -> (PeerProcess, String, String) {
     let unique_name = child.expect_line("connected", TIMEOUT).await;
     let result = child.next_line(TIMEOUT).await;
     (child, unique_name, result)
@@ -102,7 +91,9 @@ async fn run_caller(bus: &TestBus, prefix: &[&str], binary: &str) -> (PeerProces
 async fn child_process_identity_is_stamped_from_the_kernel() {
     let bus = TestBus::start();
     let (service, mut seen) = report_service(&bus).await;
-    let (mut child, unique_name, result) = run_caller(&bus, &[], PEER_BIN).await;
+    let mut command = Command::new(PEER_BIN);
+    command.arg(bus.socket_path()).args(CALL_REPORT);
+    let (mut child, unique_name, result) = run_caller(PeerProcess::spawn(command)).await;
     assert_eq!(result, "ok seen hello");
     let stamped = within("the call", TIMEOUT, seen.recv()).await.unwrap();
     assert_stamp_is_real(&stamped, child.pid(), &unique_name);
@@ -118,12 +109,12 @@ async fn other_gid_and_groups_are_stamped() {
     }
     let bus = TestBus::start();
     let (service, mut seen) = report_service(&bus).await;
-    let (mut child, unique_name, result) = run_caller(
-        &bus,
-        &["setpriv", "--regid=4321", "--groups=7,8,4321"],
-        PEER_BIN,
-    )
-    .await;
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--regid=4321", "--groups=7,8,4321", PEER_BIN])
+        .arg(bus.socket_path())
+        .args(CALL_REPORT);
+    let (mut child, unique_name, result) = run_caller(PeerProcess::spawn(command)).await;
     assert_eq!(result, "ok seen hello");
     let stamped = within("the call", TIMEOUT, seen.recv()).await.unwrap();
     assert_stamp_is_real(&stamped, child.pid(), &unique_name);
@@ -142,39 +133,17 @@ async fn unprivileged_uid_is_stamped_and_policed() {
     }
     let bus = TestBus::start();
     let (service, mut seen) = report_service(&bus).await;
-    // The build directory may be unreachable for uid 65534 (/root is 0700).
-    let binary = copy_executable(PEER_BIN.as_ref(), bus.dir());
-    let binary = binary.to_str().expect("utf-8 path");
-    let nobody = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-    ];
 
     // Root calls a service owned by uid 65534: allowed, and the reply is
     // delivered although 65534 may not talk to root on its own.
     let name = "org.pbus.test.Nobody";
-    let mut command = Command::new(nobody[0]);
-    command
-        .args(&nobody[1..])
-        .arg(binary)
-        .arg(bus.socket_path())
-        .args(["serve", name]);
-    let mut server = PeerProcess::spawn(command);
+    let mut server = bus.peer_as_uid(65534, &["serve", name]);
     let server_name = server.expect_line("ready", TIMEOUT).await;
-    let reply = service
-        .method_call(name, "WhoAmI")
-        .send(Outgoing::new(&Text::new("who")))
-        .await
-        .unwrap()
-        .expect("a reply");
-    let stamped = reply.sender().clone();
+    let (stamped, identity) = who_am_i(&service, name).await;
     assert_stamp_is_real(&stamped, server.pid(), &server_name);
     assert_eq!((stamped.uid, stamped.gid), (65534, 65534));
     assert!(stamped.groups.is_empty(), "{:?}", stamped.groups);
     // The child saw us (root) as we are, and itself as the bus does.
-    let identity: Identity = reply.decode().unwrap();
     assert_eq!(
         (identity.uid, identity.gid, identity.pid),
         (65534, 65534, server.pid())
@@ -186,7 +155,7 @@ async fn unprivileged_uid_is_stamped_and_policed() {
     // Uid 65534 calling a root-owned name is denied by policy: the default
     // policy does not even let it see the name, so to it the name has no
     // owner (a denied client cannot learn that the name exists).
-    let (mut child, _, result) = run_caller(&bus, &nobody, binary).await;
+    let (mut child, _, result) = run_caller(bus.peer_as_uid(65534, &CALL_REPORT)).await;
     assert_eq!(
         result,
         format!(

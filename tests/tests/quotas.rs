@@ -28,7 +28,6 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pbus::{Connection, RequestNameFlags, RequestNameResult};
@@ -36,12 +35,9 @@ use pbus_proto::v1::{ErrorCode, ErrorInfo};
 use pbus_tests::fdkit::{borrow_all, dev_nulls};
 use pbus_tests::frames::{call_header, expect_serials, peer_stats, queued_by, signal_header};
 use pbus_tests::messages::Text;
-use pbus_tests::{
-    copy_executable, procfs, require_root, within, PeerProcess, RawClient, TestBus, TIMEOUT,
-};
+use pbus_tests::{procfs, require_root, within, RawClient, TestBus, TIMEOUT};
 use prost::Message;
 
-const PEER_BIN: &str = env!("CARGO_BIN_EXE_pbus-test-peer");
 const SIGNAL_PATH: &str = "/org/pbus/test/quota";
 /// Body of the frames that plug a receiver's socket.
 const PLUG_BODY: usize = 60 << 10;
@@ -441,7 +437,6 @@ async fn uids_share_a_receiver_fairly() {
         policy.display(),
         256 << 10
     ));
-    let peer_bin = copy_executable(std::path::Path::new(PEER_BIN), bus.dir());
     let baseline = bus.settled_fd_count().await;
     let observer = bus.connect().await;
     let mut fair = bus.raw_owning(FAIR).await;
@@ -457,15 +452,7 @@ async fn uids_share_a_receiver_fairly() {
     let mut accepted: HashMap<u32, u64> = HashMap::new();
     let mut children = Vec::new();
     for uid in FOREIGN_UIDS {
-        let mut command = Command::new("setpriv");
-        command
-            .arg(format!("--reuid={uid}"))
-            .arg(format!("--regid={uid}"))
-            .arg("--clear-groups")
-            .arg(&peer_bin)
-            .arg(bus.socket_path())
-            .args(["flood", FAIR, &FLOOD_BODY.to_string(), "100000"]);
-        let mut child = PeerProcess::spawn(command);
+        let mut child = bus.peer_as_uid(uid, &["flood", FAIR, &FLOOD_BODY.to_string(), "100000"]);
         child.expect_line("connected", TIMEOUT).await;
         let line = child.expect_line("flooded", Duration::from_secs(60)).await;
         let (count, code, detail, message) = parse_flooded(&line);

@@ -16,11 +16,10 @@ use pbus::{Connection, RequestNameFlags, RequestNameResult};
 use pbus_proto::errors::error_name;
 use pbus_proto::v1::ErrorCode;
 use pbus_tests::containers::{
-    container_or_skip, test_peer_binary, ContainerPeer, FakeContainer, Isolation, Placement, Shape,
-    PBUSCTL_BIN_ENV,
+    container_or_skip, ContainerPeer, FakeContainer, Isolation, Placement, Shape, PBUSCTL_BIN_ENV,
 };
 use pbus_tests::messages::Text;
-use pbus_tests::{copy_executable, find_binary, PeerProcess, TestBus, TIMEOUT};
+use pbus_tests::{find_binary, PeerProcess, TestBus, TIMEOUT};
 
 /// A directory of policy files (mode 0755), removed on drop.
 #[derive(Debug)]
@@ -119,23 +118,10 @@ pub async fn probe_on_host(bus: &TestBus, name: &str) -> ContainerPeer {
     peer
 }
 
-/// A `policy-probe` on the host under `uid` (gid `uid`, no groups), via
-/// `setpriv`; the helper is copied into the bus's directory so that uid
-/// can run it. Returns the process and its unique name.
+/// A `policy-probe` on the host under `uid` (gid `uid`, no groups).
+/// Returns the process and its unique name.
 pub async fn probe_as_uid(bus: &TestBus, uid: u32, name: &str) -> (PeerProcess, String) {
-    let binary = bus.dir().join("pbus-test-peer");
-    if !binary.exists() {
-        copy_executable(&test_peer_binary(), bus.dir());
-    }
-    let mut command = Command::new("setpriv");
-    command
-        .arg(format!("--reuid={uid}"))
-        .arg(format!("--regid={uid}"))
-        .arg("--clear-groups")
-        .arg(&binary)
-        .arg(bus.socket_path())
-        .args(["policy-probe", name]);
-    let mut process = PeerProcess::spawn(command);
+    let mut process = bus.peer_as_uid(uid, &["policy-probe", name]);
     let unique_name = process.expect_line("ready", TIMEOUT).await;
     (process, unique_name)
 }
