@@ -14,11 +14,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use pbus::{Address, Connection, ConnectionBuilder};
+use pbus::{Address, Connection, ConnectionBuilder, RequestNameFlags};
 
 use crate::peer::{copy_executable, setpriv_command, signal_pid, test_peer_binary, PeerProcess};
 use crate::procfs;
 use crate::raw::RawClient;
+use crate::services::own_name;
 
 /// Environment variable that names the `pbusd` binary to test.
 pub const PBUSD_BIN_ENV: &str = "PBUSD_BIN";
@@ -270,6 +271,14 @@ impl TestBus {
                     self.stderr()
                 )
             })
+    }
+
+    /// Connects a client with default options and makes it the primary
+    /// owner of `name`; panics on failure.
+    pub async fn connect_owning(&self, name: &str) -> Connection {
+        let connection = self.connect().await;
+        own_name(&connection, name, RequestNameFlags::default()).await;
+        connection
     }
 
     /// Connects a [`RawClient`] that owns `name` (it must become the

@@ -10,6 +10,9 @@
 //! * [`PeerProcess`] runs the `pbus-test-peer` helper binary as a child
 //!   process (optionally under another uid), for identity tests that need
 //!   a second real process.
+//! * [`services`]: owning a name ([`own_name`],
+//!   [`TestBus::connect_owning`]), the unique names on the bus, and an
+//!   [`EchoPair`] whose latency shows that everyone else still gets served.
 //! * [`wait`] has the polling and expectation helpers ([`wait_for`],
 //!   [`expect_signal`], [`within`]); [`messages`] the payload types the
 //!   tests and the helper binary share; [`require_root`] decides whether a
@@ -32,6 +35,7 @@ mod peer;
 pub mod privilege;
 pub mod procfs;
 mod raw;
+pub mod services;
 pub mod wait;
 
 pub use daemon::{find_binary, pbusd_binary, pbusd_command, TestBus, TestBusBuilder};
@@ -41,6 +45,7 @@ pub use peer::{
 };
 pub use privilege::require_root;
 pub use raw::{RawClient, RawError, RawMessage};
+pub use services::{own_name, unique_names, EchoPair};
 pub use wait::{drain_signals, expect_signal, wait_for, wait_for_async, within};
 
 use std::time::Duration;

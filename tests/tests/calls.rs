@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use pbus::{Connection, Error, MethodError, RequestNameFlags, RequestNameResult};
+use pbus::{Connection, Error, MethodError};
 use pbus_proto::v1::{ErrorCode, PingReply, PingRequest};
 use pbus_proto::BUS_NAME;
 use pbus_tests::messages::Text;
@@ -16,17 +16,6 @@ use prost::Name;
 use tokio::sync::mpsc;
 
 const SERVICE: &str = "org.pbus.test.Calls";
-
-/// Owns `name` on `connection`; panics unless it becomes the primary owner.
-async fn own(connection: &Connection, name: &str) {
-    assert_eq!(
-        connection
-            .request_name(name, RequestNameFlags::default())
-            .await
-            .unwrap(),
-        RequestNameResult::PrimaryOwner
-    );
-}
 
 /// Serves `Hang`: tells `arrived` about each call and never answers.
 fn serve_hang(connection: &Connection) -> mpsc::UnboundedReceiver<String> {
@@ -60,8 +49,7 @@ fn assert_remote(error: &Error, code: ErrorCode, name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_replies_and_errors() {
     let bus = TestBus::start();
-    let service = bus.connect().await;
-    own(&service, SERVICE).await;
+    let service = bus.connect_owning(SERVICE).await;
     service
         .serve("Echo", |request: Text, call: pbus::MethodCall| async move {
             Ok(Text::new(format!(
@@ -195,8 +183,7 @@ async fn callee_disconnect_fails_the_call_with_no_reply() {
     let caller = bus.connect().await;
 
     // A library callee that is closed while the call waits.
-    let callee = bus.connect().await;
-    own(&callee, SERVICE).await;
+    let callee = bus.connect_owning(SERVICE).await;
     let mut arrived = serve_hang(&callee);
     let pending = tokio::spawn({
         let caller = caller.clone();
@@ -248,8 +235,7 @@ async fn callee_disconnect_fails_the_call_with_no_reply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswered_call_times_out_at_the_bus() {
     let bus = TestBus::start();
-    let callee = bus.connect().await;
-    own(&callee, SERVICE).await;
+    let callee = bus.connect_owning(SERVICE).await;
     let mut arrived = serve_hang(&callee);
     let caller = bus.connect().await;
 
@@ -267,7 +253,7 @@ async fn unanswered_call_times_out_at_the_bus() {
     assert_remote(&error, ErrorCode::Timeout, "org.pbus.Error.Timeout");
     assert!(elapsed >= timeout, "timed out early, after {elapsed:?}");
     assert_eq!(
-        arrived.recv().await,
+        within("the call to arrive", TIMEOUT, arrived.recv()).await,
         Some("wait".into()),
         "the call was delivered"
     );
@@ -288,8 +274,7 @@ async fn unanswered_call_times_out_at_the_bus() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_fails_its_call_and_the_service_keeps_serving() {
     let bus = TestBus::start();
-    let service = bus.connect().await;
-    own(&service, SERVICE).await;
+    let service = bus.connect_owning(SERVICE).await;
     service
         .serve("Explode", |request: Text, _call| async move {
             if request.text == "now" {

@@ -29,7 +29,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
-use pbus::{Connection, MatchRule, MethodCall, Outgoing, RequestNameFlags, RequestNameResult};
+use pbus::{Connection, MatchRule, MethodCall, Outgoing, RequestNameFlags};
 use pbus_proto::frame::encode_frame;
 use pbus_proto::v1::{ErrorCode, MessageKind};
 use pbus_tests::fdkit::{
@@ -41,29 +41,18 @@ use pbus_tests::frames::{
     signal_header,
 };
 use pbus_tests::messages::Text;
-use pbus_tests::{expect_signal, TestBus, TIMEOUT};
+use pbus_tests::{expect_signal, own_name, TestBus, TIMEOUT};
 use prost::Message;
 use tokio::sync::mpsc;
 
 const SERVICE: &str = "org.pbus.test.Fds";
 const SIGNAL_PATH: &str = "/org/pbus/test/fds";
 
-async fn own(connection: &Connection, name: &str) {
-    assert_eq!(
-        connection
-            .request_name(name, RequestNameFlags::default())
-            .await
-            .unwrap(),
-        RequestNameResult::PrimaryOwner
-    );
-}
-
 /// A service owning `SERVICE` whose `Take` writes `<index>;` into each fd
 /// it gets (pipe write ends) and answers with the number of fds; every call
 /// it served is reported on the channel.
 async fn index_writer(bus: &TestBus) -> (Connection, mpsc::UnboundedReceiver<usize>) {
-    let service = bus.connect().await;
-    own(&service, SERVICE).await;
+    let service = bus.connect_owning(SERVICE).await;
     let (tx, rx) = mpsc::unbounded_channel();
     service
         .serve_raw("Take", move |call: MethodCall| {
@@ -97,8 +86,7 @@ fn assert_indexes_written(probes: &[PipeProbe], what: &str) {
 async fn pipes_sockets_files_and_memfds_are_usable_after_a_call_a_reply_and_a_signal() {
     let bus = TestBus::start();
     let baseline = bus.settled_fd_count().await;
-    let service = bus.connect().await;
-    own(&service, SERVICE).await;
+    let service = bus.connect_owning(SERVICE).await;
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
     let reply_bundle: Arc<Mutex<Option<FdBundle>>> = Arc::default();
     service
@@ -466,7 +454,7 @@ async fn a_receiver_without_fd_support_gets_none() {
         )
         .await;
     assert!(!receiver.fd_passing());
-    own(&receiver, PLAIN).await;
+    own_name(&receiver, PLAIN, RequestNameFlags::default()).await;
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     receiver
         .serve_raw("Take", move |call: MethodCall| {
@@ -528,7 +516,7 @@ async fn a_receiver_without_fd_support_gets_none() {
 
     // A reply with an fd to a caller without fd support: the caller gets
     // FDS_NOT_SUPPORTED instead.
-    own(&sender, SERVICE).await;
+    own_name(&sender, SERVICE, RequestNameFlags::default()).await;
     sender
         .serve_raw("Give", |_call: MethodCall| async move {
             let (_, write_ends) = PipeProbe::many(1);
@@ -666,7 +654,7 @@ async fn memfd_payloads_and_plain_fds_are_announced_separately() {
         .connect_with(Connection::builder().fd_passing(false))
         .await;
     assert!(!receiver.fd_passing());
-    own(&receiver, NAME).await;
+    own_name(&receiver, NAME, RequestNameFlags::default()).await;
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     receiver
         .serve_raw("Take", move |call: MethodCall| {

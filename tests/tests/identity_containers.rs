@@ -24,7 +24,6 @@
 //!   identity appears in ListNames or GetStats.
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -36,7 +35,7 @@ use pbus_tests::containers::{
     cgroup_paths, check_pbusctl_status, container_or_skip, who_am_i, ContainerView, FakeContainer,
     Isolation, Placement, Shape,
 };
-use pbus_tests::{require_root, signal_pid, wait_for, TestBus, TIMEOUT};
+use pbus_tests::{require_root, signal_pid, unique_names, wait_for, TestBus, TIMEOUT};
 
 const PEER_BIN: &str = env!("CARGO_BIN_EXE_pbus-test-peer");
 
@@ -428,17 +427,6 @@ fn assert_closed_unanswered(held: &UnixStream, what: &str) {
         Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {}
         Err(error) => panic!("{what}: the daemon kept the connection open: {error}"),
     }
-}
-
-async fn unique_names(observer: &Connection) -> BTreeSet<String> {
-    observer
-        .list_names(true)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|entry| entry.name)
-        .filter(|name| name.starts_with(':'))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

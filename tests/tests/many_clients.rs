@@ -4,12 +4,13 @@
 //! before they came, so no connection left anything behind.
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pbus::{Connection, RequestNameFlags, RequestNameResult};
+use pbus::Connection;
 use pbus_tests::messages::Text;
-use pbus_tests::{within, TestBus};
+use pbus_tests::{unique_names, within, TestBus};
 use tokio::sync::{Barrier, Semaphore};
 
 const CLIENTS: usize = 1000;
@@ -52,14 +53,7 @@ async fn a_thousand_concurrent_clients() {
     );
     let started = Instant::now();
     let bus = TestBus::start();
-    let service = bus.connect().await;
-    assert_eq!(
-        service
-            .request_name(SERVICE, RequestNameFlags::default())
-            .await
-            .unwrap(),
-        RequestNameResult::PrimaryOwner
-    );
+    let service = bus.connect_owning(SERVICE).await;
     service
         .serve("Echo", |request: Text, call: pbus::MethodCall| async move {
             Ok(Text::new(format!(
@@ -120,12 +114,8 @@ async fn a_thousand_concurrent_clients() {
         connected_fds >= baseline + CLIENTS,
         "the daemon holds {connected_fds} fds with {CLIENTS} clients (baseline {baseline})"
     );
-    let names = service.list_names(true).await.unwrap();
     assert_eq!(
-        names
-            .iter()
-            .filter(|entry| entry.name.starts_with(':'))
-            .count(),
+        unique_names(&service).await.len(),
         CLIENTS + 1,
         "every client (and the service) is on the bus"
     );
@@ -146,13 +136,9 @@ async fn a_thousand_concurrent_clients() {
     // Every connection is gone from the daemon again.
     bus.wait_for_fd_count(baseline, Duration::from_secs(20))
         .await;
-    let names = service.list_names(true).await.unwrap();
     assert_eq!(
-        names
-            .iter()
-            .filter(|entry| entry.name.starts_with(':'))
-            .count(),
-        1,
+        unique_names(&service).await,
+        BTreeSet::from([service.unique_name().to_owned()]),
         "only the service is left"
     );
     eprintln!(

@@ -25,9 +25,7 @@ use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use pbus::{
-    Connection, MemfdWriter, MethodCall, MethodError, Outgoing, RequestNameFlags, SealedMemfd,
-};
+use pbus::{Connection, MemfdWriter, MethodCall, MethodError, Outgoing, SealedMemfd};
 use pbus_proto::v1::{ErrorCode, Header, MessageKind};
 use pbus_sys::memfd::seal;
 use pbus_tests::fdkit::{borrow_all, memfd_with, regular_file, same_inode, sealed_memfd};
@@ -39,16 +37,6 @@ use tokio::sync::mpsc;
 const SERVICE: &str = "org.pbus.test.Memfds";
 const SIGNAL_PATH: &str = "/org/pbus/test/memfds";
 const BLOB: &str = "pbus.test.Blob";
-
-async fn own(connection: &Connection, name: &str) {
-    assert_eq!(
-        connection
-            .request_name(name, RequestNameFlags::default())
-            .await
-            .unwrap(),
-        pbus::RequestNameResult::PrimaryOwner
-    );
-}
 
 /// `len` bytes of a recognisable pattern.
 fn pattern(len: usize) -> Vec<u8> {
@@ -66,8 +54,7 @@ struct Seen {
 
 /// A service whose `Blob` method reports what it got and answers "ok".
 async fn blob_service(bus: &TestBus) -> (Connection, mpsc::UnboundedReceiver<Seen>) {
-    let service = bus.connect().await;
-    own(&service, SERVICE).await;
+    let service = bus.connect_owning(SERVICE).await;
     let (tx, rx) = mpsc::unbounded_channel();
     service
         .serve_raw("Blob", move |call: MethodCall| {
@@ -388,8 +375,7 @@ fn check_gib(bytes: &[u8], pattern: &[u8]) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gibibyte_round_trips_without_the_daemon_touching_it() {
     let bus = TestBus::start();
-    let service = bus.connect().await;
-    own(&service, SERVICE).await;
+    let service = bus.connect_owning(SERVICE).await;
     let chunk_pattern = pattern(CHUNK);
     service
         .serve_raw("Check", {

@@ -15,7 +15,7 @@
 
 use std::process::Command;
 
-use pbus::{Connection, MatchRule, Outgoing, RequestNameFlags, RequestNameResult, SenderInfo};
+use pbus::{Connection, MatchRule, Outgoing, SenderInfo};
 use pbus_proto::v1::{ContainerInfo, ContainerRuntime, ErrorCode, Header, MessageKind};
 use pbus_tests::containers::who_am_i;
 use pbus_tests::frames::{call_header, reply_header, signal_header};
@@ -29,14 +29,7 @@ const PEER_BIN: &str = env!("CARGO_BIN_EXE_pbus-test-peer");
 
 /// A connection owning `SERVICE` whose `Report` method records who called.
 async fn report_service(bus: &TestBus) -> (Connection, mpsc::UnboundedReceiver<SenderInfo>) {
-    let service = bus.connect().await;
-    assert_eq!(
-        service
-            .request_name(SERVICE, RequestNameFlags::default())
-            .await
-            .unwrap(),
-        RequestNameResult::PrimaryOwner
-    );
+    let service = bus.connect_owning(SERVICE).await;
     let (tx, rx) = mpsc::unbounded_channel();
     service
         .serve("Report", move |request: Text, call: pbus::MethodCall| {

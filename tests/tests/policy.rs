@@ -481,14 +481,7 @@ async fn a_see_rule_reveals_the_names_of_one_container() {
 /// arrived: `memfds=<n> bytes=<total length> body_in_memfd=<bool>`; counts
 /// its calls. It also subscribes to `Big` signals.
 async fn memfd_sink(bus: &TestBus, name: &str) -> (pbus::Connection, Arc<AtomicU64>) {
-    let connection = bus.connect().await;
-    assert_eq!(
-        connection
-            .request_name(name, RequestNameFlags::default())
-            .await
-            .unwrap(),
-        RequestNameResult::PrimaryOwner
-    );
+    let connection = bus.connect_owning(name).await;
     let calls = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&calls);
     connection

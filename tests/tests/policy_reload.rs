@@ -30,11 +30,10 @@ mod policy_support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use pbus_proto::v1::ErrorCode;
 use pbus_tests::containers::{ContainerView, Isolation, Shape};
-use pbus_tests::{require_root, TestBus, TIMEOUT};
+use pbus_tests::{require_root, signal_pid, unique_names, TestBus, TIMEOUT};
 use policy_support::{
     ask, assert_refused, by_id, container, pbusctl, probe_as_uid, probe_in, rule_line, texts,
     HostService, PolicyDir,
@@ -51,8 +50,7 @@ fn open_to(subject: &str, name: &str) -> String {
 
 /// Sends SIGHUP to the daemon, by its pid.
 fn hang_up(bus: &TestBus) {
-    let pid = Pid::from_raw(i32::try_from(bus.pid()).expect("pid fits i32"));
-    kill(pid, Signal::SIGHUP).expect("SIGHUP to pbusd");
+    signal_pid(bus.pid(), Signal::SIGHUP).expect("SIGHUP to pbusd");
 }
 
 /// Asks `command` of `peer` until the answer is `expected` (a reload by
@@ -70,17 +68,6 @@ async fn ask_until(peer: &mut pbus_tests::PeerProcess, command: &str, expected: 
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Unique names of every peer on the bus, as host root sees them.
-async fn unique_names(root: &pbus::Connection) -> BTreeSet<String> {
-    root.list_names(true)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|entry| entry.name)
-        .filter(|name| name.starts_with(':'))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

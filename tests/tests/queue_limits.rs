@@ -8,16 +8,14 @@
 
 use std::time::{Duration, Instant};
 
-use pbus::{RequestNameFlags, RequestNameResult};
 use pbus_proto::v1::{ErrorCode, MessageKind};
 use pbus_tests::frames::expect_serials;
 use pbus_tests::messages::Text;
-use pbus_tests::{within, RawClient, RawMessage, TestBus, TIMEOUT};
+use pbus_tests::{EchoPair, RawClient, RawMessage, TestBus, TIMEOUT};
 use prost::{Message, Name};
 
 const QUEUE_LIMIT: u32 = 64;
 const SINK: &str = "org.pbus.test.Sink";
-const ECHO: &str = "org.pbus.test.Echo";
 /// Calls sent between round trips while flooding.
 const BATCH: usize = 16;
 /// Rounds of refused messages sent while the healthy pair is measured.
@@ -82,45 +80,12 @@ async fn full_receiver_queue_is_an_error_not_a_stall() {
         "[limits]\nmax_queued_messages_per_receiver = {QUEUE_LIMIT}\n"
     ));
 
-    // The healthy pair.
-    let echo = bus.connect().await;
-    assert_eq!(
-        echo.request_name(ECHO, RequestNameFlags::default())
-            .await
-            .unwrap(),
-        RequestNameResult::PrimaryOwner
-    );
-    echo.serve("Echo", |request: Text, _call| async move { Ok(request) })
-        .unwrap();
-    let caller = bus.connect().await;
-
     // The sink owns a name, then never reads its socket again.
     let mut sink = bus.raw_owning(SINK).await;
 
-    // The pair keeps talking the whole time.
-    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let pair = tokio::spawn({
-        let caller = caller.clone();
-        async move {
-            let mut calls = 0u32;
-            let mut slowest = Duration::ZERO;
-            loop {
-                let started = Instant::now();
-                let reply: Text = caller
-                    .method_call(ECHO, "Echo")
-                    .timeout(Duration::from_secs(30))
-                    .call(&Text::new(calls.to_string()))
-                    .await
-                    .expect("the healthy pair's call failed");
-                assert_eq!(reply.text, calls.to_string());
-                slowest = slowest.max(started.elapsed());
-                calls += 1;
-                if calls >= 100 && stop_rx.try_recv().is_ok() {
-                    return (calls, slowest);
-                }
-            }
-        }
-    });
+    // The healthy pair keeps talking the whole time.
+    let pair = EchoPair::start(&bus, 100, Duration::ZERO).await;
+    let library = bus.connect().await;
 
     // Flood the sink until the bus refuses.
     let body = Text::new("x".repeat(8 << 10)).encode_to_vec();
@@ -180,7 +145,7 @@ async fn full_receiver_queue_is_an_error_not_a_stall() {
     }
     // The library reports the same, long before its call timeout.
     let library_started = Instant::now();
-    let error = caller
+    let error = library
         .method_call(SINK, "Swallow")
         .timeout(Duration::from_secs(30))
         .call::<Text, Text>(&Text::new("more"))
@@ -192,10 +157,7 @@ async fn full_receiver_queue_is_an_error_not_a_stall() {
     let flood_time = started.elapsed();
 
     // The pair never stalled.
-    let _ = stop_tx.send(());
-    let (calls, slowest) = within("the healthy pair", Duration::from_secs(60), pair)
-        .await
-        .unwrap();
+    let (calls, slowest) = pair.stop().await;
     assert!(
         slowest < NORMAL_LATENCY,
         "the healthy pair's slowest call took {slowest:?} (of {calls}) while the sink was full"

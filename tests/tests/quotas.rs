@@ -30,12 +30,12 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use pbus::{Connection, RequestNameFlags, RequestNameResult};
+use pbus::Connection;
 use pbus_proto::v1::{ErrorCode, ErrorInfo};
 use pbus_tests::fdkit::{borrow_all, dev_nulls};
 use pbus_tests::frames::{call_header, expect_serials, peer_stats, queued_by, signal_header};
 use pbus_tests::messages::Text;
-use pbus_tests::{procfs, require_root, within, RawClient, TestBus, TIMEOUT};
+use pbus_tests::{procfs, require_root, EchoPair, RawClient, TestBus, TIMEOUT};
 use prost::Message;
 
 const SIGNAL_PATH: &str = "/org/pbus/test/quota";
@@ -225,47 +225,6 @@ async fn receiver_queue_caps_at_n_and_n_plus_1() {
     bus.wait_for_fd_count(baseline, TIMEOUT).await;
 }
 
-/// An echo service and a caller measuring its slowest call until stopped.
-async fn echo_pair(
-    bus: &TestBus,
-) -> (
-    Connection,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<(u32, Duration)>,
-) {
-    const ECHO: &str = "org.pbus.test.Echo";
-    let echo = bus.connect().await;
-    assert_eq!(
-        echo.request_name(ECHO, RequestNameFlags::default())
-            .await
-            .unwrap(),
-        RequestNameResult::PrimaryOwner
-    );
-    echo.serve("Echo", |request: Text, _call| async move { Ok(request) })
-        .unwrap();
-    let caller = bus.connect().await;
-    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let pair = tokio::spawn(async move {
-        let mut calls = 0u32;
-        let mut slowest = Duration::ZERO;
-        loop {
-            let started = Instant::now();
-            let reply: Text = caller
-                .call(ECHO, "Echo", &Text::new(calls.to_string()))
-                .await
-                .expect("the echo pair's call failed");
-            assert_eq!(reply.text, calls.to_string());
-            slowest = slowest.max(started.elapsed());
-            calls += 1;
-            if calls >= 20 && stop_rx.try_recv().is_ok() {
-                return (calls, slowest);
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    });
-    (echo, stop_tx, pair)
-}
-
 /// The slowest acceptable call of the echo pair while others misbehave (a
 /// ceiling for a debug build on a busy two-core machine, far below a stall).
 const NORMAL_LATENCY: Duration = Duration::from_secs(1);
@@ -285,7 +244,7 @@ async fn receivers_that_never_read_cost_bounded_memory() {
     for index in 0..SINKS {
         sinks.push(bus.raw_owning(&format!("org.pbus.test.Sink{index}")).await);
     }
-    let (echo, stop, pair) = echo_pair(&bus).await;
+    let echo = EchoPair::start(&bus, 20, Duration::from_millis(2)).await;
     let mut senders = vec![Sender::new(&bus).await, Sender::new(&bus).await];
     let rss_before = bus.rss_kib();
 
@@ -307,10 +266,7 @@ async fn receivers_that_never_read_cost_bounded_memory() {
     }
     let offered = OFFERED_PER_SINK * SINKS;
     let elapsed = started.elapsed();
-    let _ = stop.send(());
-    let (calls, slowest) = within("the echo pair", Duration::from_secs(60), pair)
-        .await
-        .unwrap();
+    let (calls, slowest) = echo.stop().await;
     let peak = procfs::peak_rss_kib(bus.pid());
     eprintln!(
         "{offered} MiB offered to {SINKS} receivers that never read, {refused} refused, in \
@@ -331,7 +287,6 @@ async fn receivers_that_never_read_cost_bounded_memory() {
         "the echo pair's slowest call took {slowest:?}"
     );
     drop((sinks, senders));
-    echo.close();
     bus.wait_for_fd_count(baseline, TIMEOUT).await;
 }
 
@@ -343,7 +298,7 @@ async fn a_sender_that_floods_without_reading_is_disconnected() {
     ));
     let baseline = bus.settled_fd_count().await;
     let observer = bus.connect().await;
-    let (echo, stop, pair) = echo_pair(&bus).await;
+    let echo = EchoPair::start(&bus, 20, Duration::from_millis(2)).await;
     let rss_before = bus.rss_kib();
 
     // Calls to a name nobody owns: each earns an error the flooder never
@@ -379,10 +334,7 @@ async fn a_sender_that_floods_without_reading_is_disconnected() {
     let error = observer.peer_identity(&name).await.unwrap_err();
     assert_eq!(error.code(), Some(ErrorCode::NoSuchPeer), "{error}");
     let peak = procfs::peak_rss_kib(bus.pid());
-    let _ = stop.send(());
-    let (calls, slowest) = within("the echo pair", Duration::from_secs(60), pair)
-        .await
-        .unwrap();
+    let (calls, slowest) = echo.stop().await;
     eprintln!(
         "the flooder was disconnected after {frames} frames in {elapsed:?}; daemon RSS \
          {rss_before} KiB before, peak {peak} KiB; echo pair: {calls} calls, slowest {slowest:?}"
@@ -398,7 +350,6 @@ async fn a_sender_that_floods_without_reading_is_disconnected() {
     drop(flooder);
     observer.ping().await.unwrap();
     observer.close();
-    echo.close();
     bus.wait_for_fd_count(baseline, TIMEOUT).await;
 }
 

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use pbus::{Error, MatchRule, MethodError, RequestNameFlags, RequestNameResult};
+use pbus::{Error, MatchRule, MethodError};
 use pbus_tests::messages::Text;
 use pbus_tests::{pbusd_command, wait_for, within, RawError, TestBus, TIMEOUT};
 use tokio::sync::mpsc;
@@ -19,14 +19,7 @@ const SERVICE: &str = "org.pbus.test.Shutdown";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_disconnects_everyone_and_exits_cleanly() {
     let mut bus = TestBus::start();
-    let service = bus.connect().await;
-    assert_eq!(
-        service
-            .request_name(SERVICE, RequestNameFlags::default())
-            .await
-            .unwrap(),
-        RequestNameResult::PrimaryOwner
-    );
+    let service = bus.connect_owning(SERVICE).await;
     let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
     service
         .serve("Hang", move |_request: Text, _call| {

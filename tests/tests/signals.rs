@@ -11,10 +11,10 @@
 //! sentinel arrived (the bus keeps each receiver's queue in order).
 #![forbid(unsafe_code)]
 
-use pbus::{Connection, MatchRule as ClientRule, Outgoing, RequestNameFlags, RequestNameResult};
+use pbus::{Connection, MatchRule as ClientRule, Outgoing, RequestNameFlags};
 use pbus_proto::v1::{ArgMatch, MatchRule, MessageKind};
 use pbus_tests::messages::Text;
-use pbus_tests::{drain_signals, expect_signal, RawClient, RawMessage, TestBus, TIMEOUT};
+use pbus_tests::{drain_signals, expect_signal, own_name, RawClient, RawMessage, TestBus, TIMEOUT};
 
 const WELL_KNOWN: &str = "org.pbus.test.Emitter";
 const SENTINEL_PATH: &str = "/sentinel";
@@ -91,20 +91,13 @@ async fn emit_sentinel(connection: &Connection, tag: &str) {
     emit(connection, SENTINEL_PATH, SENTINEL, &[], tag).await;
 }
 
-async fn own(connection: &Connection, name: &str, flags: RequestNameFlags) {
-    assert_eq!(
-        connection.request_name(name, flags).await.unwrap(),
-        RequestNameResult::PrimaryOwner
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_rule_gets_exactly_its_signals() {
     let bus = TestBus::start();
     let e1 = bus.connect().await;
     let e2 = bus.connect().await;
     let e3 = bus.connect().await;
-    own(&e1, WELL_KNOWN, RequestNameFlags::default()).await;
+    own_name(&e1, WELL_KNOWN, RequestNameFlags::default()).await;
     let (n1, n2) = (e1.unique_name(), e2.unique_name());
 
     let cases: Vec<(&str, MatchRule, Vec<&str>)> = vec![
@@ -230,7 +223,7 @@ async fn well_known_sender_rule_follows_the_owner() {
         allow_replacement: true,
         ..RequestNameFlags::default()
     };
-    own(&e1, WELL_KNOWN, allow).await;
+    own_name(&e1, WELL_KNOWN, allow).await;
 
     let mut raw = raw_subscriber(
         &bus,
@@ -261,7 +254,7 @@ async fn well_known_sender_rule_follows_the_owner() {
     };
     both_emit(1).await;
     // e2 takes the name over (e1 waits in the queue).
-    own(
+    own_name(
         &e2,
         WELL_KNOWN,
         RequestNameFlags {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 
-use pbus::{Connection, RequestNameFlags, RequestNameResult};
+use pbus::Connection;
 use pbus_proto::errors::error_name;
 use pbus_proto::v1::ErrorCode;
 use pbus_tests::containers::{
@@ -191,15 +191,7 @@ pub struct HostService {
 impl HostService {
     /// Connects, owns `name` and starts serving.
     pub async fn start(bus: &TestBus, name: &str) -> Self {
-        let connection = bus.connect().await;
-        assert_eq!(
-            connection
-                .request_name(name, RequestNameFlags::default())
-                .await
-                .unwrap(),
-            RequestNameResult::PrimaryOwner,
-            "{name}"
-        );
+        let connection = bus.connect_owning(name).await;
         let calls = Arc::new(Mutex::new(Vec::new()));
         for member in ["Echo", "Other"] {
             let calls = Arc::clone(&calls);
