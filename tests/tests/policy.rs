@@ -40,8 +40,8 @@ use pbus_tests::containers::{Isolation, Shape};
 use pbus_tests::messages::Text;
 use pbus_tests::{drain_signals, expect_signal, require_root, TestBus, TIMEOUT};
 use policy_support::{
-    ask, assert_refused, by_id, container, list_after, probe_as_uid, probe_in, received,
-    split_after, wait_received, HostService, PolicyDir,
+    assert_refused, by_id, container, list_after, probe_as_uid, probe_in, received, split_after,
+    wait_received, HostService, PolicyDir,
 };
 
 const HOST: &str = "org.pbus.test.policy.Host";
@@ -103,14 +103,14 @@ async fn containers_are_isolated_from_each_other_and_from_the_host_by_default() 
             "",
         ),
     ] {
-        let message = assert_refused(&ask(&mut a, &command).await, code, "", &command);
+        let message = assert_refused(&a.ask(&command).await, code, "", &command);
         if !name.is_empty() {
             assert_eq!(message, no_owner_message(name), "{command}");
         }
     }
     let absent = "org.pbus.test.policy.Nobody";
     let message = assert_refused(
-        &ask(&mut a, &format!("call {absent} Echo")).await,
+        &a.ask(&format!("call {absent} Echo")).await,
         ErrorCode::NameHasNoOwner,
         "",
         "a name nobody owns",
@@ -119,10 +119,10 @@ async fn containers_are_isolated_from_each_other_and_from_the_host_by_default() 
 
     // Inside B, same uid: calls and unicast signals work.
     assert_eq!(
-        ask(&mut b2, &format!("call {NAME_B} Echo")).await,
+        b2.ask(&format!("call {NAME_B} Echo")).await,
         "ok Echo fds=0 memfds=0"
     );
-    assert_eq!(ask(&mut b2, &format!("signal {NAME_B} Poke")).await, "sent");
+    assert_eq!(b2.ask(&format!("signal {NAME_B} Poke")).await, "sent");
     // Host root can call into a container, by well-known and unique name.
     let reply: Text = host
         .connection
@@ -151,23 +151,23 @@ async fn containers_are_isolated_from_each_other_and_from_the_host_by_default() 
 
     // Broadcasts: B's reaches B2 but not A; root's reaches both.
     for peer in [&mut a, &mut b2] {
-        assert_eq!(ask(peer, "listen News").await, "listening News");
+        assert_eq!(peer.ask("listen News").await, "listening News");
     }
-    assert_eq!(ask(&mut b, "emit News fromB").await, "emitted News");
+    assert_eq!(b.ask("emit News fromB").await, "emitted News");
     // B's connection is ordered: once the bus answered its ping, it has
     // routed the broadcast.
-    assert_eq!(ask(&mut b, "ping").await, "pong");
+    assert_eq!(b.ask("ping").await, "pong");
     host.connection
         .emit_signal("/test", "News", &[], &Text::new("fromHost"))
         .await
         .unwrap();
     assert_eq!(
-        ask(&mut a, "signals-until News fromHost").await,
+        a.ask("signals-until News fromHost").await,
         format!("signals {host_unique}|fromHost"),
         "A got B's broadcast"
     );
     assert_eq!(
-        ask(&mut b2, "signals-until News fromHost").await,
+        b2.ask("signals-until News fromHost").await,
         format!("signals {b_unique}|fromB;{host_unique}|fromHost")
     );
 }
@@ -225,30 +225,27 @@ name = "{POD_OPEN}"
 
     // A sees OPEN and itself, nothing else (its probe makes a second
     // connection for signals below; that one it would see too).
-    let mut names = list_after(&ask(&mut a, "names").await, "names");
+    let mut names = list_after(&a.ask("names").await, "names");
     names.sort();
     assert_eq!(names, [a_unique.clone(), OPEN.to_owned()]);
 
     // A: Echo on OPEN works; every other method and name stays shut.
-    assert_eq!(
-        ask(&mut a, &format!("call {OPEN} Echo")).await,
-        "ok host Echo"
-    );
+    assert_eq!(a.ask(&format!("call {OPEN} Echo")).await, "ok host Echo");
     assert_refused(
-        &ask(&mut a, &format!("call {OPEN} Other")).await,
+        &a.ask(&format!("call {OPEN} Other")).await,
         ErrorCode::AccessDenied,
         "talk",
         "A calls OPEN.Other",
     );
     assert_refused(
-        &ask(&mut a, &format!("signal {OPEN} Poke")).await,
+        &a.ask(&format!("signal {OPEN} Poke")).await,
         ErrorCode::AccessDenied,
         "talk",
         "A signals OPEN.Poke",
     );
     for name in [CLOSED, POD_OPEN] {
         assert_refused(
-            &ask(&mut a, &format!("call {name} Echo")).await,
+            &a.ask(&format!("call {name} Echo")).await,
             ErrorCode::NameHasNoOwner,
             "",
             name,
@@ -256,26 +253,23 @@ name = "{POD_OPEN}"
     }
     // A unique name is covered only by `name = "*"`: OPEN's owner stays
     // unreachable under its unique name.
-    let open_owner = list_after(&ask(&mut a, &format!("owner {OPEN}")).await, "owner");
+    let open_owner = list_after(&a.ask(&format!("owner {OPEN}")).await, "owner");
     assert_eq!(open_owner, [open.connection.unique_name()]);
     assert_refused(
-        &ask(&mut a, &format!("call {} Echo", open_owner[0])).await,
+        &a.ask(&format!("call {} Echo", open_owner[0])).await,
         ErrorCode::NoSuchPeer,
         "",
         "A calls OPEN's owner by unique name",
     );
+    assert_eq!(a.ask(&format!("has-owner {OPEN}")).await, "has-owner true");
     assert_eq!(
-        ask(&mut a, &format!("has-owner {OPEN}")).await,
-        "has-owner true"
-    );
-    assert_eq!(
-        ask(&mut a, &format!("has-owner {CLOSED}")).await,
+        a.ask(&format!("has-owner {CLOSED}")).await,
         "has-owner false"
     );
 
     // Another Docker container gets nothing.
     assert_refused(
-        &ask(&mut c, &format!("call {OPEN} Echo")).await,
+        &c.ask(&format!("call {OPEN} Echo")).await,
         ErrorCode::NameHasNoOwner,
         "",
         "container C calls OPEN",
@@ -283,21 +277,21 @@ name = "{POD_OPEN}"
 
     // Pod K: any method of POD_OPEN, nothing else; another pod: nothing.
     assert_eq!(
-        ask(&mut k, &format!("call {POD_OPEN} Echo")).await,
+        k.ask(&format!("call {POD_OPEN} Echo")).await,
         "ok host Echo"
     );
     assert_eq!(
-        ask(&mut k, &format!("call {POD_OPEN} Other")).await,
+        k.ask(&format!("call {POD_OPEN} Other")).await,
         "ok host Other"
     );
     assert_refused(
-        &ask(&mut k, &format!("call {OPEN} Echo")).await,
+        &k.ask(&format!("call {OPEN} Echo")).await,
         ErrorCode::NameHasNoOwner,
         "",
         "pod K calls OPEN",
     );
     assert_refused(
-        &ask(&mut k2, &format!("call {POD_OPEN} Echo")).await,
+        &k2.ask(&format!("call {POD_OPEN} Echo")).await,
         ErrorCode::NameHasNoOwner,
         "",
         "another pod calls POD_OPEN",
@@ -336,7 +330,7 @@ async fn check_name_visibility(see_rule: bool) {
     let host = HostService::start(&bus, HOST).await;
     let mut a = probe_in(&box_a, &bus, Isolation::none(), "-").await;
     let a_unique = a.unique_name().to_owned();
-    assert_eq!(ask(&mut a, "watch").await, "watching");
+    assert_eq!(a.ask("watch").await, "watching");
 
     // B comes and goes with names while A watches.
     let mut b = probe_in(&box_b, &bus, Isolation::none(), NAME_B).await;
@@ -344,15 +338,15 @@ async fn check_name_visibility(see_rule: bool) {
     let mut b2 = probe_in(&box_b, &bus, Isolation::none(), "-").await;
     let b2_unique = b2.unique_name().to_owned();
     assert_eq!(
-        ask(&mut b2, &format!("request {NAME_B}")).await,
+        b2.ask(&format!("request {NAME_B}")).await,
         "request InQueue"
     );
     assert_eq!(
-        ask(&mut b, &format!("request {NAME_B2}")).await,
+        b.ask(&format!("request {NAME_B2}")).await,
         "request PrimaryOwner"
     );
     assert_eq!(
-        ask(&mut b, &format!("release {NAME_B2}")).await,
+        b.ask(&format!("release {NAME_B2}")).await,
         "release Released"
     );
     // Host root queues for B's name too: it sees the whole queue, B2
@@ -369,27 +363,27 @@ async fn check_name_visibility(see_rule: bool) {
         [&b_unique, &b2_unique, host.connection.unique_name()]
     );
     assert_eq!(
-        list_after(&ask(&mut b2, &format!("queued {NAME_B}")).await, "queued"),
+        list_after(&b2.ask(&format!("queued {NAME_B}")).await, "queued"),
         [b_unique.clone(), b2_unique.clone()]
     );
 
     // A's own name change comes last; it sees that one in any case.
     assert_eq!(
-        ask(&mut a, &format!("request {SENTINEL}")).await,
+        a.ask(&format!("request {SENTINEL}")).await,
         "request PrimaryOwner"
     );
     let changes = split_after(
-        &ask(&mut a, &format!("changes-until {SENTINEL}")).await,
+        &a.ask(&format!("changes-until {SENTINEL}")).await,
         "changes",
         ';',
     );
-    let mut names = list_after(&ask(&mut a, "names").await, "names");
+    let mut names = list_after(&a.ask("names").await, "names");
     names.sort();
-    let has_owner = ask(&mut a, &format!("has-owner {NAME_B}")).await;
-    let owner = ask(&mut a, &format!("owner {NAME_B}")).await;
-    let owner_of_unique = ask(&mut a, &format!("owner {b_unique}")).await;
-    let queued = ask(&mut a, &format!("queued {NAME_B}")).await;
-    let call = ask(&mut a, &format!("call {NAME_B} Echo")).await;
+    let has_owner = a.ask(&format!("has-owner {NAME_B}")).await;
+    let owner = a.ask(&format!("owner {NAME_B}")).await;
+    let owner_of_unique = a.ask(&format!("owner {b_unique}")).await;
+    let queued = a.ask(&format!("queued {NAME_B}")).await;
+    let call = a.ask(&format!("call {NAME_B} Echo")).await;
 
     let sentinel = format!("{SENTINEL}||{a_unique}");
     if see_rule {
@@ -449,10 +443,7 @@ async fn check_name_visibility(see_rule: bool) {
         assert_refused(&call, ErrorCode::NameHasNoOwner, "", "A calls B");
     }
     // The host's name and unique name stay hidden either way.
-    assert_eq!(
-        ask(&mut a, &format!("has-owner {HOST}")).await,
-        "has-owner false"
-    );
+    assert_eq!(a.ask(&format!("has-owner {HOST}")).await, "has-owner false");
     assert!(
         !names
             .iter()
@@ -555,17 +546,17 @@ max-bytes = {CAP}
     let mut c1 = probe_in(&box_c, &bus, Isolation::none(), SINK_C).await;
     let mut c2 = probe_in(&box_c, &bus, Isolation::none(), "-").await;
     assert_eq!(
-        ask(&mut a2, &format!("call {SINK_A} Echo")).await,
+        a2.ask(&format!("call {SINK_A} Echo")).await,
         "ok Echo fds=0 memfds=0"
     );
     assert_refused(
-        &ask(&mut a2, &format!("call-fd {SINK_A} Echo")).await,
+        &a2.ask(&format!("call-fd {SINK_A} Echo")).await,
         ErrorCode::AccessDenied,
         "pass-fds",
         "A passes a pipe inside A",
     );
     assert_eq!(
-        ask(&mut c2, &format!("call-fd {SINK_C} Echo")).await,
+        c2.ask(&format!("call-fd {SINK_C} Echo")).await,
         "ok Echo fds=1 memfds=0"
     );
     assert_eq!(
@@ -684,7 +675,7 @@ async fn eavesdropping_needs_the_monitor_right() {
     let (mut nobody, _) = probe_as_uid(&bus, 65534, "-").await;
     for (peer, what) in [(&mut *a, "root in a container"), (&mut nobody, "uid 65534")] {
         let message = assert_refused(
-            &ask(peer, "eavesdrop").await,
+            &peer.ask("eavesdrop").await,
             ErrorCode::AccessDenied,
             "monitor",
             what,
@@ -711,7 +702,7 @@ async fn eavesdropping_needs_the_monitor_right() {
     let mut b = probe_in(&box_b, &bus, Isolation::none(), NAME_B).await;
     let mut b2 = probe_in(&box_b, &bus, Isolation::none(), "-").await;
     assert_eq!(
-        ask(&mut b2, &format!("call {NAME_B} Echo")).await,
+        b2.ask(&format!("call {NAME_B} Echo")).await,
         "ok Echo fds=0 memfds=0"
     );
     let copy = expect_signal(&mut copies, TIMEOUT).await;
@@ -727,7 +718,7 @@ async fn eavesdropping_needs_the_monitor_right() {
     assert_eq!(copy.sender().unique_name, b2.unique_name());
     assert_eq!(copy.decode::<Text>().unwrap().text, "probe");
     // One call, one copy, answered once, by its callee.
-    assert_eq!(ask(&mut b2, "ping").await, "pong");
+    assert_eq!(b2.ask("ping").await, "pong");
     monitor.ping().await.unwrap();
     assert!(drain_signals(&mut copies).is_empty());
     assert_eq!(

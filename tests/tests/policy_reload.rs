@@ -35,8 +35,8 @@ use pbus_proto::v1::ErrorCode;
 use pbus_tests::containers::{ContainerView, Isolation, Shape};
 use pbus_tests::{require_root, signal_pid, unique_names, TestBus, TIMEOUT};
 use policy_support::{
-    ask, assert_refused, by_id, container, pbusctl, probe_as_uid, probe_in, rule_line, texts,
-    HostService, PolicyDir,
+    assert_refused, by_id, container, pbusctl, pbusctl_first_line, probe_as_uid, probe_in,
+    rule_line, texts, HostService, PolicyDir,
 };
 
 const FLIP: &str = "org.pbus.test.reload.Flip";
@@ -58,7 +58,7 @@ fn hang_up(bus: &TestBus) {
 async fn ask_until(peer: &mut pbus_tests::PeerProcess, command: &str, expected: &str) {
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let answer = ask(peer, command).await;
+        let answer = peer.ask(command).await;
         if answer == expected {
             return;
         }
@@ -99,9 +99,9 @@ async fn reload_applies_new_rules_to_connected_peers_without_dropping_them() {
     };
     let call_flip = format!("call {FLIP} Echo");
     let call_flop = format!("call {FLOP} Echo");
-    assert_eq!(ask(&mut a, &call_flip).await, ok);
-    refused(&ask(&mut a, &call_flop).await, &denied("A", FLOP));
-    refused(&ask(&mut n, &call_flop).await, &denied("uid 65534", FLOP));
+    assert_eq!(a.ask(&call_flip).await, ok);
+    refused(&a.ask(&call_flop).await, &denied("A", FLOP));
+    refused(&n.ask(&call_flop).await, &denied("uid 65534", FLOP));
 
     // 1. SIGHUP: FLOP opens to A and to uid 65534, FLIP closes.
     policy.write(
@@ -110,8 +110,8 @@ async fn reload_applies_new_rules_to_connected_peers_without_dropping_them() {
     );
     hang_up(&bus);
     ask_until(&mut a, &call_flop, ok).await;
-    refused(&ask(&mut a, &call_flip).await, &denied("A", FLIP));
-    assert_eq!(ask(&mut n, &call_flop).await, ok);
+    refused(&a.ask(&call_flip).await, &denied("A", FLIP));
+    assert_eq!(n.ask(&call_flop).await, ok);
 
     // 2. `pbusctl policy reload`: back to FLIP for A, FLOP shut again.
     policy.write("50-flip.toml", &open_to(&subject_a, FLIP));
@@ -126,9 +126,9 @@ async fn reload_applies_new_rules_to_connected_peers_without_dropping_them() {
             before.len() + 1
         )
     );
-    assert_eq!(ask(&mut a, &call_flip).await, ok);
-    refused(&ask(&mut a, &call_flop).await, &denied("A", FLOP));
-    refused(&ask(&mut n, &call_flop).await, &denied("uid 65534", FLOP));
+    assert_eq!(a.ask(&call_flip).await, ok);
+    refused(&a.ask(&call_flop).await, &denied("A", FLOP));
+    refused(&n.ask(&call_flop).await, &denied("uid 65534", FLOP));
 
     // 3. Connection::reload_policy: nothing but the built-in default.
     // (First wait until the bus has seen pbusctl go, so the peer count is
@@ -144,11 +144,11 @@ async fn reload_applies_new_rules_to_connected_peers_without_dropping_them() {
         (reply.files, reply.rules, reply.peers, reply.builtin),
         (1, 7, 5, true)
     );
-    refused(&ask(&mut a, &call_flip).await, &denied("A", FLIP));
+    refused(&a.ask(&call_flip).await, &denied("A", FLIP));
 
     // Nobody was dropped or renamed; the bus still knows A as A.
-    assert_eq!(ask(&mut a, "ping").await, "pong");
-    assert_eq!(ask(&mut n, "ping").await, "pong");
+    assert_eq!(a.ask("ping").await, "pong");
+    assert_eq!(n.ask("ping").await, "pong");
     for connection in [&root, &flip.connection, &flop.connection] {
         assert!(!connection.is_closed());
         connection.ping().await.unwrap();
@@ -181,7 +181,7 @@ async fn a_bad_policy_is_refused_and_the_old_one_keeps_deciding() {
     let _open = HostService::start(&bus, OPEN).await;
     let mut a = probe_in(&box_a, &bus, Isolation::none(), "-").await;
     let call_open = format!("call {OPEN} Echo");
-    assert_eq!(ask(&mut a, &call_open).await, "ok host Echo");
+    assert_eq!(a.ask(&call_open).await, "ok host Echo");
 
     // Were the new files taken, A would lose OPEN: 50-open.toml is
     // emptied. But one file does not parse and another has a bad rule.
@@ -213,7 +213,7 @@ async fn a_bad_policy_is_refused_and_the_old_one_keeps_deciding() {
         )),
         "no {invalid} in {message}"
     );
-    assert_eq!(ask(&mut a, &call_open).await, "ok host Echo");
+    assert_eq!(a.ask(&call_open).await, "ok host Echo");
 
     // `pbusctl policy reload`: the same, with a failing exit status.
     let output = pbusctl(Some(&bus), &["policy", "reload"]);
@@ -238,8 +238,8 @@ async fn a_bad_policy_is_refused_and_the_old_one_keeps_deciding() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(ask(&mut a, &call_open).await, "ok host Echo");
-    assert_eq!(ask(&mut a, "ping").await, "pong");
+    assert_eq!(a.ask(&call_open).await, "ok host Echo");
+    assert_eq!(a.ask("ping").await, "pong");
 
     // Fixed files load, and only now does A lose OPEN.
     policy.remove("60-bad.toml");
@@ -247,7 +247,7 @@ async fn a_bad_policy_is_refused_and_the_old_one_keeps_deciding() {
     let reply = root.reload_policy().await.expect("the fixed policy loads");
     assert_eq!((reply.files, reply.rules), (1, 7));
     assert_refused(
-        &ask(&mut a, &call_open).await,
+        &a.ask(&call_open).await,
         ErrorCode::NameHasNoOwner,
         "",
         "A calls OPEN under the fixed policy",
@@ -334,7 +334,7 @@ member = "Purge"
     let mut a = probe_in(&box_a, &bus, Isolation::none(), "-").await;
     let mut c = probe_in(&box_c, &bus, Isolation::none(), "-").await;
     let explain = |subject: &str, member: &str| {
-        let output = pbusctl(
+        pbusctl_first_line(
             Some(&bus),
             &[
                 "policy",
@@ -346,13 +346,8 @@ member = "Purge"
                 "--member",
                 member,
             ],
-        );
-        let (stdout, stderr) = texts(&output);
-        assert!(
-            output.status.success(),
-            "explain {subject} {member}: {stderr}"
-        );
-        stdout.lines().next().unwrap_or_default().to_owned()
+            &format!("explain {subject} {member}"),
+        )
     };
     let allowed_by = |line: u32, right: &str| {
         format!("{right} allowed: allowed by the most specific matching rule ({file}:{line}: allow {right} ")
@@ -370,24 +365,21 @@ member = "Purge"
         "talk denied: no rule lets this peer talk to the receiver"
     );
     // The bus does what explain says.
-    assert_eq!(
-        ask(&mut a, &format!("call {OPEN} Echo")).await,
-        "ok host Echo"
-    );
+    assert_eq!(a.ask(&format!("call {OPEN} Echo")).await, "ok host Echo");
     assert_refused(
-        &ask(&mut a, &format!("call {OPEN} Purge")).await,
+        &a.ask(&format!("call {OPEN} Purge")).await,
         ErrorCode::AccessDenied,
         "talk",
         "A calls Purge",
     );
     assert_refused(
-        &ask(&mut c, &format!("call {OPEN} Echo")).await,
+        &c.ask(&format!("call {OPEN} Echo")).await,
         ErrorCode::NameHasNoOwner,
         "",
         "C calls OPEN",
     );
     // A peer may ask about itself, also from inside a container.
-    let answer = ask(&mut a, &format!("explain - see {OPEN} -")).await;
+    let answer = a.ask(&format!("explain - see {OPEN} -")).await;
     assert!(
         answer.starts_with(&format!(
             "explain allowed {file}:{see_line}: allow see subject{{"
@@ -418,7 +410,7 @@ member = "Purge"
 
     // explain, offline: identities described on the command line.
     let offline = |subject: &str, right: &str, member: &str| {
-        let output = pbusctl(
+        pbusctl_first_line(
             None,
             &[
                 "policy",
@@ -436,13 +428,8 @@ member = "Purge"
                 "--member",
                 member,
             ],
-        );
-        let (stdout, stderr) = texts(&output);
-        assert!(
-            output.status.success(),
-            "offline explain {subject}: {stderr}"
-        );
-        stdout.lines().next().unwrap_or_default().to_owned()
+            &format!("offline explain {subject}"),
+        )
     };
     let spec_a = format!("uid=0,container=docker:{}", box_a.id());
     let spec_c = format!("uid=0,container=docker:{}", box_c.id());
@@ -498,32 +485,34 @@ async fn policy_administration_is_for_root_on_the_host_only() {
         (&mut n1, n2_unique.as_str(), "uid 65534 on the host"),
     ] {
         assert_refused(
-            &ask(peer, "reload").await,
+            &peer.ask("reload").await,
             ErrorCode::AccessDenied,
             "reload",
             what,
         );
         assert_refused(
-            &ask(peer, &call_open).await,
+            &peer.ask(&call_open).await,
             ErrorCode::NameHasNoOwner,
             "",
             &format!("{what}: the refused reload changed the policy"),
         );
         // Explaining another (visible) peer is for root; oneself is fine.
         assert_refused(
-            &ask(peer, &format!("explain {other} monitor - -")).await,
+            &peer.ask(&format!("explain {other} monitor - -")).await,
             ErrorCode::AccessDenied,
             "monitor",
             what,
         );
         assert_eq!(
-            ask(peer, "explain - monitor - -").await,
+            peer.ask("explain - monitor - -").await,
             "explain denied -",
             "{what}"
         );
         // A peer it may not see is not even found.
         assert_refused(
-            &ask(peer, &format!("explain {} monitor - -", root.unique_name())).await,
+            &peer
+                .ask(&format!("explain {} monitor - -", root.unique_name()))
+                .await,
             ErrorCode::NoSuchPeer,
             "",
             what,
@@ -544,24 +533,24 @@ async fn policy_administration_is_for_root_on_the_host_only() {
         ContainerView::unknown()
     );
     assert_refused(
-        &ask(&mut u, "reload").await,
+        &u.ask("reload").await,
         ErrorCode::AccessDenied,
         "reload",
         "root in an unknown container",
     );
-    let stats = ask(&mut u, "stats").await;
+    let stats = u.ask("stats").await;
     assert_eq!(stats, format!("stats peers={u_unique} uids=-"));
 
     // GetStats shows them only the peers they may see, and no per-uid rows
     // (those count peers they may not see).
-    let stats = ask(&mut a, "stats").await;
+    let stats = a.ask("stats").await;
     let (peers, uids) = stats
         .strip_prefix("stats peers=")
         .and_then(|rest| rest.split_once(" uids="))
         .unwrap_or_else(|| panic!("{stats}"));
     assert_eq!(peers, format!("{a_unique},{a2_unique}"), "{stats}");
     assert_eq!(uids, "-", "{stats}");
-    let stats = ask(&mut n1, "stats").await;
+    let stats = n1.ask("stats").await;
     assert_eq!(stats, format!("stats peers={n1_unique},{n2_unique} uids=-"));
 
     // Root on the host: all of it, and its reload installs the rules.
@@ -590,7 +579,7 @@ async fn policy_administration_is_for_root_on_the_host_only() {
         )),
         "{explained:?}"
     );
-    assert_eq!(ask(&mut a, &call_open).await, "ok host Echo");
-    assert_eq!(ask(&mut n1, &call_open).await, "ok host Echo");
+    assert_eq!(a.ask(&call_open).await, "ok host Echo");
+    assert_eq!(n1.ask(&call_open).await, "ok host Echo");
     assert_eq!(service.calls().len(), 2);
 }

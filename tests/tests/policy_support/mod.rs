@@ -126,11 +126,6 @@ pub async fn probe_as_uid(bus: &TestBus, uid: u32, name: &str) -> (PeerProcess, 
     (process, unique_name)
 }
 
-/// Asks a probe and returns its answer line.
-pub async fn ask(peer: &mut PeerProcess, command: &str) -> String {
-    peer.ask(command).await
-}
-
 /// Asserts `line` is `error <code> <name of code> <detail> ...`; returns
 /// the message (the rest of the line).
 pub fn assert_refused(line: &str, code: ErrorCode, detail: &str, what: &str) -> String {
@@ -236,6 +231,15 @@ pub fn pbusctl(bus: Option<&TestBus>, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run pbusctl")
+}
+
+/// Runs `pbusctl ARGS` like [`pbusctl`], asserts that it succeeds (naming
+/// `what`) and returns the first line it printed.
+pub fn pbusctl_first_line(bus: Option<&TestBus>, args: &[&str], what: &str) -> String {
+    let output = pbusctl(bus, args);
+    let (stdout, stderr) = texts(&output);
+    assert!(output.status.success(), "{what}: {stderr}");
+    stdout.lines().next().unwrap_or_default().to_owned()
 }
 
 /// Stdout and stderr of `output` as text.
