@@ -579,10 +579,17 @@ impl RawClient {
 
     /// `AddMatch`; panics if the bus refuses the rule.
     pub async fn add_match(&mut self, rule: MatchRule) {
-        let _: pbus_proto::v1::Empty = self
-            .bus_call("AddMatch", &AddMatchRequest { rule: Some(rule) })
+        self.try_add_match(rule)
             .await
             .unwrap_or_else(|error| panic!("AddMatch refused: {error:?}"));
+    }
+
+    /// `AddMatch`, which the bus may refuse.
+    pub async fn try_add_match(&mut self, rule: MatchRule) -> Result<(), ErrorInfo> {
+        let _: pbus_proto::v1::Empty = self
+            .bus_call("AddMatch", &AddMatchRequest { rule: Some(rule) })
+            .await?;
+        Ok(())
     }
 
     /// `RemoveMatch`.

@@ -2,14 +2,17 @@
 //! errors, the bus's routing errors (NameHasNoOwner, NoSuchPeer,
 //! UnknownMethod from a peer and from the bus itself), and how pending
 //! calls end when the callee disconnects (NoReply) or never answers
-//! (Timeout, enforced by the bus).
+//! (Timeout, enforced by the bus). Calls and signals with a zero serial,
+//! a malformed member or path, a reused pending serial or the
+//! MONITOR_COPY flag only the bus may set are refused with InvalidArgs.
 #![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
 
 use pbus::{Connection, Error, MethodError};
-use pbus_proto::v1::{ErrorCode, PingReply, PingRequest};
+use pbus_proto::v1::{ErrorCode, Header, HeaderFlag, MessageKind, PingReply, PingRequest};
 use pbus_proto::BUS_NAME;
+use pbus_tests::frames::{assert_error, call_header, signal_header};
 use pbus_tests::messages::Text;
 use pbus_tests::{within, TestBus, TIMEOUT};
 use prost::Name;
@@ -308,4 +311,128 @@ async fn a_panicking_handler_fails_its_call_and_the_service_keeps_serving() {
         .unwrap();
     assert_eq!(reply.text, "still here");
     assert!(!service.is_closed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_calls_and_signals_are_refused_with_invalid_args() {
+    let bus = TestBus::start();
+    let mut callee = bus.raw().await;
+    let callee_name = callee.unique_name().to_owned();
+    let mut sender = bus.raw().await;
+
+    let with_path = |path: &str, header: Header| Header {
+        path: path.to_owned(),
+        ..header
+    };
+    let flagged_monitor_copy = |header: Header| Header {
+        flags: HeaderFlag::MonitorCopy as u32,
+        ..header
+    };
+    let cases = [
+        (
+            "a call with serial 0",
+            call_header(0, &callee_name, "Echo"),
+            "non-zero serial",
+        ),
+        (
+            "a call with no member",
+            call_header(sender.next_serial(), &callee_name, ""),
+            "invalid member name",
+        ),
+        (
+            "a call to a member starting with a digit",
+            call_header(sender.next_serial(), &callee_name, "1Echo"),
+            "invalid member name",
+        ),
+        (
+            "a call with a relative path",
+            with_path(
+                "a/b",
+                call_header(sender.next_serial(), &callee_name, "Echo"),
+            ),
+            "invalid object path",
+        ),
+        (
+            "a call with a trailing slash in its path",
+            with_path(
+                "/a/",
+                call_header(sender.next_serial(), &callee_name, "Echo"),
+            ),
+            "invalid object path",
+        ),
+        (
+            "a unicast signal with no member",
+            signal_header(sender.next_serial(), &callee_name, "/s", ""),
+            "invalid member name",
+        ),
+        (
+            "a unicast signal with a relative path",
+            signal_header(sender.next_serial(), &callee_name, "s", "Poke"),
+            "invalid object path",
+        ),
+        (
+            "a broadcast with a member holding a dash",
+            signal_header(sender.next_serial(), "", "/s", "Po-ke"),
+            "invalid member name",
+        ),
+        (
+            "a call flagged MONITOR_COPY",
+            flagged_monitor_copy(call_header(sender.next_serial(), &callee_name, "Echo")),
+            "MONITOR_COPY",
+        ),
+        (
+            "a broadcast flagged MONITOR_COPY",
+            flagged_monitor_copy(signal_header(sender.next_serial(), "", "/s", "Poke")),
+            "MONITOR_COPY",
+        ),
+    ];
+    for (what, header, says) in cases {
+        sender.send(&header, &[]).await.unwrap();
+        let answer = sender
+            .recv_reply(header.serial, TIMEOUT)
+            .await
+            .unwrap_or_else(|error| panic!("{what}: {error}"));
+        assert_error(&answer, ErrorCode::InvalidArgs, None, what);
+        let message = &answer.error().unwrap().message;
+        assert!(message.contains(says), "{what}: {message:?} lacks {says:?}");
+        assert_eq!(answer.sender_name(), BUS_NAME, "{what}");
+    }
+
+    // A call reusing the serial of one still waiting for its reply is
+    // refused; the first one still gets exactly its one answer.
+    let serial = sender
+        .send_call(&callee_name, "Slow", "", &[], 0)
+        .await
+        .unwrap();
+    let first = callee.recv_call(TIMEOUT).await.unwrap();
+    assert_eq!(first.header.serial, serial);
+    sender
+        .send(&call_header(serial, &callee_name, "Again"), &[])
+        .await
+        .unwrap();
+    let answer = sender.recv_reply(serial, TIMEOUT).await.unwrap();
+    assert_error(
+        &answer,
+        ErrorCode::InvalidArgs,
+        None,
+        "a call reusing a pending serial",
+    );
+    let message = &answer.error().unwrap().message;
+    assert!(message.contains("already waiting"), "{message:?}");
+    callee
+        .send_reply(sender.unique_name(), serial, "", &[])
+        .await
+        .unwrap();
+    let reply = sender.recv_reply(serial, TIMEOUT).await.unwrap();
+    assert_eq!(reply.kind(), MessageKind::MethodReturn, "{reply:?}");
+    assert_eq!(reply.sender_name(), callee_name);
+
+    // The callee was sent only the one good call; both stay connected.
+    let delivered = callee.take_delivered().await;
+    assert!(
+        delivered.is_empty(),
+        "malformed frames were delivered: {delivered:?}"
+    );
+    let extra = sender.take_delivered().await;
+    assert!(extra.is_empty(), "the sender was sent {extra:?}");
 }

@@ -3,7 +3,8 @@
 //! and argument equality each let through exactly the matching signals and
 //! no others; two subscriptions on one connection each get only their own;
 //! RemoveMatch (and dropping a stream) stops delivery; unicast signals
-//! reach only their destination.
+//! reach only their destination; malformed rules are refused with
+//! InvalidArgs and take no slot.
 //!
 //! Nothing here sleeps to decide that a signal did not come: every emitter
 //! makes a round trip through the bus after emitting, then a sentinel
@@ -12,7 +13,8 @@
 #![forbid(unsafe_code)]
 
 use pbus::{Connection, MatchRule as ClientRule, Outgoing, RequestNameFlags};
-use pbus_proto::v1::{ArgMatch, MatchRule, MessageKind};
+use pbus_proto::v1::{ArgMatch, ErrorCode, MatchRule, MessageKind};
+use pbus_tests::frames::peer_stats;
 use pbus_tests::messages::Text;
 use pbus_tests::{drain_signals, expect_signal, own_name, RawClient, RawMessage, TestBus, TIMEOUT};
 
@@ -433,4 +435,99 @@ async fn unicast_signals_reach_only_their_destination() {
     assert_eq!(got[0].decode::<Text>().text, "to-third");
     assert_eq!(got[0].header.destination, third.unique_name());
     assert_eq!(got[0].sender_name(), emitter.unique_name());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_match_rules_are_refused() {
+    let bus = TestBus::start();
+    let observer = bus.connect().await;
+    let mut client = bus.raw().await;
+    let cases = [
+        (
+            "a sender that is no bus name",
+            MatchRule {
+                sender: "nodots".into(),
+                ..rule()
+            },
+            "invalid bus name",
+        ),
+        (
+            "a relative path",
+            MatchRule {
+                path: "a/b".into(),
+                ..rule()
+            },
+            "invalid object path",
+        ),
+        (
+            "a path with a trailing slash",
+            MatchRule {
+                path: "/a/".into(),
+                ..rule()
+            },
+            "invalid object path",
+        ),
+        (
+            "a path namespace without a path",
+            MatchRule {
+                path_namespace: true,
+                ..rule()
+            },
+            "path_namespace needs a path",
+        ),
+        (
+            "a member with a dash",
+            MatchRule {
+                member: "Al-pha".into(),
+                ..rule()
+            },
+            "invalid member name",
+        ),
+        (
+            "an argument index above 63",
+            with_args(rule(), &[(64, "x")]),
+            "argument index above 63",
+        ),
+        (
+            "an argument index given twice",
+            with_args(rule(), &[(1, "x"), (1, "y")]),
+            "argument index given twice",
+        ),
+    ];
+    for (what, rule, says) in cases {
+        let error = client.try_add_match(rule.clone()).await.expect_err(what);
+        assert_eq!(
+            error.code,
+            ErrorCode::InvalidArgs as i32,
+            "{what}: {error:?}"
+        );
+        assert!(
+            error.message.contains(says),
+            "{what}: {error:?} lacks {says:?}"
+        );
+        // Nothing was added, so there is nothing to remove either.
+        let error = client.remove_match(rule).await.expect_err(what);
+        assert_eq!(
+            error.code,
+            ErrorCode::InvalidArgs as i32,
+            "{what}: {error:?}"
+        );
+    }
+    let stats = peer_stats(&observer, client.unique_name()).await;
+    assert_eq!(stats.match_rules, 0, "{stats:?}");
+    // The connection is unharmed: a good rule still works.
+    client
+        .add_match(MatchRule {
+            member: "Alpha".into(),
+            ..rule()
+        })
+        .await;
+    emit(&observer, "/x", "Alpha", &[], "after").await;
+    let signal = client
+        .recv_until(TIMEOUT, |frame| {
+            frame.kind() == MessageKind::Signal && !frame.is_bus_signal()
+        })
+        .await
+        .unwrap();
+    assert_eq!(signal.decode::<Text>().text, "after");
 }
