@@ -115,12 +115,7 @@ async fn run(args: &[String]) -> Result<(), String> {
     if let Some(result) = run_unconnected(socket, command, rest) {
         return result;
     }
-    let connection = Connection::builder()
-        .address(Address::unix(socket))
-        .client_name("pbus-test-peer")
-        .build()
-        .await
-        .map_err(|error| format!("cannot connect to {socket}: {error}"))?;
+    let connection = connect_library(socket).await?;
     match (command.as_str(), rest) {
         ("serve", [name]) => serve(&connection, name).await?,
         ("call", [destination, method, text]) => call(&connection, destination, method, text).await,
@@ -132,13 +127,15 @@ async fn run(args: &[String]) -> Result<(), String> {
 }
 
 async fn serve(connection: &Connection, name: &str) -> Result<(), String> {
-    let result = connection
-        .request_name(name, RequestNameFlags::default())
-        .await
-        .map_err(|error| format!("RequestName {name}: {error}"))?;
-    if result != RequestNameResult::PrimaryOwner {
-        return Err(format!("{name} is taken: {result:?}"));
-    }
+    own(connection, name).await?;
+    serve_who_am_i(connection)?;
+    println!("ready {}", connection.unique_name());
+    Ok(())
+}
+
+/// Answers `WhoAmI` calls with this process's own ids and the caller as
+/// the bus stamped it.
+fn serve_who_am_i(connection: &Connection) -> Result<(), String> {
     connection
         .serve(
             "WhoAmI",
@@ -149,9 +146,7 @@ async fn serve(connection: &Connection, name: &str) -> Result<(), String> {
                 Ok(identity)
             },
         )
-        .map_err(|error| error.to_string())?;
-    println!("ready {}", connection.unique_name());
-    Ok(())
+        .map_err(|error| error.to_string())
 }
 
 async fn call(connection: &Connection, destination: &str, method: &str, text: &str) {
@@ -190,6 +185,22 @@ fn own_identity() -> Identity {
     }
 }
 
+/// The lines of stdin, read on a thread of their own; the channel ends
+/// with stdin.
+fn stdin_lines() -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    use std::io::BufRead;
+    let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
 async fn wait_for_stdin_eof() {
     let _ = tokio::task::spawn_blocking(|| {
         let mut sink = Vec::new();
@@ -216,23 +227,17 @@ fn connect_and_exit(socket: &str, hand_over: bool) -> Result<(), String> {
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
 
-    use pbus_proto::v1::{Feature, Header, Hello, MessageKind};
-    use prost::{Message, Name};
+    use pbus_proto::v1::Feature;
 
     let mut stream = UnixStream::connect(socket)
         .map_err(|error| format!("cannot connect to {socket}: {error}"))?;
-    let header = Header {
-        kind: MessageKind::Hello as i32,
-        payload_type: Hello::full_name(),
-        ..Header::default()
-    };
-    let hello = Hello {
-        protocol_version: pbus_proto::PROTOCOL_VERSION,
-        features: Feature::FdPassing as u32,
-        client_name: "pbus-test-peer (gone at once)".into(),
-    };
+    let (header, hello) = pbus_tests::frames::hello(
+        pbus_proto::PROTOCOL_VERSION,
+        Feature::FdPassing as u32,
+        "pbus-test-peer (gone at once)",
+    );
     let mut frame = Vec::new();
-    pbus_proto::frame::encode_frame(&mut frame, &header, &hello.encode_to_vec(), 0);
+    pbus_proto::frame::encode_frame(&mut frame, &header, &hello, 0);
     stream
         .write_all(&frame)
         .map_err(|error| format!("cannot send HELLO: {error}"))?;
@@ -255,38 +260,12 @@ fn connect_and_exit(socket: &str, hand_over: bool) -> Result<(), String> {
 /// `interact`: serve WhoAmI (owning `name` unless it is `-`), then answer
 /// the commands on stdin until it closes.
 async fn interact(connection: &Connection, name: &str) -> Result<(), String> {
-    use std::io::BufRead;
-
     if name != "-" {
-        let result = connection
-            .request_name(name, RequestNameFlags::default())
-            .await
-            .map_err(|error| format!("RequestName {name}: {error}"))?;
-        if result != RequestNameResult::PrimaryOwner {
-            return Err(format!("{name} is taken: {result:?}"));
-        }
+        own(connection, name).await?;
     }
-    connection
-        .serve(
-            "WhoAmI",
-            |_request: Text, call: pbus::MethodCall| async move {
-                let mut identity = own_identity();
-                identity.unique_name = call.connection.unique_name().to_owned();
-                identity.caller = Some(call.incoming.sender().clone());
-                Ok(identity)
-            },
-        )
-        .map_err(|error| error.to_string())?;
+    serve_who_am_i(connection)?;
     println!("ready {}", connection.unique_name());
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut lines = stdin_lines();
     let mut streams: std::collections::HashMap<String, pbus::SignalStream> =
         std::collections::HashMap::new();
     while let Some(line) = lines.recv().await {
@@ -333,6 +312,11 @@ fn or_dash(value: &str) -> &str {
     } else {
         value
     }
+}
+
+/// `<detail> <message>` of an error, each `-` when empty.
+fn detail_and_message(info: &pbus_proto::v1::ErrorInfo) -> String {
+    format!("{} {}", or_dash(&info.detail), or_dash(&info.message))
 }
 
 fn container_words(container: Option<&pbus_proto::v1::ContainerInfo>) -> String {
@@ -487,10 +471,8 @@ async fn send_fds(socket: &str, destination: &str, count: usize) -> Result<(), S
     use pbus_tests::RawError;
     let mut client = connect_raw(socket).await?;
     let fds = pbus_tests::fdkit::dev_nulls(count);
-    let serial = client.next_serial();
-    let header = pbus_tests::frames::call_header(serial, destination, "Take");
-    client
-        .send_with_fds(&header, &[], &pbus_tests::fdkit::borrow_all(&fds))
+    let serial = client
+        .send_call_with_fds(destination, "Take", &fds)
         .await
         .map_err(|error| format!("cannot send {count} fds: {error}"))?;
     drop(fds);
@@ -502,12 +484,7 @@ async fn send_fds(socket: &str, destination: &str, count: usize) -> Result<(), S
                     && matches!(frame.kind(), MessageKind::MethodReturn | MessageKind::Error) =>
             {
                 let info = frame.header.error.unwrap_or_default();
-                println!(
-                    "answer {} {} {}",
-                    info.code,
-                    or_dash(&info.detail),
-                    or_dash(&info.message)
-                );
+                println!("answer {} {}", info.code, detail_and_message(&info));
                 wait_for_stdin_eof().await;
                 return Ok(());
             }
@@ -517,12 +494,7 @@ async fn send_fds(socket: &str, destination: &str, count: usize) -> Result<(), S
             Ok(_) => {}
             Err(RawError::Closed) => {
                 let info = last_error.unwrap_or_default();
-                println!(
-                    "closed {} {} {}",
-                    info.code,
-                    or_dash(&info.detail),
-                    or_dash(&info.message)
-                );
+                println!("closed {} {}", info.code, detail_and_message(&info));
                 wait_for_stdin_eof().await;
                 return Ok(());
             }
@@ -532,7 +504,6 @@ async fn send_fds(socket: &str, destination: &str, count: usize) -> Result<(), S
 }
 
 async fn flood(socket: &str, destination: &str, size: usize, max: u64) -> Result<(), String> {
-    use pbus_proto::v1::MessageKind;
     let mut client = connect_raw(socket).await?;
     // Serials from 1000 on encode in two bytes, so every frame of the
     // flood has the same size (and the same quota charge).
@@ -544,17 +515,11 @@ async fn flood(socket: &str, destination: &str, size: usize, max: u64) -> Result
             .send_signal(destination, "/org/pbus/test/flood", "Flood", &[], &body)
             .await
             .map_err(|error| format!("send: {error}"))?;
-        client.sync().await;
-        let refusal = client.take_inbox().into_iter().find(|frame| {
-            frame.kind() == MessageKind::Error && frame.header.reply_serial == serial
-        });
-        if let Some(frame) = refusal {
-            let info = frame.header.error.unwrap_or_default();
+        if let Some(info) = client.refusal_of(serial).await {
             println!(
-                "flooded {accepted} {} {} {}",
+                "flooded {accepted} {} {}",
                 info.code,
-                or_dash(&info.detail),
-                or_dash(&info.message)
+                detail_and_message(&info)
             );
             wait_for_stdin_eof().await;
             return Ok(());
@@ -650,7 +615,6 @@ async fn next_signal(stream: &mut pbus::SignalStream) -> String {
 /// and local failures have code 0.
 async fn policy_probe(socket: &str, name: &str) -> Result<(), String> {
     use std::collections::BTreeMap;
-    use std::io::BufRead;
     use std::sync::{Arc, Mutex};
 
     type Counts = Arc<Mutex<BTreeMap<&'static str, u64>>>;
@@ -698,15 +662,7 @@ async fn policy_probe(socket: &str, name: &str) -> Result<(), String> {
         });
     }
     println!("ready {}", connection.unique_name());
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut lines = stdin_lines();
     let mut raw: Option<pbus_tests::RawClient> = None;
     let mut owner_changes: Option<pbus::SignalStream> = None;
     let mut streams: std::collections::HashMap<String, pbus::SignalStream> =
@@ -762,23 +718,14 @@ async fn policy_probe(socket: &str, name: &str) -> Result<(), String> {
                     .send_signal(destination, "/test", member, &[], &body)
                     .await
                     .map_err(|error| format!("send: {error}"))?;
-                client.sync().await;
-                let refusal = client.take_inbox().into_iter().find(|frame| {
-                    frame.kind() == pbus_proto::v1::MessageKind::Error
-                        && frame.header.reply_serial == serial
-                });
-                match refusal {
+                match client.refusal_of(serial).await {
                     None => "sent".to_owned(),
-                    Some(frame) => {
-                        let info = frame.header.error.unwrap_or_default();
-                        format!(
-                            "error {} {} {} {}",
-                            info.code,
-                            or_dash(&info.name),
-                            or_dash(&info.detail),
-                            or_dash(&info.message)
-                        )
-                    }
+                    Some(info) => format!(
+                        "error {} {} {}",
+                        info.code,
+                        or_dash(&info.name),
+                        detail_and_message(&info)
+                    ),
                 }
             }
             ["received"] => {
