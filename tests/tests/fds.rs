@@ -41,7 +41,7 @@ use pbus_tests::frames::{
     signal_header,
 };
 use pbus_tests::messages::Text;
-use pbus_tests::{expect_signal, own_name, TestBus, TIMEOUT};
+use pbus_tests::{expect_signal, own_name, RawClient, TestBus, TIMEOUT};
 use prost::Message;
 use tokio::sync::mpsc;
 
@@ -80,6 +80,30 @@ fn assert_indexes_written(probes: &[PipeProbe], what: &str) {
         let got = probe.read_exact_within(expected.len(), TIMEOUT);
         assert_eq!(got, expected.as_bytes(), "{what}: fd {index}");
     }
+}
+
+/// Sends [`index_writer`] (whose calls `served` reports) a `Take` call
+/// with `count` pipe write ends and checks that all arrived, in order,
+/// each the pipe it was meant to be, and that nobody kept any: the
+/// service drops them after its handler, the daemon after sending.
+async fn take_indexed_pipes(
+    sender: &mut RawClient,
+    served: &mut mpsc::UnboundedReceiver<usize>,
+    count: usize,
+    what: &str,
+) {
+    let (probes, write_ends) = PipeProbe::many(count);
+    let serial = sender
+        .send_call_with_fds(SERVICE, "Take", &write_ends)
+        .await
+        .unwrap();
+    drop(write_ends);
+    let reply = sender.recv_reply(serial, TIMEOUT).await.unwrap();
+    assert_eq!(reply.kind(), MessageKind::MethodReturn, "{what}: {reply:?}");
+    assert_eq!(reply.decode::<Text>().text, count.to_string(), "{what}");
+    assert_eq!(served.recv().await, Some(count), "{what}");
+    assert_indexes_written(&probes, what);
+    wait_all_closed(&probes, &format!("{what} after delivery"), TIMEOUT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,19 +205,7 @@ async fn max_fds_per_message_arrive_and_one_more_is_refused() {
     let mut sender = bus.raw().await;
 
     // Exactly MAX: all arrive, in order, each the pipe it was meant to be.
-    let (probes, write_ends) = PipeProbe::many(MAX);
-    let serial = sender
-        .send_call_with_fds(SERVICE, "Take", &write_ends)
-        .await
-        .unwrap();
-    drop(write_ends);
-    let reply = sender.recv_reply(serial, TIMEOUT).await.unwrap();
-    assert_eq!(reply.kind(), MessageKind::MethodReturn, "{reply:?}");
-    assert_eq!(reply.decode::<Text>().text, MAX.to_string());
-    assert_indexes_written(&probes, "MAX fds");
-    // The service dropped them after its handler, the daemon after sending.
-    wait_all_closed(&probes, "MAX fds after delivery", TIMEOUT).await;
-    assert_eq!(served.recv().await, Some(MAX));
+    take_indexed_pipes(&mut sender, &mut served, MAX, "MAX fds").await;
 
     // MAX + 1 in a call, a unicast signal and a reply: refused, and every
     // fd is closed once we close ours.
@@ -310,18 +322,7 @@ async fn the_kernel_maximum_of_253_fds_arrives() {
     let (_service, mut served) = index_writer(&bus).await;
     let baseline = bus.settled_fd_count().await;
     let mut sender = bus.raw().await;
-    let (probes, write_ends) = PipeProbe::many(MAX);
-    let serial = sender
-        .send_call_with_fds(SERVICE, "Take", &write_ends)
-        .await
-        .unwrap();
-    drop(write_ends);
-    let reply = sender.recv_reply(serial, TIMEOUT).await.unwrap();
-    assert_eq!(reply.kind(), MessageKind::MethodReturn, "{reply:?}");
-    assert_eq!(reply.decode::<Text>().text, MAX.to_string());
-    assert_eq!(served.recv().await, Some(MAX));
-    assert_indexes_written(&probes, "253 fds");
-    wait_all_closed(&probes, "253 fds after delivery", TIMEOUT).await;
+    take_indexed_pipes(&mut sender, &mut served, MAX, "253 fds").await;
     drop(sender);
     bus.wait_for_fd_count(baseline, TIMEOUT).await;
 
