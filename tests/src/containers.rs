@@ -59,7 +59,7 @@ use pbus_proto::v1::{ContainerInfo, ContainerRuntime};
 
 use crate::messages::{Identity, Text};
 use crate::{
-    find_binary, signal_pid, test_peer_binary, unique_suffix, PeerProcess, TestBus, TIMEOUT,
+    pbusctl_binary, signal_pid, test_peer_binary, unique_suffix, PeerProcess, TestBus, TIMEOUT,
 };
 
 /// The cgroup layout of one kind of container, as its runtime creates it.
@@ -1289,23 +1289,10 @@ pub async fn who_am_i(observer: &Connection, name: &str) -> (SenderInfo, Identit
     (reply.sender().clone(), identity)
 }
 
-/// Environment variable naming the `pbusctl` binary, if it is not next to
-/// the test executable.
-pub const PBUSCTL_BIN_ENV: &str = "PBUSCTL_BIN";
-
-/// `pbusctl --json status NAME` against `bus`: its stdout, or `None` (with
-/// a printed note) when pbusctl is not built. Panics if it fails.
-pub fn pbusctl_status_json(bus: &TestBus, name: &str) -> Option<String> {
-    static NOTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let Some(binary) = find_binary("pbusctl", PBUSCTL_BIN_ENV) else {
-        if !NOTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            eprintln!(
-                "note: pbusctl is not built next to the tests (or named by {PBUSCTL_BIN_ENV}); \
-                 `pbusctl status --json` is not checked (build it with `cargo build -p pbusctl`)"
-            );
-        }
-        return None;
-    };
+/// `pbusctl --json status NAME` against `bus`: its stdout. Panics if
+/// pbusctl is not built or fails.
+pub fn pbusctl_status_json(bus: &TestBus, name: &str) -> String {
+    let binary = pbusctl_binary();
     let output = Command::new(&binary)
         .arg("--address")
         .arg(bus.address().to_string())
@@ -1319,15 +1306,13 @@ pub fn pbusctl_status_json(bus: &TestBus, name: &str) -> Option<String> {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    Some(String::from_utf8_lossy(&output.stdout).into_owned())
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Checks that `pbusctl --json status NAME` (the operator's view) reports
-/// the container `expected` and the pid `pid`, when pbusctl is built.
+/// the container `expected` and the pid `pid`.
 pub fn check_pbusctl_status(bus: &TestBus, name: &str, expected: &ContainerView, pid: u32) {
-    let Some(json) = pbusctl_status_json(bus, name) else {
-        return;
-    };
+    let json = pbusctl_status_json(bus, name);
     let runtime = expected
         .runtime
         .as_str_name()

@@ -47,6 +47,20 @@ pub fn find_binary(name: &str, env_var: &str) -> Option<PathBuf> {
     candidate.is_file().then_some(candidate)
 }
 
+/// Environment variable naming the `pbusctl` binary, if it is not next to
+/// the test executable.
+pub const PBUSCTL_BIN_ENV: &str = "PBUSCTL_BIN";
+
+/// The `pbusctl` binary under test. Panics with instructions if it is not
+/// built, like [`pbusd_binary`].
+pub fn pbusctl_binary() -> PathBuf {
+    find_binary("pbusctl", PBUSCTL_BIN_ENV).unwrap_or_else(|| {
+        panic!(
+            "the pbusctl binary was not found next to the test executable;              run `cargo build -p pbusd -p pbusctl` first (with the same CARGO_TARGET_DIR and              profile), use `cargo test --workspace`, or set {PBUSCTL_BIN_ENV}=/path/to/pbusctl"
+        )
+    })
+}
+
 /// The `pbusd` binary under test. Panics with instructions if it is not
 /// built: `cargo test --workspace` builds it, `cargo test -p pbus-tests`
 /// alone does not.

@@ -38,7 +38,9 @@ mod raw;
 pub mod services;
 pub mod wait;
 
-pub use daemon::{find_binary, pbusd_binary, pbusd_command, TestBus, TestBusBuilder};
+pub use daemon::{
+    find_binary, pbusctl_binary, pbusd_binary, pbusd_command, TestBus, TestBusBuilder,
+};
 pub use peer::{
     copy_executable, proc_status, setpriv_command, signal_pid, test_peer_binary, PeerProcess,
     ProcStatus, TEST_PEER_BIN_ENV,

@@ -16,10 +16,10 @@ use pbus::Connection;
 use pbus_proto::errors::error_name;
 use pbus_proto::v1::ErrorCode;
 use pbus_tests::containers::{
-    container_or_skip, ContainerPeer, FakeContainer, Isolation, Placement, Shape, PBUSCTL_BIN_ENV,
+    container_or_skip, ContainerPeer, FakeContainer, Isolation, Placement, Shape,
 };
 use pbus_tests::messages::Text;
-use pbus_tests::{find_binary, PeerProcess, TestBus, TIMEOUT};
+use pbus_tests::{pbusctl_binary, PeerProcess, TestBus, TIMEOUT};
 
 /// A directory of policy files (mode 0755), removed on drop.
 #[derive(Debug)]
@@ -207,16 +207,6 @@ impl HostService {
     pub fn calls(&self) -> Vec<(String, String)> {
         self.calls.lock().unwrap().clone()
     }
-}
-
-/// The `pbusctl` binary; panics if it is not built.
-pub fn pbusctl_binary() -> PathBuf {
-    find_binary("pbusctl", PBUSCTL_BIN_ENV).unwrap_or_else(|| {
-        panic!(
-            "pbusctl is not built next to the tests; run \
-             `cargo build -p pbusd -p pbusctl -p pbus-tests` with the same CARGO_TARGET_DIR"
-        )
-    })
 }
 
 /// Runs `pbusctl ARGS` (with `--address` of `bus` when given) and returns
