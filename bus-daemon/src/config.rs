@@ -69,6 +69,17 @@ pub struct Limits {
     pub max_fds_total: u64,
     /// Incomplete handshakes of one uid. Default 32.
     pub max_incomplete_handshakes_per_uid: u32,
+    /// Fds the daemon may have sent to receivers that they have not read
+    /// yet; each sender uid may hold a fair share. The kernel refuses to
+    /// pass more than RLIMIT_NOFILE fds in flight for a user without
+    /// CAP_SYS_RESOURCE. 0 means RLIMIT_NOFILE minus 64. Default 0.
+    pub max_fds_in_flight: u64,
+    /// How long a connection may keep fds tied up without progress: fds
+    /// queued for it (or in flight to it) that it does not read, or fds it
+    /// sent with a frame it does not finish. Then it is disconnected, which
+    /// also breaks a connection kept alive by its own socket. In ms;
+    /// default 60000.
+    pub pending_fd_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -93,6 +104,8 @@ impl Default for Limits {
             max_queued_bytes_total: 1 << 30,
             max_fds_total: 0,
             max_incomplete_handshakes_per_uid: 32,
+            max_fds_in_flight: 0,
+            pending_fd_timeout_ms: 60_000,
         }
     }
 }
@@ -152,6 +165,9 @@ impl Limits {
                 "max_incomplete_handshakes",
                 "must be at least 1 (and the timeout non-zero)",
             );
+        }
+        if self.pending_fd_timeout_ms == 0 {
+            return bad("pending_fd_timeout_ms", "must be non-zero");
         }
         Ok(())
     }

@@ -617,7 +617,8 @@ impl Connection {
                 .flush(|data, fds| send_now(&self.inner.stream, data, fds))
             {
                 Ok(Flushed::All) => {}
-                Ok(Flushed::Blocked) => self.inner.out_wake.notify_one(),
+                // `flush` has no gate, so it never waits for fds in flight.
+                Ok(Flushed::Blocked | Flushed::FdsWaiting) => self.inner.out_wake.notify_one(),
                 Err(error) => {
                     out.closed = true;
                     out.queue.clear();
@@ -806,7 +807,7 @@ async fn write_loop(inner: Arc<Inner>, mut closed: watch::Receiver<bool>) {
                     inner.out_drained.notify_waiters();
                     break;
                 }
-                Ok(Flushed::Blocked) => {
+                Ok(Flushed::Blocked | Flushed::FdsWaiting) => {
                     ready.clear_ready();
                     drop(out);
                     inner.out_drained.notify_waiters();

@@ -493,14 +493,66 @@ pub enum Flushed {
     All,
     /// The socket would block; wait for it to become writable and flush again.
     Blocked,
+    /// The next frame carries fds and its [`FdGate`] said to wait (the
+    /// receiver has not yet read the fds sent before); flush again when the
+    /// socket reports progress.
+    FdsWaiting,
+}
+
+/// What an [`FdGate`] decides about a frame whose fds are about to be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdVerdict {
+    /// Send the frame with its fds now.
+    Send,
+    /// Not yet: stop the flush with [`Flushed::FdsWaiting`].
+    Wait,
+    /// Never: drop the frame (closing its fds) and go on with the next one.
+    Drop,
+}
+
+/// Decides, during [`OutQueue::flush_gated`], about each frame that carries
+/// fds, and hears what became of it. `T` is the origin the frame was queued
+/// with (who sent it), so refusals can be charged to the sender.
+pub trait FdGate<F, T> {
+    /// Asked before the sendmsg that would carry `fds`.
+    fn check(&mut self, fds: &[F], origin: Option<&T>) -> FdVerdict;
+    /// The sendmsg carrying `count` fds went out.
+    fn sent(&mut self, count: usize, origin: Option<&T>);
+    /// True when a sendmsg error means the kernel refused the fds (the frame
+    /// is then dropped and the flush goes on), not that the socket failed.
+    fn refuses_fds(&self, error: &io::Error) -> bool;
+    /// A frame with `count` fds was dropped: by [`FdVerdict::Drop`]
+    /// (`error` is `None`) or because sendmsg failed with `error`, for
+    /// which [`refuses_fds`](Self::refuses_fds) was true.
+    fn dropped(&mut self, origin: Option<T>, count: usize, error: Option<io::Error>);
+}
+
+/// The gate of [`OutQueue::flush`]: every frame goes out as soon as the
+/// socket takes it.
+struct SendAll;
+
+impl<F, T> FdGate<F, T> for SendAll {
+    fn check(&mut self, _fds: &[F], _origin: Option<&T>) -> FdVerdict {
+        FdVerdict::Send
+    }
+    fn sent(&mut self, _count: usize, _origin: Option<&T>) {}
+    fn refuses_fds(&self, _error: &io::Error) -> bool {
+        false
+    }
+    fn dropped(&mut self, _origin: Option<T>, _count: usize, _error: Option<io::Error>) {}
 }
 
 /// One sendmsg worth of queued bytes: fds ride with its first byte.
 #[derive(Debug)]
-struct Segment<F> {
+struct Segment<F, T> {
     data: Vec<u8>,
     fds: Vec<F>,
     written: usize,
+    /// Length of the first frame, the one `fds` belong to (frames without
+    /// fds may follow it in the same segment).
+    head_len: usize,
+    /// Who the first frame came from, if the queue was told.
+    origin: Option<T>,
 }
 
 /// Capacity above which a drained segment buffer is released instead of kept
@@ -512,9 +564,13 @@ const KEEP_SEGMENT_CAPACITY: usize = 64 << 10;
 /// Frames without fds are appended to the current segment so one sendmsg can
 /// carry many of them; a frame with fds starts a new segment, because its fds
 /// must travel with the sendmsg that starts with its prefix.
+///
+/// `T` is an optional origin recorded with frames that carry fds (see
+/// [`push_stamped_from`](Self::push_stamped_from)), handed back to an [`FdGate`] when
+/// such a frame is sent or dropped.
 #[derive(Debug)]
-pub struct OutQueue<F> {
-    segments: VecDeque<Segment<F>>,
+pub struct OutQueue<F, T = ()> {
+    segments: VecDeque<Segment<F, T>>,
     /// A drained buffer kept to avoid reallocating on the next frame.
     spare: Vec<u8>,
     /// Fds in `segments` not yet sent (kept so that reading it does not
@@ -527,7 +583,7 @@ pub struct OutQueue<F> {
     written_total: u64,
 }
 
-impl<F> Default for OutQueue<F> {
+impl<F, T> Default for OutQueue<F, T> {
     fn default() -> Self {
         Self {
             segments: VecDeque::new(),
@@ -539,12 +595,12 @@ impl<F> Default for OutQueue<F> {
     }
 }
 
-impl<F> OutQueue<F> {
+impl<F, T> OutQueue<F, T> {
     /// Queues a frame; returns the stream offset just past it, which
     /// [`written_total`](Self::written_total) reaches once it is fully sent.
     pub fn push(&mut self, header: &Header, body: &[u8], fds: Vec<F>) -> u64 {
         let fd_count = checked_fd_count(&fds);
-        self.append(fds, |data| encode_frame(data, header, body, fd_count))
+        self.append(fds, None, |data| encode_frame(data, header, body, fd_count))
     }
 
     /// Queues a frame whose header is `view`'s with its sender replaced by
@@ -557,38 +613,59 @@ impl<F> OutQueue<F> {
         body: &[u8],
         fds: Vec<F>,
     ) -> u64 {
+        self.push_stamped_from(view, stamp, body, fds, None)
+    }
+
+    /// [`push_stamped`](Self::push_stamped) recording `origin` with the
+    /// frame if it carries fds (an [`FdGate`] is told it when the frame is
+    /// sent or dropped).
+    pub fn push_stamped_from(
+        &mut self,
+        view: &crate::header::HeaderView<'_>,
+        stamp: &[u8],
+        body: &[u8],
+        fds: Vec<F>,
+        origin: Option<T>,
+    ) -> u64 {
         let fd_count = checked_fd_count(&fds);
-        self.append(fds, |data| {
+        self.append(fds, origin, |data| {
             encode_stamped_frame(data, view, stamp, body, fd_count);
         })
     }
 
     /// Queues already-encoded frame bytes (one or more whole frames without
-    /// fds, or exactly one frame whose fds are `fds`).
-    pub fn push_encoded(&mut self, frame: &[u8], fds: Vec<F>) -> u64 {
-        self.append(fds, |data| data.extend_from_slice(frame))
+    /// fds, or exactly one frame whose fds are `fds`, from `origin`).
+    pub fn push_encoded(&mut self, frame: &[u8], fds: Vec<F>, origin: Option<T>) -> u64 {
+        self.append(fds, origin, |data| data.extend_from_slice(frame))
     }
 
     /// Appends what `write` writes to the segment `fds` call for; returns
     /// the stream offset just past it.
-    fn append(&mut self, fds: Vec<F>, write: impl FnOnce(&mut Vec<u8>)) -> u64 {
-        let segment = self.segment_for(fds);
+    fn append(&mut self, fds: Vec<F>, origin: Option<T>, write: impl FnOnce(&mut Vec<u8>)) -> u64 {
+        let starts_segment = !fds.is_empty();
+        let segment = self.segment_for(fds, origin);
         let before = segment.data.len();
         write(&mut segment.data);
         let len = segment.data.len() - before;
+        if starts_segment {
+            segment.head_len = len;
+        }
         self.queued_total += len as u64;
         self.queued_total
     }
 
-    fn segment_for(&mut self, fds: Vec<F>) -> &mut Segment<F> {
+    fn segment_for(&mut self, fds: Vec<F>, origin: Option<T>) -> &mut Segment<F, T> {
         let append = fds.is_empty() && !self.segments.is_empty();
         if !append {
             self.queued_fds += fds.len();
             let data = std::mem::take(&mut self.spare);
+            let origin = if fds.is_empty() { None } else { origin };
             self.segments.push_back(Segment {
                 data,
                 fds,
                 written: 0,
+                head_len: 0,
+                origin,
             });
         }
         self.segments.back_mut().expect("a segment exists")
@@ -620,24 +697,52 @@ impl<F> OutQueue<F> {
     /// gone out.
     pub fn flush(
         &mut self,
+        send: impl FnMut(&[u8], &[F]) -> io::Result<usize>,
+    ) -> io::Result<Flushed> {
+        self.flush_gated(send, &mut SendAll)
+    }
+
+    /// Like [`flush`](Self::flush), asking `gate` before each sendmsg that
+    /// carries fds: it may let the frame go, hold the flush until later
+    /// ([`Flushed::FdsWaiting`]), or drop the frame. A sendmsg error that
+    /// the gate says is a refusal of the fds drops that frame too; the
+    /// bytes of dropped frames count as written, so offsets returned by the
+    /// `push` methods are still reached.
+    pub fn flush_gated(
+        &mut self,
         mut send: impl FnMut(&[u8], &[F]) -> io::Result<usize>,
+        gate: &mut impl FdGate<F, T>,
     ) -> io::Result<Flushed> {
         while let Some(segment) = self.segments.front_mut() {
-            let fds: &[F] = if segment.written == 0 {
-                &segment.fds
-            } else {
-                &[]
-            };
+            let carries_fds = segment.written == 0 && !segment.fds.is_empty();
+            if carries_fds {
+                match gate.check(&segment.fds, segment.origin.as_ref()) {
+                    FdVerdict::Send => {}
+                    FdVerdict::Wait => return Ok(Flushed::FdsWaiting),
+                    FdVerdict::Drop => {
+                        self.drop_head_frame(gate, None);
+                        continue;
+                    }
+                }
+            }
+            let segment = self.segments.front_mut().expect("front exists");
+            let fds: &[F] = if carries_fds { &segment.fds } else { &[] };
             let written = match send(&segment.data[segment.written..], fds) {
                 Ok(0) => return Ok(Flushed::Blocked),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if carries_fds && gate.refuses_fds(&e) => {
+                    self.drop_head_frame(gate, Some(e));
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
-            if segment.written == 0 && !segment.fds.is_empty() {
+            if carries_fds {
                 self.queued_fds -= segment.fds.len();
+                gate.sent(segment.fds.len(), segment.origin.as_ref());
                 segment.fds.clear();
+                segment.origin = None;
             }
             segment.written += written;
             self.written_total += written as u64;
@@ -650,6 +755,24 @@ impl<F> OutQueue<F> {
             }
         }
         Ok(Flushed::All)
+    }
+
+    /// Drops the first frame of the front segment, which carries fds and of
+    /// which nothing was written yet, and tells `gate`.
+    fn drop_head_frame(&mut self, gate: &mut impl FdGate<F, T>, error: Option<io::Error>) {
+        let segment = self.segments.front_mut().expect("front exists");
+        let fds = std::mem::take(&mut segment.fds);
+        let origin = segment.origin.take();
+        let count = fds.len();
+        self.queued_fds -= count;
+        drop(fds);
+        segment.data.drain(..segment.head_len);
+        self.written_total += segment.head_len as u64;
+        segment.head_len = 0;
+        if segment.data.is_empty() {
+            self.segments.pop_front();
+        }
+        gate.dropped(origin, count, error);
     }
 
     /// Drops everything queued (closing queued fds), e.g. on disconnect.
@@ -1106,5 +1229,136 @@ mod tests {
             .unwrap();
         assert_eq!(status, Flushed::Blocked);
         assert!(!queue.is_empty());
+    }
+
+    /// A gate with scripted verdicts that records what it was told.
+    struct ScriptedGate {
+        verdicts: Vec<FdVerdict>,
+        sent: Vec<(usize, Option<u32>)>,
+        dropped: Vec<(Option<u32>, usize, bool)>,
+    }
+
+    impl FdGate<i32, u32> for ScriptedGate {
+        fn check(&mut self, _fds: &[i32], _origin: Option<&u32>) -> FdVerdict {
+            self.verdicts.remove(0)
+        }
+        fn sent(&mut self, count: usize, origin: Option<&u32>) {
+            self.sent.push((count, origin.copied()));
+        }
+        fn refuses_fds(&self, error: &io::Error) -> bool {
+            error.kind() == io::ErrorKind::QuotaExceeded
+        }
+        fn dropped(&mut self, origin: Option<u32>, count: usize, error: Option<io::Error>) {
+            self.dropped.push((origin, count, error.is_some()));
+        }
+    }
+
+    fn gate(verdicts: &[FdVerdict]) -> ScriptedGate {
+        ScriptedGate {
+            verdicts: verdicts.to_vec(),
+            sent: Vec::new(),
+            dropped: Vec::new(),
+        }
+    }
+
+    /// Stamped frames with fds, from an origin, after a plain frame.
+    fn gated_queue() -> OutQueue<i32, u32> {
+        let mut queue = OutQueue::<i32, u32>::default();
+        queue.push(&header(1), b"a", vec![]);
+        let bytes = frame_bytes(2, b"b", 2);
+        let view = crate::header::HeaderView::parse(&bytes[PREFIX_LEN..bytes.len() - 1]).unwrap();
+        queue.push_stamped_from(&view, &[], b"b", vec![10, 11], Some(7));
+        // Appended to the fd frame's segment: sent with it, or after it
+        // when that frame is dropped.
+        queue.push(&header(3), b"c", vec![]);
+        queue
+    }
+
+    #[test]
+    fn gated_flush_drops_a_refused_frame_and_sends_the_rest() {
+        let mut queue = gated_queue();
+        let total = queue.queued_bytes() as u64;
+        let mut gate = gate(&[FdVerdict::Drop]);
+        let mut out = Vec::new();
+        let mut fds_sent = Vec::new();
+        let status = queue
+            .flush_gated(
+                |data, fds| {
+                    out.extend_from_slice(data);
+                    fds_sent.extend_from_slice(fds);
+                    Ok(data.len())
+                },
+                &mut gate,
+            )
+            .unwrap();
+        assert_eq!(status, Flushed::All);
+        assert!(fds_sent.is_empty());
+        assert_eq!(gate.dropped, vec![(Some(7), 2, false)]);
+        assert!(gate.sent.is_empty());
+        // Every offset is reached, dropped bytes included.
+        assert_eq!(queue.written_total(), total);
+        assert_eq!(queue.queued_fds(), 0);
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        let serials: Vec<u64> = collect(&mut reader, &out, vec![])
+            .unwrap()
+            .into_iter()
+            .map(|(serial, _, _)| serial)
+            .collect();
+        assert_eq!(serials, vec![1, 3]);
+    }
+
+    #[test]
+    fn gated_flush_waits_then_sends_with_the_origin() {
+        let mut queue = gated_queue();
+        let mut waiting = gate(&[FdVerdict::Wait]);
+        let mut writes = 0;
+        let status = queue
+            .flush_gated(
+                |data, _| {
+                    writes += 1;
+                    Ok(data.len())
+                },
+                &mut waiting,
+            )
+            .unwrap();
+        // The plain frame before it went; the fd frame waits.
+        assert_eq!((status, writes), (Flushed::FdsWaiting, 1));
+        assert_eq!(queue.queued_fds(), 2);
+        let mut sending = gate(&[FdVerdict::Send]);
+        let mut fds_sent = Vec::new();
+        let status = queue
+            .flush_gated(
+                |data, fds| {
+                    fds_sent.extend_from_slice(fds);
+                    Ok(data.len())
+                },
+                &mut sending,
+            )
+            .unwrap();
+        assert_eq!(status, Flushed::All);
+        assert_eq!(fds_sent, vec![10, 11]);
+        assert_eq!(sending.sent, vec![(2, Some(7))]);
+    }
+
+    #[test]
+    fn gated_flush_drops_a_frame_whose_fds_the_kernel_refuses() {
+        let mut queue = gated_queue();
+        let total = queue.queued_bytes() as u64;
+        let mut gate = gate(&[FdVerdict::Send]);
+        let status = queue
+            .flush_gated(
+                |data, fds| {
+                    if fds.is_empty() {
+                        Ok(data.len())
+                    } else {
+                        Err(io::Error::from(io::ErrorKind::QuotaExceeded))
+                    }
+                },
+                &mut gate,
+            )
+            .unwrap();
+        assert_eq!(status, Flushed::All);
+        assert_eq!(gate.dropped, vec![(Some(7), 2, true)]);
+        assert_eq!(queue.written_total(), total);
     }
 }

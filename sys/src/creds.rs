@@ -52,6 +52,18 @@ pub fn peer_credentials(socket: impl AsFd) -> io::Result<PeerCredentials> {
     })
 }
 
+/// The pid recorded as the peer of `fd` if it is a socket (SO_PEERCRED),
+/// `None` if it is not a socket. A socket connected to a listening Unix
+/// socket reports the pid that called listen(2) on it; an unconnected or
+/// non-Unix socket reports 0.
+pub fn socket_peer_pid(fd: impl AsFd) -> io::Result<Option<i32>> {
+    match peer_credentials(fd) {
+        Ok(credentials) => Ok(Some(credentials.pid)),
+        Err(error) if error.raw_os_error() == Some(libc::ENOTSOCK) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
 /// Reads SO_PEERGROUPS: the peer's supplementary groups at connect time.
 pub fn peer_groups(socket: impl AsFd) -> io::Result<Vec<u32>> {
     let fd = socket.as_fd().as_raw_fd();
@@ -204,6 +216,17 @@ mod tests {
         assert_eq!(groups.len(), n as usize);
         // No LSM on most CI machines: None is fine, an error is not.
         let _label = peer_security_label(&a).unwrap();
+    }
+
+    #[test]
+    fn socket_peer_pid_tells_sockets_from_other_fds() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert_eq!(
+            socket_peer_pid(&a).unwrap(),
+            Some(std::process::id() as i32)
+        );
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(socket_peer_pid(&file).unwrap(), None);
     }
 
     #[test]

@@ -191,6 +191,33 @@ pub fn send_with_fds(
     })
 }
 
+/// Bytes this socket has sent that its peer has not read yet (`SIOCOUTQ`;
+/// on a Unix socket the kernel counts the memory of the unread buffers,
+/// so only zero is exact: zero means the peer has read everything sent so
+/// far, and with it every fd passed so far).
+pub fn unread_by_peer(socket: impl AsFd) -> io::Result<usize> {
+    let mut pending: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int to the pointer, which
+    // points at a live, writable int.
+    crate::check(unsafe {
+        libc::ioctl(
+            socket.as_fd().as_raw_fd(),
+            libc::TIOCOUTQ,
+            &mut pending as *mut libc::c_int,
+        )
+    })?;
+    Ok(usize::try_from(pending).unwrap_or(0))
+}
+
+/// True when a failed [`send_with_fds`] means the kernel refused the fds
+/// rather than the socket having failed: `ETOOMANYREFS`, the per-user limit
+/// on fds in flight (fds sent and not yet received count against the
+/// sender's user, up to its RLIMIT_NOFILE, unless it has CAP_SYS_RESOURCE).
+/// The same sendmsg without those fds would have gone through.
+pub fn is_fd_refusal(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(libc::ETOOMANYREFS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +267,18 @@ mod tests {
         let got = recv_with_fds_limited(&b, &mut buf, &mut fds, 2).unwrap();
         assert!(got.control_truncated);
         assert!(got.fds <= 2);
+    }
+
+    #[test]
+    fn unread_bytes_drop_to_zero_once_read() {
+        let (a, b) = UnixStream::pair().unwrap();
+        assert_eq!(unread_by_peer(&a).unwrap(), 0);
+        send_with_fds(&a, &[IoSlice::new(b"pending")], &[]).unwrap();
+        assert!(unread_by_peer(&a).unwrap() > 0);
+        let mut buf = [0u8; 16];
+        let mut fds = Vec::new();
+        recv_with_fds(&b, &mut buf, &mut fds).unwrap();
+        assert_eq!(unread_by_peer(&a).unwrap(), 0);
     }
 
     #[test]

@@ -40,6 +40,30 @@ impl ConfinedBus {
     /// `peer_binary` is the `pbus-test-peer` helper to copy in for
     /// [`peer_command`](Self::peer_command). Panics if it does not start.
     pub fn start(uid: u32, nofile: u64, config: Option<&str>, peer_binary: &Path) -> Self {
+        Self::start_with(uid, nofile, config, peer_binary, false)
+    }
+
+    /// Like [`start`](Self::start), but the daemon keeps CAP_SYS_PTRACE
+    /// (as an ambient capability) so it can identify clients of other
+    /// uids, and nothing else: in particular no CAP_SYS_RESOURCE, so the
+    /// kernel's per-user limit on fds in flight applies to it. Run such
+    /// clients with [`peer_command_as`](Self::peer_command_as).
+    pub fn start_identifying_other_uids(
+        uid: u32,
+        nofile: u64,
+        config: Option<&str>,
+        peer_binary: &Path,
+    ) -> Self {
+        Self::start_with(uid, nofile, config, peer_binary, true)
+    }
+
+    fn start_with(
+        uid: u32,
+        nofile: u64,
+        config: Option<&str>,
+        peer_binary: &Path,
+        ptrace: bool,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("pbus-confined-")
             .tempdir()
@@ -49,6 +73,11 @@ impl ConfinedBus {
         let socket = dir.path().join("bus.sock");
         let stderr_path = dir.path().join("pbusd.stderr");
         let mut command = setpriv_command(uid);
+        if ptrace {
+            command
+                .arg("--inh-caps=+sys_ptrace")
+                .arg("--ambient-caps=+sys_ptrace");
+        }
         command.arg("prlimit");
         command.arg(format!("--nofile={nofile}:{nofile}")).arg("--");
         command.arg(&pbusd).arg("--listen").arg(&socket);
@@ -127,6 +156,15 @@ impl ConfinedBus {
     pub fn peer_command(&self, prefix: &[&str], args: &[&str]) -> Command {
         let mut command = setpriv_command(self.uid);
         command.args(prefix);
+        command.arg(&self.peer_binary).arg(&self.socket).args(args);
+        command
+    }
+
+    /// A command running the `pbus-test-peer` helper as `uid` (a bus from
+    /// [`start_identifying_other_uids`](Self::start_identifying_other_uids)
+    /// can identify it) with `args` after the socket path.
+    pub fn peer_command_as(&self, uid: u32, args: &[&str]) -> Command {
+        let mut command = setpriv_command(uid);
         command.arg(&self.peer_binary).arg(&self.socket).args(args);
         command
     }

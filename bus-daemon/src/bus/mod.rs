@@ -16,6 +16,7 @@
 
 mod driver;
 pub mod error;
+pub mod inflight;
 pub mod matches;
 pub mod names;
 pub mod quota;
@@ -42,6 +43,7 @@ use smallvec::SmallVec;
 
 use crate::config::Limits;
 pub use error::BusError;
+use inflight::{FdFrameKind, FdOrigin, InFlight, InFlightGate, Undelivered};
 use matches::{MatchId, MatchRegistry, SignalView};
 use names::{NameRegistry, OwnerChange};
 use quota::{FairPool, ReceiverQuota, Refusal, Released};
@@ -144,7 +146,18 @@ pub struct Peer<Io> {
     /// with `pid` as seen from the daemon's pid namespace (receivers where
     /// the pid reads differently get one made for them).
     sender_stamp: Vec<u8>,
-    outbox: OutQueue<OwnedFd>,
+    outbox: OutQueue<OwnedFd, FdOrigin>,
+    /// The fds of the last frame with fds written to this peer's socket,
+    /// until the peer has read everything sent (see [`inflight`]).
+    fds_in_flight: Option<InFlight>,
+    /// Bumped whenever fds in flight to this peer are found read.
+    fds_read: u64,
+    /// Fds this peer sent with a frame it has not finished sending (the
+    /// server layer reports them; see [`Bus::set_partial_frame_fds`]).
+    partial_frame_fds: u64,
+    /// What the last sweep saw of this peer's fds (see
+    /// [`Bus::sweep_stalled_fds`]).
+    fd_watch: FdWatch,
     /// What the queued frames are charged to, released as they are written.
     quota: ReceiverQuota,
     /// Well-known names this peer owns or is queued for.
@@ -212,6 +225,16 @@ impl<Io> Peer<Io> {
     }
 }
 
+/// What [`Bus::sweep_stalled_fds`] remembers of one peer between sweeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct FdWatch {
+    /// Since when the peer's queue has held fds without progress, and the
+    /// progress marks (bytes written, fds read) seen then.
+    queued: Option<(Instant, u64, u64)>,
+    /// Since when the peer has held fds of an unfinished frame.
+    partial: Option<Instant>,
+}
+
 /// The whole bus state.
 #[derive(Debug)]
 pub struct Bus<Io> {
@@ -249,6 +272,9 @@ pub struct Bus<Io> {
     global_bytes: FairPool,
     /// Fds the daemon holds (sockets and queued fds), shared fairly among uids.
     global_fds: FairPool,
+    /// Fds sent to receivers and not read by them yet, shared fairly among
+    /// sender uids (see [`inflight`]).
+    fds_in_flight: FairPool,
 }
 
 /// Features the daemon supports.
@@ -257,13 +283,16 @@ const DAEMON_FEATURES: u32 = Feature::FdPassing as u32 | Feature::Memfd as u32;
 impl<Io> Bus<Io> {
     /// An empty bus. `bus_id` identifies this daemon instance;
     /// `own_pid_namespace` is the inode of the daemon's pid namespace;
-    /// `fd_budget` is how many fds peers may make the daemon hold in all.
+    /// `fd_budget` is how many fds peers may make the daemon hold in all;
+    /// `in_flight_budget` how many it may have sent that receivers have not
+    /// read yet.
     pub fn new(
         limits: Limits,
         policy: Arc<Policy>,
         bus_id: String,
         own_pid_namespace: u64,
         fd_budget: u64,
+        in_flight_budget: u64,
         now: Instant,
     ) -> Self {
         let bus_sender = SenderInfo {
@@ -300,6 +329,9 @@ impl<Io> Bus<Io> {
             // queue, it is held only to the total.
             global_bytes: FairPool::new(limits.max_queued_bytes_total, Some(daemon_uid)),
             global_fds: FairPool::new(fd_budget, Some(daemon_uid)),
+            // Charged to sender uids; the daemon's own uid (the owner of
+            // a session bus) is held only to the total, as above.
+            fds_in_flight: FairPool::new(in_flight_budget, Some(daemon_uid)),
             limits,
         }
     }
@@ -388,6 +420,11 @@ impl<Io> Bus<Io> {
         (&self.global_bytes, &self.global_fds)
     }
 
+    /// The daemon-wide pool of fds in flight to receivers.
+    pub fn in_flight_pool(&self) -> &FairPool {
+        &self.fds_in_flight
+    }
+
     /// Checks the per-uid and total connection limits for a new peer of `uid`.
     pub fn admit(&self, uid: u32) -> Result<(), BusError> {
         if self.peers.len() as u64 >= u64::from(self.limits.max_connections) {
@@ -441,6 +478,10 @@ impl<Io> Bus<Io> {
                 features,
                 sender_stamp,
                 outbox: OutQueue::default(),
+                fds_in_flight: None,
+                fds_read: 0,
+                partial_frame_fds: 0,
+                fd_watch: FdWatch::default(),
                 quota: ReceiverQuota::new(identity.uid),
                 names: HashSet::new(),
                 matches: Vec::new(),
@@ -479,6 +520,9 @@ impl<Io> Bus<Io> {
         peer.quota
             .release_all(|released| release_global(global_bytes, global_fds, released));
         peer.outbox.clear();
+        if let Some(in_flight) = peer.fds_in_flight.take() {
+            self.fds_in_flight.release(in_flight.uid, in_flight.fds);
+        }
         if let Some(count) = self.connections_per_uid.get_mut(&peer.identity.uid) {
             *count -= 1;
             if *count == 0 {
@@ -547,19 +591,34 @@ impl<Io> Bus<Io> {
     }
 
     /// Writes as much of a peer's queue as `send` accepts. `send(io, data,
-    /// fds)` performs one sendmsg on the peer's socket.
+    /// fds)` performs one sendmsg on the peer's socket; `unread(io)` says how
+    /// much of what was sent the peer has not read yet (`SIOCOUTQ`), which
+    /// decides when fds in flight to it are read (see [`inflight`]). A frame
+    /// whose fds cannot be passed is dropped and its sender told; the
+    /// receiver stays connected. `Flushed::FdsWaiting` means a frame with
+    /// fds waits for the peer to read earlier ones: flush again when its
+    /// socket reports progress.
     pub fn flush_peer(
         &mut self,
         id: PeerId,
         mut send: impl FnMut(&Io, &[u8], &[OwnedFd]) -> io::Result<usize>,
+        unread: impl Fn(&Io) -> io::Result<usize>,
     ) -> io::Result<Flushed> {
+        self.release_read_fds(id, &unread);
         let Some(peer) = self.peers.get_mut(&id) else {
             return Ok(Flushed::All);
         };
+        let daemon_uid = self.bus_sender.uid;
         let Peer {
-            io, outbox, quota, ..
+            io,
+            outbox,
+            quota,
+            fds_in_flight,
+            ..
         } = &mut **peer;
-        let result = outbox.flush(|data, fds| send(io, data, fds));
+        let mut gate = InFlightGate::new(fds_in_flight, &mut self.fds_in_flight, daemon_uid);
+        let result = outbox.flush_gated(|data, fds| send(io, data, fds), &mut gate);
+        let undelivered = std::mem::take(&mut gate.undelivered);
         let (global_bytes, global_fds) = (&mut self.global_bytes, &mut self.global_fds);
         quota.release_written(outbox.written_total(), |released| {
             release_global(global_bytes, global_fds, released)
@@ -567,7 +626,143 @@ impl<Io> Bus<Io> {
         if outbox.is_empty() {
             outbox.shrink();
         }
+        for frame in undelivered {
+            self.refuse_undelivered(id, frame);
+        }
         result
+    }
+
+    /// Forgets the fds in flight to `id` once `unread` says the peer has
+    /// read everything sent to it.
+    fn release_read_fds(&mut self, id: PeerId, unread: &impl Fn(&Io) -> io::Result<usize>) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some(in_flight) = peer.fds_in_flight else {
+            return;
+        };
+        // An error (the socket is gone) leaves the charge in place until
+        // the peer is removed.
+        if matches!(unread(&peer.io), Ok(0)) {
+            peer.fds_in_flight = None;
+            peer.fds_read += 1;
+            self.fds_in_flight.release(in_flight.uid, in_flight.fds);
+        }
+    }
+
+    /// True when fds in flight to `id` wait to be read: the server then
+    /// watches the peer's socket for progress even with an empty queue.
+    pub fn has_fds_in_flight(&self, id: PeerId) -> bool {
+        self.peers
+            .get(&id)
+            .is_some_and(|peer| peer.fds_in_flight.is_some())
+    }
+
+    /// A frame to `receiver` was dropped because its fds could not be
+    /// passed: the sender is told, and whatever waited on the frame is
+    /// answered (the call is cancelled; the caller of a reply gets the
+    /// error in its place; a broadcast copy counts as a dropped signal).
+    fn refuse_undelivered(&mut self, receiver: PeerId, frame: Undelivered) {
+        let Undelivered { origin, error } = frame;
+        let Some(origin) = origin else {
+            tracing::warn!(peer = receiver.0, %error, "a frame from the bus with fds was dropped");
+            return;
+        };
+        match origin.kind {
+            FdFrameKind::Call { wants_reply } => {
+                if wants_reply {
+                    self.calls.cancel(CallKey {
+                        caller: origin.sender,
+                        serial: origin.serial,
+                    });
+                }
+            }
+            FdFrameKind::Reply { reply_serial } => {
+                self.queue_error_to(receiver, reply_serial, &error);
+            }
+            FdFrameKind::Signal => {}
+            FdFrameKind::Broadcast => {
+                if let Some(peer) = self.peers.get_mut(&receiver) {
+                    peer.counters.dropped_signals += 1;
+                }
+                return;
+            }
+        }
+        if origin.serial != 0 {
+            self.queue_error_to(origin.sender, origin.serial, &error);
+        }
+    }
+
+    /// The server layer reports how many fds `id` has sent with a frame it
+    /// has not finished sending (0 once it is complete).
+    pub fn set_partial_frame_fds(&mut self, id: PeerId, fds: u64) {
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.partial_frame_fds = fds;
+        }
+    }
+
+    /// Disconnects peers that keep fds tied up without progress for longer
+    /// than `pending_fd_timeout_ms`: a queue holding fds (or fds in flight)
+    /// that the peer does not read, or fds sent with a frame the peer never
+    /// finishes. A connection that carries its own socket (directly, or
+    /// inside another socket's queue) would otherwise never see its hang-up,
+    /// since the daemon itself holds the last reference (the CVE-2014-3637
+    /// class); dbus-daemon's pending-fd timeout is the model. `unread` is as
+    /// for [`flush_peer`](Self::flush_peer). Call it every fraction of the
+    /// timeout; returns the number of peers doomed.
+    pub fn sweep_stalled_fds(
+        &mut self,
+        now: Instant,
+        unread: impl Fn(&Io) -> io::Result<usize>,
+    ) -> usize {
+        let timeout = Duration::from_millis(self.limits.pending_fd_timeout_ms);
+        let holding: Vec<PeerId> = self
+            .peers
+            .values()
+            .filter(|peer| peer.fds_in_flight.is_some())
+            .map(|peer| peer.id)
+            .collect();
+        for id in holding {
+            self.release_read_fds(id, &unread);
+        }
+        let mut stalled = Vec::new();
+        for peer in self.peers.values_mut() {
+            let holds_queued = peer.outbox.queued_fds() > 0 || peer.fds_in_flight.is_some();
+            peer.fd_watch.queued = if holds_queued {
+                let marks = (peer.outbox.written_total(), peer.fds_read);
+                match peer.fd_watch.queued {
+                    Some((since, written, read)) if (written, read) == marks => {
+                        if now.saturating_duration_since(since) >= timeout {
+                            stalled.push((peer.id, "it has not read fds queued for it"));
+                        }
+                        Some((since, written, read))
+                    }
+                    _ => Some((now, marks.0, marks.1)),
+                }
+            } else {
+                None
+            };
+            peer.fd_watch.partial = if peer.partial_frame_fds > 0 {
+                let since = peer.fd_watch.partial.unwrap_or(now);
+                if now.saturating_duration_since(since) >= timeout {
+                    stalled.push((peer.id, "it has not finished a frame whose fds it sent"));
+                }
+                Some(since)
+            } else {
+                None
+            };
+        }
+        let count = stalled.len();
+        for (id, why) in stalled {
+            self.doom(
+                id,
+                &format!(
+                    "{why} within pending_fd_timeout_ms ({} ms)",
+                    timeout.as_millis()
+                ),
+            );
+        }
+        count
     }
 
     /// The earliest pending-call deadline.
@@ -1146,7 +1341,14 @@ impl<Io> Bus<Io> {
             match self.admit_frame(id, actor, bytes, fd_count) {
                 Ok(()) => {
                     let receiver = self.peers.get_mut(&id).expect("checked above");
-                    let end = receiver.outbox.push_encoded(frame, copies);
+                    let origin = from.zip(actor).map(|(sender, uid)| FdOrigin {
+                        sender,
+                        uid,
+                        serial: 0,
+                        kind: FdFrameKind::Broadcast,
+                    });
+                    let origin = (!copies.is_empty()).then_some(origin).flatten();
+                    let end = receiver.outbox.push_encoded(frame, copies, origin);
                     self.record_frame(id, actor, bytes, fd_count, end);
                 }
                 Err(_) => {
@@ -1240,6 +1442,12 @@ impl<Io> Bus<Io> {
             + body.len()) as u64;
         let fd_count = fds.len() as u64;
         self.admit_frame(to, actor, frame_len, fd_count)?;
+        let origin = (!fds.is_empty()).then(|| FdOrigin {
+            sender: from,
+            uid: self.peers[&from].identity.uid,
+            serial: header.serial,
+            kind: fd_frame_kind(header),
+        });
         let end = match stamp {
             std::borrow::Cow::Borrowed(_) if from != to => {
                 let [Some(sender), Some(receiver)] = self.peers.get_disjoint_mut([&from, &to])
@@ -1248,12 +1456,14 @@ impl<Io> Bus<Io> {
                 };
                 receiver
                     .outbox
-                    .push_stamped(header, &sender.sender_stamp, body, fds)
+                    .push_stamped_from(header, &sender.sender_stamp, body, fds, origin)
             }
             stamp => {
                 let stamp = stamp.into_owned();
                 let receiver = self.peers.get_mut(&to).expect("receiver exists");
-                receiver.outbox.push_stamped(header, &stamp, body, fds)
+                receiver
+                    .outbox
+                    .push_stamped_from(header, &stamp, body, fds, origin)
             }
         };
         self.record_frame(to, actor, frame_len, fd_count, end);
@@ -1629,6 +1839,19 @@ impl<Io> Bus<Io> {
                 0
             },
         }
+    }
+}
+
+/// What kind of frame with fds `header` is, for [`FdOrigin`].
+fn fd_frame_kind(header: &HeaderView<'_>) -> FdFrameKind {
+    match MessageKind::try_from(header.kind) {
+        Ok(MessageKind::MethodCall) => FdFrameKind::Call {
+            wants_reply: header.flags & HeaderFlag::NoReplyExpected as u32 == 0,
+        },
+        Ok(MessageKind::MethodReturn | MessageKind::Error) => FdFrameKind::Reply {
+            reply_serial: header.reply_serial,
+        },
+        _ => FdFrameKind::Signal,
     }
 }
 

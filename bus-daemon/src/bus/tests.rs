@@ -2,6 +2,7 @@
 //! hand-made identities, frames go in through `dispatch`, and what the bus
 //! queued is read back by flushing the outboxes into a frame reader.
 
+use std::io;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,7 @@ impl Harness {
                 "test-bus".into(),
                 HOST_NS,
                 1 << 20,
+                1 << 20,
                 now,
             ),
             now,
@@ -93,11 +95,16 @@ impl Harness {
         let mut bytes = Vec::new();
         let mut fd_count = 0;
         self.bus
-            .flush_peer(peer, |_, data, fds| {
-                bytes.extend_from_slice(data);
-                fd_count += fds.len();
-                Ok(data.len())
-            })
+            .flush_peer(
+                peer,
+                |_, data, fds| {
+                    bytes.extend_from_slice(data);
+                    fd_count += fds.len();
+                    Ok(data.len())
+                },
+                // Drained at once: everything sent has been read.
+                |_| Ok(0),
+            )
             .unwrap();
         let mut reader = FrameReader::<()>::new(FrameLimits::default());
         let mut out = Vec::new();
@@ -713,4 +720,172 @@ fn peers_cannot_pass_frames_off_as_monitor_copies() {
     h.send(sender, header, b"", Vec::new());
     assert!(h.drain(receiver).is_empty());
     assert_eq!(error_code(&h.drain(sender)[0]), ErrorCode::InvalidArgs);
+}
+
+/// A unicast signal from `from` to `to` carrying `count` fds of /dev/null.
+fn signal_with_fds(h: &mut Harness, from: PeerId, to: PeerId, count: usize) -> u64 {
+    h.serial += 1;
+    let signal = Header {
+        kind: MessageKind::Signal as i32,
+        serial: h.serial,
+        destination: to.unique_name().into_string(),
+        path: "/fds".into(),
+        member: "Fds".into(),
+        ..Header::default()
+    };
+    let fds = (0..count)
+        .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
+        .collect();
+    h.send(from, signal, b"", fds);
+    h.serial
+}
+
+/// Flushes `peer` with a socket that takes everything and reports
+/// `unread` bytes not read yet; returns the fds written.
+fn flush_unread(h: &mut Harness, peer: PeerId, unread: usize) -> usize {
+    let mut fds_written = 0;
+    h.bus
+        .flush_peer(
+            peer,
+            |_, data, fds| {
+                fds_written += fds.len();
+                Ok(data.len())
+            },
+            |_| Ok(unread),
+        )
+        .unwrap();
+    fds_written
+}
+
+#[test]
+fn a_receiver_has_one_frame_of_fds_in_flight_until_it_reads() {
+    let mut h = Harness::new();
+    let sender = h.connect(2000, 1);
+    let receiver = h.connect(2000, 2);
+    signal_with_fds(&mut h, sender, receiver, 3);
+    signal_with_fds(&mut h, sender, receiver, 4);
+    assert_eq!(flush_unread(&mut h, receiver, 100), 3);
+    assert!(h.bus.has_fds_in_flight(receiver));
+    assert_eq!(h.bus.in_flight_pool().share_of(2000), 3);
+    // Not read yet: the second frame waits.
+    assert_eq!(flush_unread(&mut h, receiver, 100), 0);
+    // Read: the first frame's fds leave flight, the second goes.
+    assert_eq!(flush_unread(&mut h, receiver, 0), 4);
+    assert_eq!(h.bus.in_flight_pool().share_of(2000), 4);
+    assert_eq!(flush_unread(&mut h, receiver, 0), 0);
+    assert!(!h.bus.has_fds_in_flight(receiver));
+    assert_eq!(h.bus.in_flight_pool().used(), 0);
+}
+
+#[test]
+fn fds_over_a_senders_in_flight_share_are_refused_to_the_sender_not_the_receiver() {
+    let now = Instant::now();
+    let mut h = Harness {
+        bus: Bus::new(
+            Limits::default(),
+            Policy::builtin(),
+            "test-bus".into(),
+            HOST_NS,
+            1 << 20,
+            16,
+            now,
+        ),
+        now,
+        serial: 0,
+    };
+    let flooder = h.connect(2000, 1);
+    let sinks: Vec<PeerId> = (0..3).map(|pid| h.connect(2000, 10 + pid)).collect();
+    let honest = h.connect(3000, 20);
+    let honest_sink = h.connect(3000, 21);
+    for sink in &sinks {
+        signal_with_fds(&mut h, flooder, *sink, 6);
+        // The sinks never read.
+        flush_unread(&mut h, *sink, 1);
+    }
+    // Uid 2000 got one frame out (6 of 16), the others were refused to it.
+    assert_eq!(h.bus.in_flight_pool().share_of(2000), 6);
+    let refusals: Vec<Out> = h
+        .drain(flooder)
+        .into_iter()
+        .filter(|out| out.header.kind == MessageKind::Error as i32)
+        .collect();
+    assert_eq!(refusals.len(), 2);
+    assert_eq!(error_code(&refusals[0]), ErrorCode::LimitsExceeded);
+    assert_eq!(
+        refusals[0].header.error.as_ref().unwrap().detail,
+        "max_fds_in_flight"
+    );
+    // The sinks stay connected; another uid still passes its fds.
+    assert!(sinks.iter().all(|sink| !h.bus.is_doomed(*sink)));
+    signal_with_fds(&mut h, honest, honest_sink, 2);
+    assert_eq!(flush_unread(&mut h, honest_sink, 1), 2);
+}
+
+#[test]
+fn a_queue_holding_fds_without_progress_is_disconnected_after_the_timeout() {
+    let limits = Limits {
+        pending_fd_timeout_ms: 1000,
+        ..Limits::default()
+    };
+    let mut h = Harness::with_limits(limits);
+    let sender = h.connect(1000, 1);
+    let stuck = h.connect(1000, 2);
+    let reading = h.connect(1000, 3);
+    signal_with_fds(&mut h, sender, stuck, 1);
+    signal_with_fds(&mut h, sender, reading, 1);
+    // `stuck`'s socket takes nothing; `reading` reads what it gets.
+    h.bus
+        .flush_peer(
+            stuck,
+            |_, _, _| Err(io::Error::from(io::ErrorKind::WouldBlock)),
+            |_| Ok(0),
+        )
+        .unwrap();
+    flush_unread(&mut h, reading, 0);
+    let start = h.now;
+    assert_eq!(h.bus.sweep_stalled_fds(start, |_| Ok(0)), 0);
+    assert_eq!(
+        h.bus
+            .sweep_stalled_fds(start + Duration::from_millis(500), |_| Ok(0)),
+        0
+    );
+    assert_eq!(
+        h.bus
+            .sweep_stalled_fds(start + Duration::from_millis(1000), |_| Ok(0)),
+        1
+    );
+    assert!(h.bus.is_doomed(stuck));
+    assert!(!h.bus.is_doomed(reading));
+}
+
+#[test]
+fn fds_of_an_unfinished_frame_time_out_too() {
+    let limits = Limits {
+        pending_fd_timeout_ms: 1000,
+        ..Limits::default()
+    };
+    let mut h = Harness::with_limits(limits);
+    let peer = h.connect(1000, 1);
+    let start = h.now;
+    h.bus.set_partial_frame_fds(peer, 2);
+    assert_eq!(h.bus.sweep_stalled_fds(start, |_| Ok(0)), 0);
+    // Finished in time: forgotten.
+    h.bus.set_partial_frame_fds(peer, 0);
+    assert_eq!(
+        h.bus
+            .sweep_stalled_fds(start + Duration::from_millis(900), |_| Ok(0)),
+        0
+    );
+    h.bus.set_partial_frame_fds(peer, 1);
+    assert_eq!(
+        h.bus
+            .sweep_stalled_fds(start + Duration::from_millis(1000), |_| Ok(0)),
+        0
+    );
+    assert_eq!(
+        h.bus
+            .sweep_stalled_fds(start + Duration::from_millis(2000), |_| Ok(0)),
+        1
+    );
+    assert!(h.bus.is_doomed(peer));
 }

@@ -28,7 +28,7 @@ use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::io::Interest;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::{after_dispatch, send_frames, PeerIo, Shared, SharedBus, READ_BUDGET};
+use super::{after_dispatch, send_frames, unread_by_peer, PeerIo, Shared, SharedBus, READ_BUDGET};
 use crate::bus::{BusError, PeerId};
 
 /// The first frame (HELLO) may be at most this large.
@@ -224,9 +224,17 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
             }
             Event::Writable(mut ready) => {
                 let Some(id) = state.peer else { continue };
-                match shared.bus.borrow_mut().flush_peer(id, send_frames) {
-                    Ok(Flushed::All) => {}
-                    Ok(Flushed::Blocked) => ready.clear_ready(),
+                let mut bus = shared.bus.borrow_mut();
+                let flushed = bus.flush_peer(id, send_frames, unread_by_peer);
+                // Fds still in flight: wait for the peer to read more (the
+                // kernel wakes writers as the peer consumes), not for room.
+                let waiting = bus.has_fds_in_flight(id);
+                // Dropped frames may have queued errors for their senders.
+                after_dispatch(&shared, &mut bus);
+                drop(bus);
+                match flushed {
+                    Ok(Flushed::All) if !waiting => {}
+                    Ok(_) => ready.clear_ready(),
                     Err(error) => break Some(Close::Io(error)),
                 }
             }
@@ -270,11 +278,8 @@ fn next_event<'a>(
         Poll::Pending => {}
     }
     let want_write = state.peer.is_some_and(|id| {
-        shared
-            .bus
-            .borrow()
-            .peer(id)
-            .is_some_and(|peer| !peer.outbox_is_empty())
+        let bus = shared.bus.borrow();
+        bus.peer(id).is_some_and(|peer| !peer.outbox_is_empty()) || bus.has_fds_in_flight(id)
     });
     if want_write {
         match io.socket.poll_write_ready(cx) {
@@ -360,6 +365,15 @@ fn read_ready(
         if received.rights_sets > 1 {
             break Some(frame_error(FrameError::SplitFdSets));
         }
+        if let Some(index) = fds
+            .iter()
+            .position(|fd| is_bus_connection(fd, &shared.listener_pids))
+        {
+            break Some(Close::Refused(BusError::FdsNotSupported(format!(
+                "fd {index} of this read is a connection to this bus: bus connections \
+                 cannot be passed (one held in a queue could keep itself alive)"
+            ))));
+        }
         if received.fds > 0 {
             if let Err(error) = bus.claim_fds(state.uid, received.fds as u64) {
                 break Some(Close::Refused(error));
@@ -387,8 +401,22 @@ fn read_ready(
             break None;
         }
     };
+    if let Some(id) = state.peer {
+        bus.set_partial_frame_fds(id, state.held_fds);
+    }
     after_dispatch(shared, &mut bus);
     close
+}
+
+/// True when `fd` is a socket whose peer is one of this daemon's listening
+/// sockets, i.e. a client's end of a connection to this bus (see
+/// `Shared::listener_pids`). Passing one is refused outright, as kdbus did:
+/// a connection whose own end sits in a queue of the daemon never hangs up.
+fn is_bus_connection(fd: &OwnedFd, listener_pids: &[i32]) -> bool {
+    matches!(
+        pbus_sys::creds::socket_peer_pid(fd),
+        Ok(Some(pid)) if pid != 0 && listener_pids.contains(&pid)
+    )
 }
 
 /// Maps a framing error to the error the peer is told before it is closed.
@@ -500,7 +528,7 @@ fn finish(shared: &Shared, io: &Rc<PeerIo>, state: &State, close: Option<Close>)
                 bus.queue_error_to(id, 0, error);
             }
             if !stopping {
-                let _ = bus.flush_peer(id, send_frames);
+                let _ = bus.flush_peer(id, send_frames, unread_by_peer);
             }
             bus.remove_peer(id);
             if !stopping {

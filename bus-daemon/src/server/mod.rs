@@ -98,6 +98,10 @@ struct Shared {
     /// Every live connection, handshake done or not, to close at shutdown.
     connections: RefCell<HashMap<u64, Weak<PeerIo>, crate::bus::IdHash>>,
     next_connection: Cell<u64>,
+    /// The pids a socket connected to one of our listeners reports as its
+    /// peer (SO_PEERCRED): whoever called listen(2) on them. A passed fd
+    /// that reports one of these is a connection to this bus.
+    listener_pids: Vec<i32>,
     /// Never sent on: dropped with the last `Rc<Shared>`, i.e. when every
     /// task has finished, which is what shutdown waits for.
     _all_tasks_done: mpsc::Sender<()>,
@@ -150,15 +154,25 @@ impl Server {
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
         let bus_id = random_bus_id();
         let fd_budget = fd_budget(&self.config);
+        let in_flight_budget = in_flight_budget(&self.config);
         let bus = Bus::new(
             self.config.limits.clone(),
             self.policy,
             bus_id.clone(),
             host.pid_namespace(),
             fd_budget,
+            in_flight_budget,
             Instant::now(),
         );
-        tracing::info!(bus_id, fd_budget, "bus started");
+        let mut listener_pids = vec![std::process::id() as i32];
+        for socket in &self.sockets {
+            if let Ok(credentials) = pbus_sys::creds::peer_credentials(&socket.listener) {
+                if !listener_pids.contains(&credentials.pid) {
+                    listener_pids.push(credentials.pid);
+                }
+            }
+        }
+        tracing::info!(bus_id, fd_budget, in_flight_budget, "bus started");
         let shared = Rc::new(Shared {
             bus: RefCell::new(bus),
             scratch: RefCell::new(vec![0u8; SCRATCH_LEN]),
@@ -172,6 +186,7 @@ impl Server {
             shutdown: stop_rx,
             connections: RefCell::new(HashMap::default()),
             next_connection: Cell::new(0),
+            listener_pids,
             _all_tasks_done: alive_tx,
         });
         let mut accept_tasks = Vec::new();
@@ -188,6 +203,7 @@ impl Server {
             )));
         }
         let timer = tokio::task::spawn_local(run_timer(Rc::clone(&shared)));
+        let sweeper = tokio::task::spawn_local(sweep_stalled_fds(Rc::clone(&shared)));
         let reloader = tokio::task::spawn_local(reload_on_sighup(Rc::clone(&shared)));
         shutdown.await;
         tracing::info!("shutting down");
@@ -201,6 +217,7 @@ impl Server {
             let _ = task.await;
         }
         let _ = timer.await;
+        let _ = sweeper.await;
         let _ = reloader.await;
         // Every connection task holds a sender; recv() returns None once the
         // last one has finished and removed its peer.
@@ -225,6 +242,19 @@ fn fd_budget(config: &Config) -> u64 {
         .map(|limit| limit.soft.saturating_sub(FD_RESERVE))
         .unwrap_or(1024 - FD_RESERVE);
     match config.limits.max_fds_total {
+        0 => from_rlimit,
+        configured => configured.min(from_rlimit),
+    }
+}
+
+/// How many fds the daemon may have in flight to receivers:
+/// `max_fds_in_flight`, or what the kernel allows the daemon's user (the
+/// soft RLIMIT_NOFILE) minus a reserve for other processes of that user.
+fn in_flight_budget(config: &Config) -> u64 {
+    let from_rlimit = pbus_sys::process::fd_limit()
+        .map(|limit| limit.soft.saturating_sub(FD_RESERVE))
+        .unwrap_or(1024 - FD_RESERVE);
+    match config.limits.max_fds_in_flight {
         0 => from_rlimit,
         configured => configured.min(from_rlimit),
     }
@@ -318,6 +348,31 @@ async fn run_timer(shared: Rc<Shared>) {
     }
 }
 
+/// Disconnects peers that hold fds without progress for longer than
+/// `pending_fd_timeout_ms` (see [`Bus::sweep_stalled_fds`]), checking a
+/// few times per timeout.
+async fn sweep_stalled_fds(shared: Rc<Shared>) {
+    let mut stop = shared.shutdown.clone();
+    let timeout = std::time::Duration::from_millis(shared.config.limits.pending_fd_timeout_ms);
+    let period = (timeout / 4).clamp(
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_secs(5),
+    );
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                let mut bus = shared.bus.borrow_mut();
+                if bus.sweep_stalled_fds(Instant::now(), unread_by_peer) > 0 {
+                    after_dispatch(&shared, &mut bus);
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+}
+
 /// Re-reads the policy on SIGHUP.
 async fn reload_on_sighup(shared: Rc<Shared>) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -384,10 +439,25 @@ fn after_dispatch(shared: &Shared, bus: &mut SharedBus) {
 }
 
 fn flush_dirty(bus: &mut SharedBus) {
+    // Refused frames can queue errors for peers flushed earlier in the
+    // round: go again until nothing new was queued.
+    while bus.has_dirty() {
+        flush_dirty_once(bus);
+    }
+}
+
+fn flush_dirty_once(bus: &mut SharedBus) {
     for id in bus.take_dirty() {
-        match bus.flush_peer(id, send_frames) {
-            Ok(Flushed::All) => {}
-            Ok(Flushed::Blocked) => {
+        match bus.flush_peer(id, send_frames, unread_by_peer) {
+            Ok(Flushed::All) => {
+                if bus.has_fds_in_flight(id) {
+                    // Its task watches for the peer reading those fds.
+                    if let Some(peer) = bus.peer(id) {
+                        peer.io.wake();
+                    }
+                }
+            }
+            Ok(Flushed::Blocked | Flushed::FdsWaiting) => {
                 if let Some(peer) = bus.peer(id) {
                     peer.io.wake();
                 }
@@ -398,6 +468,12 @@ fn flush_dirty(bus: &mut SharedBus) {
             }
         }
     }
+}
+
+/// Bytes sent to a peer that it has not read yet (see
+/// [`pbus_sys::fdpass::unread_by_peer`]).
+fn unread_by_peer(io: &Rc<PeerIo>) -> io::Result<usize> {
+    pbus_sys::fdpass::unread_by_peer(io.socket.get_ref())
 }
 
 /// One non-blocking sendmsg of queued bytes (and their fds) to a peer.
@@ -426,6 +502,7 @@ mod memory_tests {
                 "test".into(),
                 0,
                 1024,
+                1024,
                 Instant::now(),
             )),
             scratch: RefCell::new(Vec::new()),
@@ -437,6 +514,7 @@ mod memory_tests {
             shutdown: stop_rx,
             connections: RefCell::new(HashMap::default()),
             next_connection: Cell::new(0),
+            listener_pids: Vec::new(),
             _all_tasks_done: alive_tx,
         });
         let (stream, _other) = std::os::unix::net::UnixStream::pair().unwrap();

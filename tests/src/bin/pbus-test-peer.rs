@@ -75,6 +75,13 @@
 //!     signals with SIZE-byte bodies one at a time until one is refused or
 //!     MAX were accepted; print `flooded <accepted> <code> <detail>
 //!     <message>` (code 0 if none was refused).
+//! pbus-test-peer SOCKET fd-flood RECEIVERS FRAMES FDS
+//!     (raw clients) connect RECEIVERS connections that never read after
+//!     the handshake, print `connected <unique-name>` for a flooder, send
+//!     FRAMES unicast signals with FDS fds (of /dev/null) each to the
+//!     receivers in turn (a Ping after each), then wait until no refusal has arrived for a
+//!     second and print `fd-flooded <sent> <refused> <detail of the last
+//!     refusal or ->`. The receivers stay connected until stdin closes.
 //! pbus-test-peer SOCKET ping-loop
 //!     print `connected <unique-name>`, then ping the bus every 10 ms and
 //!     print `pong <round trip in microseconds>` for each.
@@ -395,6 +402,14 @@ async fn run_extra(socket: &str, command: &str, rest: &[String]) -> Option<Resul
             (Ok(size), Ok(max)) => flood(socket, destination, size, max).await,
             _ => Err(format!("bad size or count {size:?} {max:?}")),
         },
+        ("fd-flood", [receivers, frames, fds]) => {
+            match (receivers.parse(), frames.parse(), fds.parse()) {
+                (Ok(receivers), Ok(frames), Ok(fds)) => {
+                    fd_flood(socket, receivers, frames, fds).await
+                }
+                _ => Err(format!("bad numbers {receivers:?} {frames:?} {fds:?}")),
+            }
+        }
         ("ping-loop", []) => ping_loop(socket).await,
         ("policy-probe", [name]) => policy_probe(socket, name).await,
         _ => return None,
@@ -528,6 +543,66 @@ async fn flood(socket: &str, destination: &str, size: usize, max: u64) -> Result
     }
     println!("flooded {accepted} 0 - -");
     wait_for_stdin_eof().await;
+    Ok(())
+}
+
+async fn fd_flood(
+    socket: &str,
+    receivers: usize,
+    frames: usize,
+    fds_per_frame: usize,
+) -> Result<(), String> {
+    use pbus_proto::v1::MessageKind;
+    let path = std::path::Path::new(socket);
+    let mut sinks = Vec::new();
+    for _ in 0..receivers {
+        let sink = pbus_tests::RawClient::connect_hello(path)
+            .await
+            .map_err(|error| format!("cannot connect a receiver: {error}"))?;
+        sinks.push(sink);
+    }
+    let mut flooder = connect_raw(socket).await?;
+    let mut serials = Vec::new();
+    for index in 0..frames {
+        let destination = sinks[index % receivers].unique_name().to_owned();
+        let header = pbus_tests::frames::signal_header(
+            flooder.next_serial(),
+            &destination,
+            "/org/pbus/test/flood",
+            "Fds",
+        );
+        let fds = pbus_tests::fdkit::dev_nulls(fds_per_frame);
+        flooder
+            .send_with_fds(&header, &[], &pbus_tests::fdkit::borrow_all(&fds))
+            .await
+            .map_err(|error| format!("send: {error}"))?;
+        serials.push(header.serial);
+        // One frame at a time: the bus passes each on before the next
+        // arrives, so only fds in flight pile up, not fds it holds.
+        flooder.sync().await;
+    }
+    // Refusals of frames the bus could not pass come when it tries to
+    // write them: collect until a second goes by without one.
+    let mut refused = 0usize;
+    let mut last = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        flooder.sync().await;
+        let before = refused;
+        for frame in flooder.take_inbox() {
+            if frame.kind() == MessageKind::Error && serials.contains(&frame.header.reply_serial) {
+                refused += 1;
+                last = frame.header.error;
+            }
+        }
+        if refused == before {
+            break;
+        }
+    }
+    let detail = last.map_or_else(|| "-".to_owned(), |info| detail_and_message(&info));
+    println!("fd-flooded {frames} {refused} {detail}");
+    wait_for_stdin_eof().await;
+    drop(sinks);
     Ok(())
 }
 
