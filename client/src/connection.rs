@@ -180,6 +180,8 @@ impl ConnectionBuilder {
                     "the bus closed the connection during the handshake".into(),
                 ));
             }
+            pbus_proto::frame::check_ancillary(received.control_truncated, received.rights_sets)
+                .map_err(|e| Error::Protocol(e.to_string()))?;
             let mut result: Option<Result<Welcome, Error>> = None;
             reader
                 .feed(&buffer[..received.bytes], fds, |frame| {
@@ -844,14 +846,16 @@ async fn read_loop(
     // Built once: the application closing the connection ends the loop.
     let closed_by_application = closed.wait_for(|closed| *closed);
     tokio::pin!(closed_by_application);
-    let reason = 'outer: loop {
+    // Ok: the connection ended; Err: the bus broke the protocol, which the
+    // calls still waiting are told.
+    let reason: Result<String, String> = 'outer: loop {
         let mut ready = tokio::select! {
             biased;
             ready = inner.stream.readable() => match ready {
                 Ok(ready) => ready,
-                Err(error) => break format!("socket error: {error}"),
+                Err(error) => break Ok(format!("socket error: {error}")),
             },
-            _ = &mut closed_by_application => break "closed by the application".to_owned(),
+            _ = &mut closed_by_application => break Ok("closed by the application".to_owned()),
         };
         loop {
             let mut fds = Vec::new();
@@ -866,16 +870,18 @@ async fn read_loop(
                     break;
                 }
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(error) => break 'outer format!("socket error: {error}"),
+                Err(error) => break 'outer Ok(format!("socket error: {error}")),
             };
             // A short read that brought no fds emptied the socket: wait for
             // the next readiness instead of a recvmsg that says EAGAIN.
             let drained = received.bytes < buffer.len() && received.fds == 0;
             if received.bytes == 0 {
-                break 'outer "the bus closed the connection".to_owned();
+                break 'outer Ok("the bus closed the connection".to_owned());
             }
-            if received.control_truncated {
-                break 'outer "fds were truncated (MSG_CTRUNC)".to_owned();
+            if let Err(error) =
+                pbus_proto::frame::check_ancillary(received.control_truncated, received.rights_sets)
+            {
+                break 'outer Err(format!("protocol violation by the bus: {error}"));
             }
             let fed = reader.feed(&buffer[..received.bytes], fds, |frame| {
                 let header = Header::decode(frame.header).map_err(|e| e.to_string())?;
@@ -885,10 +891,10 @@ async fn read_loop(
             match fed {
                 Ok(()) => {}
                 Err(FeedError::Frame(error)) => {
-                    break 'outer format!("bad frame from the bus: {error}")
+                    break 'outer Err(format!("bad frame from the bus: {error}"))
                 }
                 Err(FeedError::Consumer(error)) => {
-                    break 'outer format!("bad header from the bus: {error}")
+                    break 'outer Err(format!("bad header from the bus: {error}"))
                 }
             }
             if drained {
@@ -897,6 +903,8 @@ async fn read_loop(
             }
         }
     };
+    let violation = reason.as_ref().err().cloned();
+    let reason = reason.unwrap_or_else(|violation| violation);
     tracing::debug!(connection = %inner.unique_name, reason, "connection closed");
     let _ = inner.closed.send(true);
     // The application may keep its handles (and so the socket) long after
@@ -920,7 +928,11 @@ async fn read_loop(
         .map(|(_, tx)| tx)
         .collect();
     for tx in pending {
-        let _ = tx.send(Err(Error::Disconnected));
+        let error = match &violation {
+            Some(why) => Error::Protocol(why.clone()),
+            None => Error::Disconnected,
+        };
+        let _ = tx.send(Err(error));
     }
     inner
         .subscriptions

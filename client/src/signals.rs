@@ -76,9 +76,19 @@ impl MatchRule {
         self
     }
 
-    /// Also receive copies of calls, replies and unicast signals addressed
-    /// to other peers (needs the `monitor` right). Copies are flagged
-    /// `MONITOR_COPY` and carry no fds or memfd payloads.
+    /// Receive copies of calls, replies and unicast signals addressed to
+    /// other peers instead of broadcasts (needs the `monitor` right).
+    /// Copies are flagged `MONITOR_COPY` and carry no fds or memfd
+    /// payloads; subscribe a plain rule as well to see broadcast signals,
+    /// each of which then arrives on that stream only.
+    ///
+    /// The first such subscription makes the connection a monitor, which
+    /// the bus refuses while the connection owns or is queued for a name or
+    /// has calls in flight either way. A monitor is receive-only until it
+    /// disconnects: it may still call the bus (more rules, `ping`, stats),
+    /// but owning names, calling peers, emitting signals and replying are
+    /// refused with ACCESS_DENIED (detail `receive-only`), and so are calls
+    /// made to it. Use a connection of its own for monitoring.
     pub fn eavesdrop(mut self, enabled: bool) -> Self {
         self.rule.eavesdrop = enabled;
         self
@@ -192,7 +202,12 @@ impl Subscriptions {
         let copy = signal.header().flags & pbus_proto::v1::HeaderFlag::MonitorCopy as u32 != 0;
         let signal = Arc::new(signal);
         for entry in &self.entries {
-            if copy && !entry.rule.rule.eavesdrop {
+            // Copies go to eavesdropping subscriptions only, and only
+            // copies do: the bus delivers a broadcast because of a plain
+            // rule, never an eavesdropping one, so handing it to both
+            // streams of a connection that has both (pbusctl monitor) made
+            // every broadcast appear twice.
+            if copy != entry.rule.rule.eavesdrop {
                 continue;
             }
             if entry.rule.matches(&signal, &self.owners) {

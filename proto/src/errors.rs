@@ -6,6 +6,11 @@
 
 use crate::v1::{ErrorCode, ErrorInfo};
 
+/// The `detail` of the ACCESS_DENIED error a monitor gets for anything it
+/// sends other than a call to the bus driver (and a caller of a monitor
+/// gets): monitors are receive-only.
+pub const DETAIL_RECEIVE_ONLY: &str = "receive-only";
+
 /// The `org.pbus.Error.*` name of a code.
 pub fn error_name(code: ErrorCode) -> &'static str {
     match code {

@@ -8,19 +8,38 @@
 //!
 //! # How fds are tied to frames
 //!
-//! The sender passes a frame's fds with the sendmsg whose data begins with
-//! that frame's prefix. On a stream socket the kernel attaches them to the
-//! first skb of that data and a recvmsg that picks them up stops right after
-//! that skb, so the recvmsg returning the fds covers the stream range
-//! `[start, end)` that contains the frame's first byte. The reader keeps
-//! each set with its range and, when a frame is complete, requires:
+//! The rule is the one a receiver can check. A sender passes a frame's fds
+//! with a sendmsg that carries that frame's first byte. The pbus client and
+//! daemon ([`OutQueue`]) go further and start that sendmsg with the frame,
+//! which is the placement every receiver accepts, whatever its buffer size.
 //!
-//! * a frame declaring `n > 0` fds: the oldest unclaimed set exists, its
-//!   range contains the frame's first byte, and it holds exactly `n` fds;
-//! * every set is claimed by the time the stream has moved past its range.
+//! What a receiver sees (net/unix/af_unix.c, `unix_stream_read_generic`):
+//! the fds of a sendmsg are attached to the first skb of its data; a
+//! recvmsg detaches them when it consumes the first bytes of that skb and
+//! stops right after that skb, but the same recvmsg may already have copied
+//! bytes of earlier skbs that carried no fds. So a receiver learns where an
+//! fd-carrying skb *ends*, not where it begins: "the sendmsg that starts
+//! with this frame" cannot be told apart from "an earlier sendmsg joined
+//! into the same read" without one recvmsg per frame, which would double
+//! the syscalls on the hot path. dbus-broker has the same model (fds belong
+//! to the hunk that carried them).
 //!
-//! Anything else (a count that lies, fds spread over two frames, a second set
-//! for one frame, fds sent with no frame) is a [`FrameError`].
+//! So the receiver ties the fd set of one recvmsg, which covers the stream
+//! range `[start, end)` that recvmsg returned, to the first frame declaring
+//! fds whose first byte lies in that range; frames before it in the range
+//! must declare none. Protocol violations ([`FrameError`]):
+//!
+//! * a count that differs from the frame's `fd_count` (including a frame
+//!   declaring fds whose first byte lies in no read that brought any);
+//! * two SCM_RIGHTS sets in one read, or MSG_CTRUNC ([`check_ancillary`]);
+//! * a set that no frame claims by the end of its range (fds sent with
+//!   frames that declare none, or with no frame at all).
+//!
+//! A sender that puts other frames before the fd-carrying one in the same
+//! sendmsg is accepted as long as the receiver's read reaches that frame's
+//! first byte; a large sendmsg is split into several skbs and a read stops
+//! at the end of the receiver's buffer, so only "the sendmsg starts with
+//! the frame" is safe everywhere.
 
 use std::collections::VecDeque;
 use std::io;
@@ -170,6 +189,22 @@ pub enum FrameError {
     /// More than one SCM_RIGHTS set arrived in one read.
     #[error("more than one SCM_RIGHTS set in one read")]
     SplitFdSets,
+}
+
+/// Checks what one recvmsg reported about its ancillary data, before its
+/// bytes and fds are fed to a [`FrameReader`]: MSG_CTRUNC means the kernel
+/// closed fds that did not fit, so the set cannot be matched to what the
+/// sender meant; two SCM_RIGHTS sets in one read cannot both belong to the
+/// one frame a read's fds are tied to. Both are violations; the daemon and
+/// the client disconnect on either.
+pub fn check_ancillary(control_truncated: bool, rights_sets: usize) -> Result<(), FrameError> {
+    if control_truncated {
+        return Err(FrameError::ControlTruncated);
+    }
+    if rights_sets > 1 {
+        return Err(FrameError::SplitFdSets);
+    }
+    Ok(())
 }
 
 /// Appends one frame (prefix, encoded header, body) to `out`.
@@ -562,8 +597,9 @@ const KEEP_SEGMENT_CAPACITY: usize = 64 << 10;
 /// Frames waiting to be written to one socket.
 ///
 /// Frames without fds are appended to the current segment so one sendmsg can
-/// carry many of them; a frame with fds starts a new segment, because its fds
-/// must travel with the sendmsg that starts with its prefix.
+/// carry many of them; a frame with fds starts a new segment, so its fds
+/// travel with a sendmsg that starts with its prefix (the placement every
+/// receiver accepts; see the module docs).
 ///
 /// `T` is an optional origin recorded with frames that carry fds (see
 /// [`push_stamped_from`](Self::push_stamped_from)), handed back to an [`FdGate`] when
@@ -970,6 +1006,51 @@ mod tests {
         assert!(got.is_empty());
         let got = collect(&mut reader, &second[20..], vec![]).unwrap();
         assert_eq!(got[0].2, vec![5, 6]);
+    }
+
+    #[test]
+    fn a_reads_fds_go_to_the_first_frame_in_it_that_declares_fds() {
+        let mut data = frame_bytes(1, b"one", 1);
+        data.extend(frame_bytes(2, b"none", 0));
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        let got = collect(&mut reader, &data, vec![7]).unwrap();
+        assert_eq!(got[0].2, vec![7]);
+        assert!(got[1].2.is_empty());
+        // Two frames declare one each, one set of one arrived: the first
+        // takes it and the second has none.
+        let mut data = frame_bytes(1, b"one", 1);
+        data.extend(frame_bytes(2, b"one too", 1));
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        assert!(matches!(
+            collect(&mut reader, &data, vec![7]),
+            Err(FrameError::FdCountMismatch {
+                declared: 1,
+                arrived: 0
+            })
+        ));
+        // A frame whose first byte came in a read without fds cannot take
+        // the fds of the read that completes it.
+        let frame = frame_bytes(1, b"declares one", 1);
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
+        assert!(collect(&mut reader, &frame[..3], vec![])
+            .unwrap()
+            .is_empty());
+        assert!(matches!(
+            collect(&mut reader, &frame[3..], vec![7]),
+            Err(FrameError::FdCountMismatch {
+                declared: 1,
+                arrived: 0
+            })
+        ));
+    }
+
+    #[test]
+    fn truncated_control_data_and_two_fd_sets_in_one_read_are_violations() {
+        assert_eq!(check_ancillary(false, 0), Ok(()));
+        assert_eq!(check_ancillary(false, 1), Ok(()));
+        assert_eq!(check_ancillary(true, 1), Err(FrameError::ControlTruncated));
+        assert_eq!(check_ancillary(true, 0), Err(FrameError::ControlTruncated));
+        assert_eq!(check_ancillary(false, 2), Err(FrameError::SplitFdSets));
     }
 
     #[test]

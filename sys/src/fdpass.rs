@@ -5,7 +5,10 @@
 //! * On a stream socket the fds of one sendmsg(2) are attached to the first
 //!   skb of that call's data, and a recvmsg(2) that collects fds stops right
 //!   after that skb. So fds never arrive together with data sent *after*
-//!   them, and a reader can tie them to the byte range it just read.
+//!   that skb, but the same read may begin with bytes of earlier sendmsgs
+//!   that carried none: a reader knows the byte range the fds came in, not
+//!   where their sendmsg began (pbus_proto's frame module has the rule
+//!   built on that).
 //! * If the receiver's control buffer is too small the kernel sets
 //!   MSG_CTRUNC and closes the fds that did not fit. The message's fds are
 //!   then incomplete and cannot be matched to what the sender meant, so
@@ -34,7 +37,8 @@ pub struct Received {
     pub bytes: usize,
     /// Fds appended to the caller's vector by this call.
     pub fds: usize,
-    /// Number of SCM_RIGHTS control messages seen (more than one is odd).
+    /// Number of SCM_RIGHTS control messages seen (more than one is a
+    /// violation: see `pbus_proto::frame::check_ancillary`).
     pub rights_sets: usize,
     /// MSG_CTRUNC: the kernel dropped fds that did not fit. Always a violation.
     pub control_truncated: bool,

@@ -377,9 +377,8 @@ impl RawClient {
                 self.closed = true;
                 return Err(RawError::Closed);
             }
-            if received.control_truncated {
-                return Err(RawError::Frame("control data truncated".into()));
-            }
+            pbus_proto::frame::check_ancillary(received.control_truncated, received.rights_sets)
+                .map_err(|error| RawError::Frame(error.to_string()))?;
             let before = frames.len();
             reader
                 .feed(&buffer[..received.bytes], fds, |frame| {

@@ -15,6 +15,12 @@
 //!   over two SCM_RIGHTS sets, declares 254) is a protocol violation: the
 //!   offender is told and disconnected, the fds are closed, the receiver
 //!   gets nothing.
+//! * The fds of one read go with the first frame in it that declares fds
+//!   (pbus.proto): one sendmsg with a frame declaring none and then one
+//!   declaring one, plus an fd, is accepted and the fd arrives with the
+//!   second frame (with the first when the order is swapped); two frames
+//!   declaring none plus an fd, and an fd declared by one frame but sent
+//!   with a later sendmsg of the next frame's bytes, are violations.
 //! * A receiver that did not announce fd support gets none (nor memfd
 //!   payloads, which are fds too); its senders get FDS_NOT_SUPPORTED.
 //! * Broadcast signals may carry memfd payloads (delivered to subscribers
@@ -33,15 +39,15 @@ use pbus::{Connection, MatchRule, MethodCall, Outgoing, RequestNameFlags};
 use pbus_proto::frame::encode_frame;
 use pbus_proto::v1::{ErrorCode, MessageKind};
 use pbus_tests::fdkit::{
-    assert_bundle_seen, borrow_all, sealed_memfd, use_received_fd, wait_all_closed, FdBundle,
-    PipeProbe,
+    assert_bundle_seen, borrow_all, same_inode, sealed_memfd, use_received_fd, wait_all_closed,
+    FdBundle, PipeProbe,
 };
 use pbus_tests::frames::{
     assert_error, call_header, expect_disconnect, memfd_ref, peer_stats, reply_header,
     signal_header,
 };
 use pbus_tests::messages::Text;
-use pbus_tests::{expect_signal, own_name, RawClient, TestBus, TIMEOUT};
+use pbus_tests::{expect_signal, own_name, RawClient, RawMessage, TestBus, TIMEOUT};
 use prost::Message;
 use tokio::sync::mpsc;
 
@@ -440,6 +446,129 @@ async fn frames_that_lie_about_their_fds_are_violations() {
         delivered.is_empty(),
         "lying frames were delivered: {delivered:?}"
     );
+}
+
+/// Two unicast signals to `SERVICE`, `One` and `Two`, encoded back to back
+/// with the fd counts `declared`; returns the bytes and where `Two` starts.
+fn one_and_two(sender: &mut RawClient, declared: [u16; 2]) -> (Vec<u8>, usize) {
+    let mut bytes = Vec::new();
+    let one = signal_header(sender.next_serial(), SERVICE, SIGNAL_PATH, "One");
+    encode_frame(&mut bytes, &one, b"", declared[0]);
+    let split = bytes.len();
+    let two = signal_header(sender.next_serial(), SERVICE, SIGNAL_PATH, "Two");
+    encode_frame(&mut bytes, &two, b"", declared[1]);
+    (bytes, split)
+}
+
+/// The next signal `member` the receiver gets from `from`.
+async fn next_from(receiver: &mut RawClient, from: &str, member: &str) -> RawMessage {
+    receiver
+        .recv_until(TIMEOUT, |frame| {
+            frame.sender_name() == from && frame.header.member == member
+        })
+        .await
+        .unwrap_or_else(|error| panic!("{member} from {from} did not arrive: {error}"))
+}
+
+/// The rule of pbus.proto: the fds of one read go with the first frame in
+/// that read that declares fds, and a set nobody claims is a violation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fds_go_with_the_first_frame_of_their_read_that_declares_them() {
+    let bus = TestBus::start();
+    let good = bus.connect().await;
+    let mut receiver = bus.raw_owning(SERVICE).await;
+    let baseline = bus.settled_fd_count().await;
+
+    // One sendmsg: `One` declaring none, then `Two` declaring one, and the
+    // fd (the case reported: accepted, the fd arrives with `Two`); and the
+    // other way round (the fd arrives with `One`).
+    for (declared, holder) in [([0, 1], "Two"), ([1, 0], "One")] {
+        let what = format!("one sendmsg, fd counts {declared:?}");
+        let mut sender = bus.raw().await;
+        let (probe, write_end) = PipeProbe::new();
+        let (bytes, _) = one_and_two(&mut sender, declared);
+        sender
+            .send_bytes_with_fds(&bytes, &[write_end.as_fd()])
+            .await
+            .unwrap();
+        let from = sender.unique_name().to_owned();
+        let one = next_from(&mut receiver, &from, "One").await;
+        let two = next_from(&mut receiver, &from, "Two").await;
+        let (with, without) = if holder == "One" {
+            (one, two)
+        } else {
+            (two, one)
+        };
+        assert!(without.fds.is_empty(), "{what}: {without:?}");
+        assert_eq!(with.fds.len(), 1, "{what}: {with:?}");
+        assert!(
+            same_inode(with.fds[0].as_fd(), write_end.as_fd()),
+            "{what}: another fd arrived"
+        );
+        sender.sync().await;
+        assert!(!sender.is_closed(), "{what}");
+        drop((with, without, write_end));
+        wait_all_closed(&[probe], &what, TIMEOUT).await;
+        drop(sender);
+        bus.wait_for_fd_count(baseline, TIMEOUT).await;
+    }
+
+    // One sendmsg, both frames declaring none, and an fd: nobody claims it.
+    // `One` is delivered (it broke no rule), `Two` is not.
+    {
+        let what = "one sendmsg, both frames declaring none, one fd";
+        let mut sender = bus.raw().await;
+        let (probe, write_end) = PipeProbe::new();
+        let (bytes, _) = one_and_two(&mut sender, [0, 0]);
+        sender
+            .send_bytes_with_fds(&bytes, &[write_end.as_fd()])
+            .await
+            .unwrap();
+        drop(write_end);
+        let from = sender.unique_name().to_owned();
+        let error = expect_disconnect(&mut sender, ErrorCode::ProtocolViolation, None, what).await;
+        assert!(error.message.contains("fd"), "{what}: {error:?}");
+        let one = next_from(&mut receiver, &from, "One").await;
+        assert!(one.fds.is_empty(), "{what}: {one:?}");
+        let rest = receiver.take_delivered().await;
+        assert!(
+            rest.iter().all(|frame| frame.sender_name() != from),
+            "{what}: {rest:?}"
+        );
+        wait_all_closed(&[probe], what, TIMEOUT).await;
+        bus.wait_for_fd_count(baseline, TIMEOUT).await;
+    }
+
+    // `One` declares an fd and goes alone without it; the fd follows with a
+    // later sendmsg carrying `Two` (which declares it too). A violation
+    // whichever way the daemon's reads fall: read alone, `One` lacks its fd;
+    // joined into one read with `Two`, the fd is `One`'s and `Two` lacks one.
+    // Either way `Two` never arrives.
+    {
+        let what = "fd declared by One, sent with Two";
+        let mut sender = bus.raw().await;
+        let (probe, write_end) = PipeProbe::new();
+        let (bytes, split) = one_and_two(&mut sender, [1, 1]);
+        sender.send_bytes(&bytes[..split]).await.unwrap();
+        // The daemon may have closed already: the send's result is moot.
+        let _ = sender
+            .send_bytes_with_fds(&bytes[split..], &[write_end.as_fd()])
+            .await;
+        drop(write_end);
+        let from = sender.unique_name().to_owned();
+        let error = expect_disconnect(&mut sender, ErrorCode::ProtocolViolation, None, what).await;
+        assert!(error.message.contains("fd"), "{what}: {error:?}");
+        let got = receiver.take_delivered().await;
+        assert!(
+            got.iter()
+                .all(|frame| frame.sender_name() != from || frame.header.member != "Two"),
+            "{what}: {got:?}"
+        );
+        drop(got);
+        wait_all_closed(&[probe], what, TIMEOUT).await;
+        bus.wait_for_fd_count(baseline, TIMEOUT).await;
+    }
+    good.ping().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

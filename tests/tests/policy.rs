@@ -727,15 +727,20 @@ async fn eavesdropping_needs_the_monitor_right() {
         "the monitor answered a copy"
     );
     assert_eq!(received(&mut b, "Echo").await, 1);
-    // The monitor's handlers still answer calls made to it.
-    let reply: Text = bus
+    // A monitor is receive-only: calls made to it are refused (it could
+    // not answer them), and its handlers never run.
+    let error = bus
         .connect()
         .await
         .method_call(monitor.unique_name(), "Echo")
         .timeout(Duration::from_secs(10))
-        .call(&Text::new("direct"))
+        .call::<Text, Text>(&Text::new("direct"))
         .await
-        .unwrap();
-    assert_eq!(reply.text, "from the monitor");
-    assert_eq!(answered.load(Ordering::SeqCst), 1);
+        .expect_err("a monitor was called");
+    let pbus::Error::Remote { code, detail, .. } = &error else {
+        panic!("calling a monitor: {error}");
+    };
+    assert_eq!(*code, ErrorCode::AccessDenied, "{error}");
+    assert_eq!(detail, pbus_proto::errors::DETAIL_RECEIVE_ONLY, "{error}");
+    assert_eq!(answered.load(Ordering::SeqCst), 0);
 }

@@ -59,6 +59,11 @@ impl<Io> Bus<Io> {
         }
         match header.member {
             "RequestName" => {
+                if self.peers[&from].monitor {
+                    return Err(BusError::ReceiveOnly(
+                        "a monitor is receive-only and may not own names".into(),
+                    ));
+                }
                 let reply = self.request_name(from, decode(body)?)?;
                 reply!(reply)
             }
@@ -399,12 +404,13 @@ impl<Io> Bus<Io> {
                     target: " to eavesdrop".into(),
                 });
             }
+            if !peer.monitor {
+                self.check_may_become_monitor(from)?;
+            }
+            let peer = self.peers.get_mut(&from).expect("caller exists");
+            peer.monitor = true;
             let id = self.monitors.add(from, rule);
-            self.peers
-                .get_mut(&from)
-                .expect("caller exists")
-                .monitor_matches
-                .push(id);
+            peer.monitor_matches.push(id);
             return Ok(());
         }
         let id = self.matches.add(from, rule);
@@ -413,6 +419,34 @@ impl<Io> Bus<Io> {
             .expect("caller exists")
             .matches
             .push(id);
+        Ok(())
+    }
+
+    /// A connection becomes a monitor (receive-only, for good) with its
+    /// first eavesdropping rule, and only if it takes no part in traffic
+    /// of its own then: it owns and is queued for no name, waits for no
+    /// reply (the AddMatch being handled is a bus call and not counted)
+    /// and owes none. Otherwise a name, a call or a reply would be caught
+    /// half-way by the switch.
+    fn check_may_become_monitor(&self, from: PeerId) -> Result<(), BusError> {
+        let peer = &self.peers[&from];
+        if let Some(name) = peer.names.iter().min() {
+            return Err(BusError::MonitorRefused(format!(
+                "it owns or is queued for {name}; release its names first"
+            )));
+        }
+        let waiting = self.calls.count_for_caller(from);
+        if waiting > 0 {
+            return Err(BusError::MonitorRefused(format!(
+                "{waiting} of its calls are waiting for replies"
+            )));
+        }
+        let owed = self.calls.count_for_callee(from);
+        if owed > 0 {
+            return Err(BusError::MonitorRefused(format!(
+                "it has {owed} calls to answer"
+            )));
+        }
         Ok(())
     }
 

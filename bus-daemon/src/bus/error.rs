@@ -69,6 +69,16 @@ pub enum BusError {
     /// The peer broke the wire protocol and is being disconnected.
     #[error("protocol violation: {0}")]
     ProtocolViolation(String),
+    /// The sender is a monitor, and monitors are receive-only: they may
+    /// call the bus driver and nothing else (no names, no calls to peers,
+    /// no signals, no replies), and nobody may call them.
+    #[error("{0}")]
+    ReceiveOnly(String),
+    /// A connection asked to become a monitor (its first eavesdropping
+    /// rule) while it takes part in traffic of its own: it owns or is
+    /// queued for a name, or has calls in flight either way.
+    #[error("cannot become a monitor: {0}")]
+    MonitorRefused(String),
 }
 
 fn queue_full_message(limit: &str, fair_share: bool) -> String {
@@ -98,6 +108,13 @@ impl BusError {
             Self::NotSupported(_) => ErrorCode::NotSupported,
             Self::HandshakeFailed(_) => ErrorCode::HandshakeFailed,
             Self::ProtocolViolation(_) => ErrorCode::ProtocolViolation,
+            // Both are refusals by rule of a well-formed request, not bad
+            // arguments: ACCESS_DENIED, with a detail of their own so a
+            // client can tell them from a missing policy right. (pbusctl
+            // monitor already treats a refused eavesdropping rule as "show
+            // broadcasts only", which is the right fallback here too.)
+            Self::ReceiveOnly(_) => ErrorCode::AccessDenied,
+            Self::MonitorRefused(_) => ErrorCode::AccessDenied,
         }
     }
 
@@ -106,6 +123,8 @@ impl BusError {
         match self {
             Self::AccessDenied { right, .. } => right,
             Self::LimitExceeded { limit, .. } | Self::ReceiverQueueFull { limit, .. } => limit,
+            Self::ReceiveOnly(_) => pbus_proto::errors::DETAIL_RECEIVE_ONLY,
+            Self::MonitorRefused(_) => "monitor",
             _ => "",
         }
     }

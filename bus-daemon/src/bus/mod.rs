@@ -165,6 +165,15 @@ pub struct Peer<Io> {
     matches: Vec<MatchId>,
     /// Eavesdropping rules (in `Bus::monitors`), for monitors.
     monitor_matches: Vec<MatchId>,
+    /// Set when the peer added its first eavesdropping rule, and never
+    /// cleared: a monitor is receive-only (it may call the bus driver and
+    /// nothing else, and nobody may call it) until it disconnects. Removing
+    /// its last eavesdropping rule (or losing the monitor right on reload)
+    /// does not make it a normal peer again: a connection that switches
+    /// roles while copies are still queued for it, or owns a name again
+    /// and answers calls next to copies of others' calls, is exactly the
+    /// kind of corner case monitors are kept out of.
+    monitor: bool,
     /// Last broadcast this peer received, to deliver each broadcast once.
     broadcast_stamp: u64,
     dirty: bool,
@@ -486,6 +495,7 @@ impl<Io> Bus<Io> {
                 names: HashSet::new(),
                 matches: Vec::new(),
                 monitor_matches: Vec::new(),
+                monitor: false,
                 broadcast_stamp: 0,
                 dirty: false,
                 doomed: false,
@@ -815,12 +825,32 @@ impl<Io> Bus<Io> {
         let serial = header.serial;
         let wants_reply = kind == MessageKind::MethodCall
             && header.flags & HeaderFlag::NoReplyExpected as u32 == 0;
+        let from_monitor = self.peers[&from].monitor;
         let result = match kind {
             // Only the bus marks monitor copies; a peer may not pass its
             // frames off as one (receivers would not answer or match them).
             _ if header.flags & HeaderFlag::MonitorCopy as u32 != 0 => Err(BusError::InvalidArgs(
                 "the MONITOR_COPY flag is set by the bus only".into(),
             )),
+            // Monitors are receive-only: the bus driver is all they may
+            // call. The frame is dropped and the monitor told why; it stays
+            // connected and keeps receiving copies.
+            MessageKind::MethodCall
+            | MessageKind::MethodReturn
+            | MessageKind::Error
+            | MessageKind::Signal
+                if from_monitor
+                    && !(kind == MessageKind::MethodCall && header.destination == BUS_NAME) =>
+            {
+                Err(BusError::ReceiveOnly(format!(
+                    "a monitor is receive-only: it may call {BUS_NAME} only, not send {}",
+                    match kind {
+                        MessageKind::MethodCall => "method calls to peers",
+                        MessageKind::Signal => "signals",
+                        _ => "replies",
+                    }
+                )))
+            }
             MessageKind::MethodCall => self.route_call(from, &header, body, fds, now),
             MessageKind::MethodReturn | MessageKind::Error => {
                 self.route_reply(from, &header, body, fds)
@@ -877,6 +907,14 @@ impl<Io> Bus<Io> {
         }
         let to = self.resolve(header.destination)?;
         self.check_unicast(from, to, header, &fds)?;
+        if self.peers[&to].monitor {
+            // It could not answer (monitors send no replies): refuse now
+            // rather than let the caller wait for its timeout.
+            return Err(BusError::ReceiveOnly(format!(
+                "{} is a monitor, which is receive-only and answers no calls",
+                header.destination
+            )));
+        }
         let wants_reply = header.flags & HeaderFlag::NoReplyExpected as u32 == 0;
         let key = CallKey {
             caller: from,

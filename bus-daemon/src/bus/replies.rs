@@ -104,6 +104,11 @@ impl PendingCalls {
         self.by_caller.get(&caller).map_or(0, HashSet::len)
     }
 
+    /// Calls made to `callee` that it has not answered yet.
+    pub fn count_for_callee(&self, callee: PeerId) -> usize {
+        self.by_callee.get(&callee).map_or(0, HashSet::len)
+    }
+
     /// Total pending calls.
     pub fn len(&self) -> usize {
         self.calls.len()

@@ -889,3 +889,214 @@ fn fds_of_an_unfinished_frame_time_out_too() {
     );
     assert!(h.bus.is_doomed(peer));
 }
+
+/// The error info of the frame answering `serial` among `frames`.
+fn answer_to(frames: &[Out], serial: u64) -> &Out {
+    frames
+        .iter()
+        .find(|frame| frame.header.reply_serial == serial)
+        .unwrap_or_else(|| panic!("nothing answered serial {serial}: {frames:?}"))
+}
+
+fn assert_receive_only(frames: &[Out], serial: u64, what: &str) {
+    let answer = answer_to(frames, serial);
+    assert_eq!(error_code(answer), ErrorCode::AccessDenied, "{what}");
+    let error = answer.header.error.as_ref().unwrap();
+    assert_eq!(
+        error.detail,
+        pbus_proto::errors::DETAIL_RECEIVE_ONLY,
+        "{what}: {error:?}"
+    );
+}
+
+fn eavesdrop_all() -> MatchRule {
+    MatchRule {
+        eavesdrop: true,
+        ..MatchRule::default()
+    }
+}
+
+#[test]
+fn a_monitor_sends_nothing_but_bus_calls_and_keeps_receiving_copies() {
+    let mut h = Harness::new();
+    let monitor = h.connect(0, 1);
+    let service = h.connect(1000, 2);
+    let caller = h.connect(1000, 3);
+    let subscriber = h.connect(1000, 4);
+    assert_eq!(
+        h.request_name(service, "org.example.S", 0),
+        RequestNameResult::PrimaryOwner
+    );
+    h.add_match(subscriber, MatchRule::default());
+    h.add_match(monitor, eavesdrop_all());
+    h.drain(subscriber);
+
+    let body = RequestNameRequest {
+        name: "org.example.M".into(),
+        flags: 0,
+    }
+    .encode_to_vec();
+    let serial = h.call(monitor, BUS_NAME, "RequestName", &body);
+    assert_receive_only(&h.drain(monitor), serial, "RequestName");
+    assert!(h.bus.peer(service).is_some());
+
+    let serial = h.call(monitor, "org.example.S", "Do", b"");
+    assert_receive_only(&h.drain(monitor), serial, "a call");
+    let signal = |h: &mut Harness, destination: &str| {
+        h.serial += 1;
+        let header = Header {
+            kind: MessageKind::Signal as i32,
+            serial: h.serial,
+            destination: destination.into(),
+            path: "/p".into(),
+            member: "Sig".into(),
+            ..Header::default()
+        };
+        h.send(monitor, header, b"", Vec::new());
+        h.serial
+    };
+    let serial = signal(&mut h, "");
+    assert_receive_only(&h.drain(monitor), serial, "a broadcast");
+    let serial = signal(&mut h, "org.example.S");
+    assert_receive_only(&h.drain(monitor), serial, "a unicast signal");
+    assert!(h.drain(service).is_empty(), "the service got something");
+    assert!(
+        h.drain(subscriber).is_empty(),
+        "the subscriber got the broadcast"
+    );
+
+    // Others' traffic is still copied to it, and it answers nothing.
+    let serial = h.call(caller, "org.example.S", "Watched", b"");
+    let copies = h.drain(monitor);
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert_eq!(copies[0].header.member, "Watched");
+    let delivered = h.drain(service);
+    assert_eq!(delivered.len(), 1);
+    let callee_serial = delivered[0].header.serial;
+    h.reply(monitor, caller, serial, b"spoof");
+    assert_receive_only(&h.drain(monitor), h.serial, "a reply");
+    assert!(h.drain(caller).is_empty());
+    h.reply(service, caller, callee_serial, b"real");
+    assert_eq!(h.drain(caller)[0].body, b"real");
+
+    // Nobody may call it (here: root, who may see it): it could not answer.
+    let root = h.connect(0, 5);
+    let serial = h.call(root, &monitor.unique_name().into_string(), "Do", b"");
+    assert_receive_only(&h.drain(root), serial, "a call to the monitor");
+    assert!(h
+        .drain(monitor)
+        .iter()
+        .all(|frame| frame.header.flags & HeaderFlag::MonitorCopy as u32 != 0));
+
+    // More rules of both kinds are fine; dropping every eavesdropping rule
+    // does not make it a normal peer again.
+    h.add_match(monitor, MatchRule::default());
+    let rule = pbus_proto::v1::RemoveMatchRequest {
+        rule: Some(eavesdrop_all()),
+    };
+    let serial = h.call(monitor, BUS_NAME, "RemoveMatch", &rule.encode_to_vec());
+    let answer = h.drain(monitor);
+    assert_eq!(
+        answer_to(&answer, serial).header.kind,
+        MessageKind::MethodReturn as i32
+    );
+    let serial = h.call(monitor, "org.example.S", "Do", b"");
+    assert_receive_only(&h.drain(monitor), serial, "a call after RemoveMatch");
+    assert!(h.bus.peer(monitor).is_some());
+    assert!(!h.bus.is_doomed(monitor));
+}
+
+#[test]
+fn a_peer_in_traffic_of_its_own_cannot_become_a_monitor() {
+    let mut h = Harness::new();
+    let try_eavesdrop = |h: &mut Harness, peer: PeerId| -> Vec<Out> {
+        let body = AddMatchRequest {
+            rule: Some(eavesdrop_all()),
+        }
+        .encode_to_vec();
+        let serial = h.call(peer, BUS_NAME, "AddMatch", &body);
+        let frames = h.drain(peer);
+        assert_eq!(
+            error_code(answer_to(&frames, serial)),
+            ErrorCode::AccessDenied
+        );
+        frames
+    };
+    let owner = h.connect(0, 1);
+    let queued = h.connect(0, 2);
+    assert_eq!(
+        h.request_name(owner, "org.example.N", 0),
+        RequestNameResult::PrimaryOwner
+    );
+    assert_eq!(
+        h.request_name(queued, "org.example.N", 0),
+        RequestNameResult::InQueue
+    );
+    for (peer, what) in [(owner, "owner"), (queued, "queued")] {
+        let frames = try_eavesdrop(&mut h, peer);
+        let error = frames[0].header.error.as_ref().unwrap();
+        assert_eq!(error.detail, "monitor", "{what}");
+        assert!(error.message.contains("org.example.N"), "{what}: {error:?}");
+    }
+
+    // A caller waiting for a reply, and the callee owing it.
+    let caller = h.connect(0, 3);
+    let callee = h.connect(0, 4);
+    h.call(caller, &callee.unique_name().into_string(), "Slow", b"");
+    let call = h.drain(callee);
+    let error = &try_eavesdrop(&mut h, caller)[0];
+    assert!(error
+        .header
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("waiting"));
+    let error = &try_eavesdrop(&mut h, callee)[0];
+    assert!(error
+        .header
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("answer"));
+    // Once the call is answered both may.
+    h.reply(callee, caller, call[0].header.serial, b"");
+    h.drain(caller);
+    h.add_match(caller, eavesdrop_all());
+    h.add_match(callee, eavesdrop_all());
+    // Refused attempts left the others normal peers.
+    assert_eq!(
+        h.request_name(owner, "org.example.Other", 0),
+        RequestNameResult::PrimaryOwner
+    );
+}
+
+#[test]
+fn a_monitor_with_a_plain_and_an_eavesdropping_rule_gets_each_broadcast_once() {
+    let mut h = Harness::new();
+    let monitor = h.connect(0, 1);
+    let emitter = h.connect(0, 2);
+    h.add_match(monitor, MatchRule::default());
+    h.add_match(monitor, eavesdrop_all());
+    h.serial += 1;
+    let header = Header {
+        kind: MessageKind::Signal as i32,
+        serial: h.serial,
+        path: "/p".into(),
+        member: "Tick".into(),
+        ..Header::default()
+    };
+    h.send(emitter, header, b"", Vec::new());
+    assert_eq!(
+        h.request_name(emitter, "org.example.Once", 0),
+        RequestNameResult::PrimaryOwner
+    );
+    let frames = h.drain(monitor);
+    let members: Vec<&str> = frames.iter().map(|f| f.header.member.as_str()).collect();
+    // The RequestName call to the bus is no unicast between peers: no copy.
+    assert_eq!(members, ["Tick", "NameOwnerChanged"], "{frames:?}");
+    assert!(frames
+        .iter()
+        .all(|f| f.header.flags & HeaderFlag::MonitorCopy as u32 == 0));
+}

@@ -359,11 +359,12 @@ fn read_ready(
         if received.bytes == 0 {
             break Some(Close::Eof);
         }
-        if received.control_truncated {
-            break Some(frame_error(FrameError::ControlTruncated));
-        }
-        if received.rights_sets > 1 {
-            break Some(frame_error(FrameError::SplitFdSets));
+        // The same check as the client's: MSG_CTRUNC or two fd sets in one
+        // read cannot be tied to frames (see pbus_proto::frame).
+        if let Err(error) =
+            pbus_proto::frame::check_ancillary(received.control_truncated, received.rights_sets)
+        {
+            break Some(frame_error(error));
         }
         if let Some(index) = fds
             .iter()
