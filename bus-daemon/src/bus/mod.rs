@@ -7,7 +7,9 @@
 //! timers or sockets.
 //!
 //! Every message takes one path, top to bottom: decode the header, validate
-//! it, resolve the destination, check policy and limits, stamp the sender
+//! it, resolve the destination (a well-known name in the sender's name
+//! scope, then the host's: [`scopes`], [`names::ScopedNames`]), check
+//! policy and limits, stamp the sender
 //! (whatever the client wrote there is replaced), then queue it for one
 //! receiver (call, reply, unicast signal), for the subscribers whose match
 //! rules accept it (broadcast signal), or hand it to the bus driver
