@@ -84,7 +84,9 @@ async fn docker_container_peer_is_identified_as_docker_knows_it() {
     // A message the container peer sends (its reply) reaches a host
     // receiver stamped with the host pid; the peer is pid 1 inside and saw
     // the host caller as 0.
-    let (stamp, said) = who_am_i(&observer, SERVICE).await;
+    // By unique name: the host does not resolve names owned in a
+    // container's name scope.
+    let (stamp, said) = who_am_i(&observer, &name).await;
     assert_eq!(stamp.unique_name, name);
     assert_eq!(stamp.pid, host_pid, "stamped pid on the reply");
     assert_eq!(ContainerView::of(stamp.container.as_ref()), expected);

@@ -71,8 +71,13 @@ async fn host_and_child_namespace_peers_see_translated_pids() {
 
         // Host peer -> namespaced peer: the call reaches it stamped with
         // pid 0 (the host peer does not exist in its namespace); its reply
-        // reaches the host peer stamped with its host pid.
-        let seen = host.who_is(service).await.expect("the host may call in");
+        // reaches the host peer stamped with its host pid. (By unique
+        // name: the host never resolves a name owned in another pid
+        // namespace's name scope.)
+        let seen = host
+            .who_is(&inner_name)
+            .await
+            .expect("the host may call in");
         assert_eq!(seen.sender, inner_name, "{what}");
         assert_eq!(seen.sender_pid, inner.host_pid(), "{what}: reply stamp");
         assert_eq!(seen.own_pid, inner.ns_pid(), "{what}: its own getpid");
@@ -114,7 +119,7 @@ async fn host_and_child_namespace_peers_see_translated_pids() {
         let identity = observer.peer_identity(&inner_name).await.unwrap();
         assert_eq!(identity.pid, inner.host_pid(), "{what}");
         assert_eq!(identity.host_pid, inner.host_pid(), "{what}");
-        let (stamp, said) = who_am_i(&observer, service).await;
+        let (stamp, said) = who_am_i(&observer, &inner_name).await;
         assert_eq!(stamp.pid, inner.host_pid(), "{what}");
         assert_eq!(said.pid, 1, "{what}");
         assert_eq!(said.caller.expect("caller").pid, 0, "{what}");
@@ -267,7 +272,8 @@ async fn nested_pid_namespace_peer_and_parent_namespace_peer() {
         let identity = observer.peer_identity(peer.unique_name()).await.unwrap();
         assert_eq!(identity.pid, peer.host_pid(), "{}", peer.unique_name());
     }
-    let (stamp, said) = who_am_i(&observer, "org.pbus.test.Nested").await;
+    // By unique name: the host does not resolve a container's names.
+    let (stamp, said) = who_am_i(&observer, &nested_name).await;
     assert_eq!(stamp.pid, nested.host_pid());
     assert_eq!(said.pid, 1);
     assert_eq!(said.caller.expect("caller").pid, 0);

@@ -7,16 +7,20 @@
 //!   well-known or unique name: it gets NameHasNoOwner / NoSuchPeer with
 //!   the very message a name nobody owns gets, and the service receives
 //!   nothing. Broadcasts from one container do not reach another's
-//!   subscription. Host root can call into a container; peers of one
-//!   container talk to each other.
+//!   subscription. Host root can call into a container by unique name (by
+//!   well-known name it resolves only host names: names live in per-scope
+//!   tables, see `names_scopes.rs`); peers of one container talk to each
+//!   other.
 //! * A rule naming container A (runtime and id glob), or a pod (runtime and
 //!   pod UID glob), opens one host name, or one method of it; other names
 //!   stay invisible and other methods are AccessDenied `talk`; other
 //!   containers and pods get nothing.
 //! * ListNames, NameHasOwner, GetNameOwner, ListQueuedOwners and subscribed
 //!   NameOwnerChanged signals reveal nothing of another container's names
-//!   or unique names; a `see` rule for that container reveals all of them
-//!   (and still grants no `talk`).
+//!   or unique names; a `see` rule for that container reveals its unique
+//!   names and its NameOwnerChanged signals (and still grants no `talk`),
+//!   but never resolves its well-known names: those live in its own name
+//!   scope.
 //! * `deny pass-fds` for a container refuses a call carrying a pipe fd
 //!   (AccessDenied `pass-fds`) inside that container only; `allow memfd`
 //!   with `max-bytes` caps memfd payloads, extra ones and bodies the
@@ -123,10 +127,19 @@ async fn containers_are_isolated_from_each_other_and_from_the_host_by_default() 
         "ok Echo fds=0 memfds=0"
     );
     assert_eq!(b2.ask(&format!("signal {NAME_B} Poke")).await, "sent");
-    // Host root can call into a container, by well-known and unique name.
-    let reply: Text = host
+    // Host root can call into a container by unique name; by well-known
+    // name it resolves only the host's names (B's name lives in B's name
+    // scope), so the call finds no owner.
+    let refused = host
         .connection
         .method_call(NAME_B, "Echo")
+        .call::<Text, Text>(&Text::new("root"))
+        .await
+        .expect_err("host root does not resolve container B's name");
+    assert_eq!(refused.code(), Some(ErrorCode::NameHasNoOwner), "{refused}");
+    let reply: Text = host
+        .connection
+        .method_call(&b_unique, "Echo")
         .call(&Text::new("root"))
         .await
         .expect("host root calls into container B");
@@ -349,18 +362,19 @@ async fn check_name_visibility(see_rule: bool) {
         b.ask(&format!("release {NAME_B2}")).await,
         "release Released"
     );
-    // Host root queues for B's name too: it sees the whole queue, B2
-    // (with or without the rule) sees B's part of it only.
+    // Host root claims B's name too, in the host's name scope: it owns it
+    // there at once and its queue is its own; B2 (with or without the
+    // rule) sees B's queue only.
     assert_eq!(
         host.connection
             .request_name(NAME_B, RequestNameFlags::default())
             .await
             .unwrap(),
-        RequestNameResult::InQueue
+        RequestNameResult::PrimaryOwner
     );
     assert_eq!(
         host.connection.list_queued_owners(NAME_B).await.unwrap(),
-        [&b_unique, &b2_unique, host.connection.unique_name()]
+        [host.connection.unique_name()]
     );
     assert_eq!(
         list_after(&b2.ask(&format!("queued {NAME_B}")).await, "queued"),
@@ -384,6 +398,7 @@ async fn check_name_visibility(see_rule: bool) {
     let owner_of_unique = a.ask(&format!("owner {b_unique}")).await;
     let queued = a.ask(&format!("queued {NAME_B}")).await;
     let call = a.ask(&format!("call {NAME_B} Echo")).await;
+    let call_unique = a.ask(&format!("call {b_unique} Echo")).await;
 
     let sentinel = format!("{SENTINEL}||{a_unique}");
     if see_rule {
@@ -400,22 +415,27 @@ async fn check_name_visibility(see_rule: bool) {
             ],
             "A sees every change of B's names, and nothing of the host's"
         );
+        // B's peers are visible by unique name; B's well-known names live
+        // in B's name scope, which A never resolves into (NAME_B leads A
+        // to the host's owner, which A may not see).
         let mut expected = vec![
             a_unique.clone(),
             b_unique.clone(),
             b2_unique.clone(),
-            NAME_B.to_owned(),
             SENTINEL.to_owned(),
         ];
         expected.sort();
         assert_eq!(names, expected);
-        assert_eq!(has_owner, "has-owner true");
-        assert_eq!(owner, format!("owner {b_unique}"));
+        assert_eq!(has_owner, "has-owner false");
+        let message = assert_refused(&owner, ErrorCode::NameHasNoOwner, "", "GetNameOwner B");
+        assert_eq!(message, no_owner_message(NAME_B));
         assert_eq!(owner_of_unique, format!("owner {b_unique}"));
-        assert_eq!(list_after(&queued, "queued"), [b_unique, b2_unique]);
+        let message = assert_refused(&queued, ErrorCode::NameHasNoOwner, "", "ListQueuedOwners");
+        assert_eq!(message, no_owner_message(NAME_B));
+        assert_refused(&call, ErrorCode::NameHasNoOwner, "", "A calls NAME_B");
         // Seeing is not talking.
         assert_refused(
-            &call,
+            &call_unique,
             ErrorCode::AccessDenied,
             "talk",
             "A calls B (see only)",
@@ -441,6 +461,12 @@ async fn check_name_visibility(see_rule: bool) {
         let message = assert_refused(&queued, ErrorCode::NameHasNoOwner, "", "ListQueuedOwners");
         assert_eq!(message, no_owner_message(NAME_B));
         assert_refused(&call, ErrorCode::NameHasNoOwner, "", "A calls B");
+        assert_refused(
+            &call_unique,
+            ErrorCode::NoSuchPeer,
+            "",
+            "A calls B by unique name",
+        );
     }
     // The host's name and unique name stay hidden either way.
     assert_eq!(a.ask(&format!("has-owner {HOST}")).await, "has-owner false");

@@ -3,6 +3,11 @@
 //! AddMatch, RemoveMatch, GetPeerIdentity, Ping). Each request body is the
 //! matching `*Request` message; each answer is a METHOD_RETURN from the bus
 //! or an ERROR.
+//!
+//! Well-known names are claimed, released and resolved in the caller's
+//! name scope (see [`super::scopes`] and [`super::names::ScopedNames`]):
+//! a container's requests never meet a host owner or another
+//! container's, and what the asker may not see looks like nothing.
 
 use std::time::Instant;
 
@@ -22,6 +27,7 @@ use prost::Message;
 
 use super::matches::Rule;
 use super::names::{flags, ReleaseOutcome, RequestOutcome};
+use super::scopes::ScopeId;
 use super::{Bus, BusError, PeerId};
 
 fn decode<M: Message + Default>(body: &[u8]) -> Result<M, BusError> {
@@ -168,7 +174,10 @@ impl<Io> Bus<Io> {
                 message: "too many names owned or queued for".into(),
             });
         }
-        let (outcome, change) = self.names.request(name.as_str(), from, request.flags);
+        let scope = peer.scope;
+        let (outcome, change) = self
+            .names
+            .request(scope, name.as_str(), from, request.flags);
         let peer = self.peers.get_mut(&from).expect("caller exists");
         match outcome {
             RequestOutcome::Exists => {
@@ -181,7 +190,7 @@ impl<Io> Bus<Io> {
         if let Some(change) = change {
             // A replaced owner that asked DO_NOT_QUEUE loses its claim.
             if let Some(old) = change.old {
-                if !self.names.claimants(&change.name).contains(&old) {
+                if !self.names.claimants(scope, &change.name).contains(&old) {
                     if let Some(old_peer) = self.peers.get_mut(&old) {
                         old_peer.names.remove(&change.name);
                     }
@@ -206,7 +215,8 @@ impl<Io> Bus<Io> {
         request: ReleaseNameRequest,
     ) -> Result<ReleaseNameReply, BusError> {
         let name = well_known(&request.name)?;
-        let (outcome, change) = self.names.release(name.as_str(), from);
+        let scope = self.peers[&from].scope;
+        let (outcome, change) = self.names.release(scope, name.as_str(), from);
         if outcome == ReleaseOutcome::Released {
             self.peers
                 .get_mut(&from)
@@ -230,18 +240,32 @@ impl<Io> Bus<Io> {
     /// The owner of `name` if it exists and `from` may see it. A name the
     /// caller may not see is reported exactly like a name nobody owns.
     fn visible_owner(&self, from: PeerId, name: &str) -> Result<PeerId, BusError> {
+        self.visible_claim(from, name).map(|(owner, _)| owner)
+    }
+
+    /// Like [`visible_owner`](Self::visible_owner), with the scope whose
+    /// table holds the name (`None` for a unique name).
+    fn visible_claim(
+        &self,
+        from: PeerId,
+        name: &str,
+    ) -> Result<(PeerId, Option<ScopeId>), BusError> {
         let asker = &self.peers[&from];
         let owner = if name.starts_with(':') {
-            PeerId::from_unique_name(name).filter(|id| self.peers.contains_key(id))
+            PeerId::from_unique_name(name)
+                .filter(|id| self.peers.contains_key(id))
+                .map(|id| (id, None))
         } else {
             BusName::try_from(name).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
-            self.names.owner(name)
+            self.names
+                .resolve(asker.scope, name)
+                .map(|resolved| (resolved.owner, Some(resolved.scope)))
         };
         match owner {
-            Some(owner)
+            Some((owner, scope))
                 if owner == from || asker.policy.may_see(&self.peers[&owner].identity, name) =>
             {
-                Ok(owner)
+                Ok((owner, scope))
             }
             _ if name.starts_with(':') => Err(BusError::NoSuchPeer(name.to_owned())),
             _ => Err(BusError::NameHasNoOwner(name.to_owned())),
@@ -250,15 +274,20 @@ impl<Io> Bus<Io> {
 
     fn list_names(&self, from: PeerId, request: ListNamesRequest) -> ListNamesReply {
         let asker = &self.peers[&from];
+        // The names the asker resolves (its scope's, then the host's it does
+        // not shadow), each only if it may see the owner.
         let mut names: Vec<NameEntry> = self
             .names
-            .iter()
-            .filter(|(name, owner, _)| {
-                *owner == from || asker.policy.may_see(&self.peers[owner].identity, name)
+            .resolvable(asker.scope)
+            .filter(|(name, resolved, _)| {
+                resolved.owner == from
+                    || asker
+                        .policy
+                        .may_see(&self.peers[&resolved.owner].identity, name)
             })
-            .map(|(name, owner, queued)| NameEntry {
+            .map(|(name, resolved, queued)| NameEntry {
                 name: name.to_owned(),
-                owner: owner.unique_name().into_string(),
+                owner: resolved.owner.unique_name().into_string(),
                 queued: queued as u32,
             })
             .collect();
@@ -286,13 +315,15 @@ impl<Io> Bus<Io> {
         request: ListQueuedOwnersRequest,
     ) -> Result<ListQueuedOwnersReply, BusError> {
         let name = well_known(&request.name)?;
-        self.visible_owner(from, name.as_str())?;
+        let (_, scope) = self.visible_claim(from, name.as_str())?;
+        let scope = scope.expect("a well-known name resolves in a scope");
         let asker = &self.peers[&from];
-        // Queued peers the asker may not see stay hidden too.
+        // The queue of the scope the name resolved in; queued peers the
+        // asker may not see stay hidden too.
         Ok(ListQueuedOwnersReply {
             owners: self
                 .names
-                .claimants(name.as_str())
+                .claimants(scope, name.as_str())
                 .into_iter()
                 .filter(|id| {
                     *id == from

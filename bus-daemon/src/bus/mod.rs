@@ -7,7 +7,9 @@
 //! timers or sockets.
 //!
 //! Every message takes one path, top to bottom: decode the header, validate
-//! it, resolve the destination, check policy and limits, stamp the sender
+//! it, resolve the destination (a well-known name in the sender's name
+//! scope, then the host's: [`scopes`], [`names::ScopedNames`]), check
+//! policy and limits, stamp the sender
 //! (whatever the client wrote there is replaced), then queue it for one
 //! receiver (call, reply, unicast signal), for the subscribers whose match
 //! rules accept it (broadcast signal), or hand it to the bus driver
@@ -21,6 +23,7 @@ pub mod matches;
 pub mod names;
 pub mod quota;
 pub mod replies;
+pub mod scopes;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -45,9 +48,10 @@ use crate::config::Limits;
 pub use error::BusError;
 use inflight::{FdFrameKind, FdOrigin, InFlight, InFlightGate, Undelivered};
 use matches::{MatchId, MatchRegistry, SignalView};
-use names::{NameRegistry, OwnerChange};
+use names::{OwnerChange, ScopedNames};
 use quota::{FairPool, ReceiverQuota, Refusal, Released};
 use replies::{CallKey, PendingCalls};
+use scopes::{ScopeId, ScopeTable};
 
 /// A hasher for ids the bus assigns itself (peer and rule numbers): they
 /// are not chosen by clients, so a fast multiplicative hash is safe.
@@ -141,6 +145,9 @@ pub struct Peer<Io> {
     unique_name: String,
     identity: Arc<PeerIdentity>,
     policy: PeerPolicy,
+    /// The name scope it claims and resolves well-known names in, decided
+    /// from its identity at connect time.
+    scope: ScopeId,
     features: u32,
     /// The encoded `sender` field stamped on everything this peer sends,
     /// with `pid` as seen from the daemon's pid namespace (receivers where
@@ -160,7 +167,7 @@ pub struct Peer<Io> {
     fd_watch: FdWatch,
     /// What the queued frames are charged to, released as they are written.
     quota: ReceiverQuota,
-    /// Well-known names this peer owns or is queued for.
+    /// Well-known names this peer owns or is queued for (in its scope).
     names: HashSet<String>,
     matches: Vec<MatchId>,
     /// Eavesdropping rules (in `Bus::monitors`), for monitors.
@@ -191,6 +198,11 @@ impl<Io> Peer<Io> {
     /// The peer's identity.
     pub fn identity(&self) -> &Arc<PeerIdentity> {
         &self.identity
+    }
+
+    /// The name scope the peer belongs to.
+    pub fn scope(&self) -> ScopeId {
+        self.scope
     }
 
     /// Bytes waiting in this peer's queue.
@@ -250,7 +262,10 @@ pub struct Bus<Io> {
     /// Boxed: the map's spare capacity then costs a pointer per slot, not
     /// a whole peer.
     peers: HashMap<PeerId, Box<Peer<Io>>, IdHash>,
-    names: NameRegistry,
+    /// The name scopes of connected peers.
+    scopes: ScopeTable,
+    /// Well-known names, one table per scope.
+    names: ScopedNames,
     matches: MatchRegistry,
     /// Eavesdropping rules of monitors: copies of unicast traffic.
     monitors: MatchRegistry,
@@ -316,7 +331,8 @@ impl<Io> Bus<Io> {
         let daemon_uid = bus_sender.uid;
         Self {
             peers: HashMap::default(),
-            names: NameRegistry::default(),
+            scopes: ScopeTable::default(),
+            names: ScopedNames::default(),
             matches: MatchRegistry::default(),
             monitors: MatchRegistry::default(),
             reload_requests: Vec::new(),
@@ -470,6 +486,7 @@ impl<Io> Bus<Io> {
         let unique_name = id.unique_name().into_string();
         let features = hello.features & DAEMON_FEATURES;
         let policy = self.policy.snapshot(&identity);
+        let scope = self.scopes.join(&identity);
         let mut sender_stamp = Vec::new();
         let mut stamped = sender_info_of(&unique_name, &identity);
         stamped.pid = identity.pid_seen_from(self.own_pid_namespace);
@@ -484,6 +501,7 @@ impl<Io> Bus<Io> {
                 unique_name: unique_name.clone(),
                 identity: Arc::clone(&identity),
                 policy,
+                scope,
                 features,
                 sender_stamp,
                 outbox: OutQueue::default(),
@@ -548,7 +566,7 @@ impl<Io> Bus<Io> {
         let mut names: Vec<&String> = peer.names.iter().collect();
         names.sort();
         for name in names {
-            let (_, change) = self.names.release(name, id);
+            let (_, change) = self.names.release(peer.scope, name, id);
             if let Some(change) = change {
                 self.announce_change(change, Some(&peer.identity));
             }
@@ -557,6 +575,7 @@ impl<Io> Bus<Io> {
             let error = BusError::NoReply(peer.unique_name.clone());
             self.queue_error_to(key.caller, key.serial, &error);
         }
+        self.scopes.leave(peer.scope);
         self.announce_owner_change(&peer.unique_name, Some((id, &peer.identity)), None);
         Some(*peer)
     }
@@ -905,7 +924,7 @@ impl<Io> Bus<Io> {
             }
             return self.handle_bus_call(from, header, body, now);
         }
-        let to = self.resolve(header.destination)?;
+        let to = self.resolve(from, header.destination)?;
         self.check_unicast(from, to, header, &fds)?;
         if self.peers[&to].monitor {
             // It could not answer (monitors send no replies): refuse now
@@ -1020,7 +1039,7 @@ impl<Io> Bus<Io> {
             ObjectPath::validate(header.path).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         }
         if !header.destination.is_empty() {
-            let to = self.resolve(header.destination)?;
+            let to = self.resolve(from, header.destination)?;
             self.check_unicast(from, to, header, &fds)?;
             return self.stamp_and_queue(from, to, header, body, fds);
         }
@@ -1034,8 +1053,12 @@ impl<Io> Bus<Io> {
         Ok(())
     }
 
-    /// Resolves a destination name to a connected peer.
-    fn resolve(&self, destination: &str) -> Result<PeerId, BusError> {
+    /// Resolves a destination name to a connected peer, as `from` sees
+    /// names: a unique name anywhere, a well-known name in `from`'s scope
+    /// or, for a peer outside the host scope, the host's (see
+    /// [`ScopedNames::resolve`]). Whether `from` may see the peer found is
+    /// checked by the caller.
+    fn resolve(&self, from: PeerId, destination: &str) -> Result<PeerId, BusError> {
         if destination.starts_with(':') {
             PeerId::from_unique_name(destination)
                 .filter(|id| self.peers.contains_key(id))
@@ -1046,7 +1069,8 @@ impl<Io> Bus<Io> {
             ))
         } else {
             self.names
-                .owner(destination)
+                .resolve(self.peers[&from].scope, destination)
+                .map(|resolved| resolved.owner)
                 .ok_or_else(|| BusError::NameHasNoOwner(destination.to_owned()))
         }
     }
@@ -1145,12 +1169,13 @@ impl<Io> Bus<Io> {
         None
     }
 
-    /// The well-known names `peer` is primary owner of. Asked for twice per
-    /// routed message; peers own few names, so this stays on the stack.
+    /// The well-known names `peer` is primary owner of in its own scope.
+    /// Asked for twice per routed message; peers own few names, so this
+    /// stays on the stack.
     fn owned_names<'a>(&self, peer: &'a Peer<Io>) -> SmallVec<[&'a str; 4]> {
         peer.names
             .iter()
-            .filter(|name| self.names.owner(name) == Some(peer.id))
+            .filter(|name| self.names.owner(peer.scope, name) == Some(peer.id))
             .map(String::as_str)
             .collect()
     }
@@ -1267,7 +1292,9 @@ impl<Io> Bus<Io> {
     }
 
     /// Peers with a rule in `registry` that matches `signal` sent by `from`
-    /// (a peer may be listed once per matching rule).
+    /// (a peer may be listed once per matching rule). A rule's well-known
+    /// `sender` is resolved as its subscriber resolves names: it matches
+    /// when the name leads that subscriber to `from`.
     fn matching_peers(
         &self,
         registry: &MatchRegistry,
@@ -1280,7 +1307,15 @@ impl<Io> Bus<Io> {
             &signal,
             sender.names.iter().map(String::as_str),
             |peer, rule| {
-                if rule.matches(&signal, |name| self.names.owner(name) == Some(from)) {
+                let Some(subscriber) = self.peers.get(&peer) else {
+                    return;
+                };
+                let leads_to_sender = |name: &str| {
+                    self.names
+                        .resolve(subscriber.scope, name)
+                        .is_some_and(|resolved| resolved.owner == from)
+                };
+                if rule.matches(&signal, leads_to_sender) {
                     peers.push(peer);
                 }
             },
@@ -1836,11 +1871,10 @@ impl<Io> Bus<Io> {
     /// The peer's identity as the `asker` should see it on the wire.
     fn wire_identity(&self, peer: &Peer<Io>, asker: &Peer<Io>) -> pbus_proto::v1::PeerIdentity {
         let identity = &peer.identity;
-        let mut owned: Vec<String> = peer
-            .names
-            .iter()
-            .filter(|name| self.names.owner(name) == Some(peer.id))
-            .cloned()
+        let mut owned: Vec<String> = self
+            .owned_names(peer)
+            .into_iter()
+            .map(str::to_owned)
             .collect();
         owned.sort();
         pbus_proto::v1::PeerIdentity {

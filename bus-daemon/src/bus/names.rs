@@ -12,9 +12,17 @@
 //! * otherwise the caller is queued (or its queued flags are updated).
 //!
 //! `release` by the primary owner promotes the head of the queue.
+//!
+//! [`ScopedNames`] keeps one such registry per name scope (see
+//! [`super::scopes`]): claims, queues, replacement and promotion happen
+//! only inside the claimant's scope, and a name is resolved in the
+//! asker's own scope first and then, for a peer outside the host scope
+//! only, in the host's. It knows nothing of policy: who may see the owner
+//! found is the caller's question.
 
 use std::collections::{HashMap, VecDeque};
 
+use super::scopes::ScopeId;
 use super::PeerId;
 
 /// RequestName flag bits (`pbus.v1.RequestNameFlag`).
@@ -194,6 +202,121 @@ impl NameRegistry {
     }
 }
 
+/// Where a well-known name resolved to: the scope whose table holds it and
+/// its primary owner there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved {
+    /// The scope the owner was found in.
+    pub scope: ScopeId,
+    /// The primary owner.
+    pub owner: PeerId,
+}
+
+/// One [`NameRegistry`] per name scope. A scope's table exists only while
+/// some name in it is owned, so the map never holds more tables than
+/// there are owned names.
+#[derive(Debug, Default)]
+pub struct ScopedNames {
+    scopes: HashMap<ScopeId, NameRegistry>,
+}
+
+impl ScopedNames {
+    /// Handles RequestName of `peer`, a member of `scope`, in that scope's
+    /// table only: owners and queues of other scopes play no part.
+    pub fn request(
+        &mut self,
+        scope: ScopeId,
+        name: &str,
+        peer: PeerId,
+        flags: u32,
+    ) -> (RequestOutcome, Option<OwnerChange>) {
+        self.scopes
+            .entry(scope)
+            .or_default()
+            .request(name, peer, flags)
+    }
+
+    /// Handles ReleaseName of `peer`, a member of `scope`.
+    pub fn release(
+        &mut self,
+        scope: ScopeId,
+        name: &str,
+        peer: PeerId,
+    ) -> (ReleaseOutcome, Option<OwnerChange>) {
+        let Some(table) = self.scopes.get_mut(&scope) else {
+            return (ReleaseOutcome::NonExistent, None);
+        };
+        let released = table.release(name, peer);
+        if table.is_empty() {
+            self.scopes.remove(&scope);
+        }
+        released
+    }
+
+    /// The primary owner of `name` in `scope`'s own table.
+    pub fn owner(&self, scope: ScopeId, name: &str) -> Option<PeerId> {
+        self.scopes.get(&scope)?.owner(name)
+    }
+
+    /// Primary owner first, then the queue, of `name` in `scope`'s table.
+    pub fn claimants(&self, scope: ScopeId, name: &str) -> Vec<PeerId> {
+        self.scopes
+            .get(&scope)
+            .map(|table| table.claimants(name))
+            .unwrap_or_default()
+    }
+
+    /// Resolves `name` for a member of `scope`: its own scope first; if
+    /// nobody owns it there and `scope` is not the host's, the host scope.
+    /// Never another container's scope, and never from the host into a
+    /// container.
+    pub fn resolve(&self, scope: ScopeId, name: &str) -> Option<Resolved> {
+        let found = |scope: ScopeId| {
+            self.owner(scope, name)
+                .map(|owner| Resolved { scope, owner })
+        };
+        found(scope).or_else(|| {
+            if scope.is_host() {
+                None
+            } else {
+                found(ScopeId::HOST)
+            }
+        })
+    }
+
+    /// Every name a member of `scope` resolves, as
+    /// `(name, where it resolved, queue length)`: the scope's own names,
+    /// then (outside the host scope) the host's names it does not shadow.
+    pub fn resolvable(&self, scope: ScopeId) -> impl Iterator<Item = (&str, Resolved, usize)> + '_ {
+        let entries = |from: ScopeId| {
+            self.scopes
+                .get(&from)
+                .into_iter()
+                .flat_map(NameRegistry::iter)
+                .map(move |(name, owner, queued)| (name, Resolved { scope: from, owner }, queued))
+        };
+        let host = (!scope.is_host()).then(|| {
+            entries(ScopeId::HOST).filter(move |(name, _, _)| self.owner(scope, name).is_none())
+        });
+        entries(scope).chain(host.into_iter().flatten())
+    }
+
+    /// Number of owned names, in all scopes.
+    pub fn len(&self) -> usize {
+        self.scopes.values().map(NameRegistry::len).sum()
+    }
+
+    /// True when no name is owned in any scope.
+    pub fn is_empty(&self) -> bool {
+        self.scopes.is_empty()
+    }
+
+    /// Number of scopes in which some name is owned.
+    pub fn scope_count(&self) -> usize {
+        self.scopes.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::flags::*;
@@ -297,5 +420,183 @@ mod tests {
         );
         assert_eq!(names.release(N, B), (ReleaseOutcome::NonExistent, None));
         assert!(names.is_empty());
+    }
+
+    /// Scopes for the scoped-registry tests: the host and two containers.
+    const HOST: ScopeId = ScopeId::HOST;
+
+    fn containers() -> (ScopeId, ScopeId) {
+        use pbus_identity::{Container, ContainerRuntime, PeerIdentity};
+        let mut table = super::super::scopes::ScopeTable::default();
+        let mut join = |id: &str| {
+            table.join(&PeerIdentity {
+                container: Container {
+                    runtime: ContainerRuntime::Docker,
+                    id: id.into(),
+                    pod_uid: None,
+                },
+                ..PeerIdentity::default()
+            })
+        };
+        (join("a"), join("b"))
+    }
+
+    fn at(scope: ScopeId, owner: PeerId) -> Option<Resolved> {
+        Some(Resolved { scope, owner })
+    }
+
+    /// The takeover: a container's request never queues behind, is never
+    /// refused by, and never reveals a host owner.
+    #[test]
+    fn a_container_claims_in_its_own_scope_whatever_the_host_owns() {
+        let (box_a, _) = containers();
+        for request_flags in 0..=ALL {
+            let mut names = ScopedNames::default();
+            names.request(HOST, N, A, 0);
+            assert_eq!(
+                names.request(box_a, N, B, request_flags),
+                (RequestOutcome::PrimaryOwner, change(None, Some(B))),
+                "flags {request_flags:#b}"
+            );
+            assert_eq!(names.claimants(HOST, N), vec![A]);
+            assert_eq!(names.claimants(box_a, N), vec![B]);
+        }
+    }
+
+    #[test]
+    fn the_host_claims_in_its_scope_whatever_a_container_owns() {
+        let (box_a, _) = containers();
+        let mut names = ScopedNames::default();
+        names.request(box_a, N, B, 0);
+        assert_eq!(
+            names.request(HOST, N, A, DO_NOT_QUEUE),
+            (RequestOutcome::PrimaryOwner, change(None, Some(A)))
+        );
+    }
+
+    /// Released by the host owner, the name goes to the host's queue, never
+    /// to a container's claimant; with no host claimant the host resolves
+    /// nothing.
+    #[test]
+    fn release_and_promotion_stay_in_the_scope() {
+        let (box_a, _) = containers();
+        let mut names = ScopedNames::default();
+        names.request(HOST, N, A, 0);
+        names.request(box_a, N, B, 0);
+        names.request(HOST, N, C, 0);
+        assert_eq!(
+            names.release(HOST, N, A),
+            (ReleaseOutcome::Released, change(Some(A), Some(C)))
+        );
+        assert_eq!(names.resolve(HOST, N), at(HOST, C));
+        assert_eq!(
+            names.release(HOST, N, C),
+            (ReleaseOutcome::Released, change(Some(C), None))
+        );
+        assert_eq!(names.resolve(HOST, N), None);
+        assert_eq!(names.resolve(box_a, N), at(box_a, B));
+        // A peer of another scope cannot release what it does not hold
+        // there, and learns nothing about the other scope.
+        assert_eq!(
+            names.release(HOST, N, B),
+            (ReleaseOutcome::NonExistent, None)
+        );
+        assert_eq!(names.owner(box_a, N), Some(B));
+    }
+
+    #[test]
+    fn resolution_falls_back_from_a_container_to_the_host_only() {
+        let (box_a, box_b) = containers();
+        let mut names = ScopedNames::default();
+        names.request(box_a, N, B, 0);
+        assert_eq!(names.resolve(box_a, N), at(box_a, B));
+        assert_eq!(names.resolve(box_b, N), None, "never another container");
+        assert_eq!(names.resolve(HOST, N), None, "never host into a container");
+        names.request(HOST, N, A, 0);
+        assert_eq!(names.resolve(box_b, N), at(HOST, A), "container falls back");
+        assert_eq!(
+            names.resolve(box_a, N),
+            at(box_a, B),
+            "its own shadows the host"
+        );
+        assert_eq!(names.resolve(HOST, N), at(HOST, A));
+        names.request(box_b, N, C, 0);
+        assert_eq!(names.resolve(box_b, N), at(box_b, C));
+    }
+
+    #[test]
+    fn resolvable_names_are_the_own_scope_and_unshadowed_host_names() {
+        let (box_a, box_b) = containers();
+        const HOST_ONLY: &str = "org.example.HostOnly";
+        const B_ONLY: &str = "org.example.BOnly";
+        let mut names = ScopedNames::default();
+        names.request(HOST, N, A, 0);
+        names.request(HOST, N, C, 0);
+        names.request(HOST, HOST_ONLY, A, 0);
+        names.request(box_a, N, B, 0);
+        names.request(box_b, B_ONLY, C, 0);
+        let listed = |scope| {
+            let mut all: Vec<(String, Resolved, usize)> = names
+                .resolvable(scope)
+                .map(|(name, resolved, queued)| (name.to_owned(), resolved, queued))
+                .collect();
+            all.sort_by(|x, y| x.0.cmp(&y.0));
+            all
+        };
+        let entry =
+            |name: &str, scope, owner, queued| (name.to_owned(), Resolved { scope, owner }, queued);
+        assert_eq!(
+            listed(HOST),
+            vec![entry(HOST_ONLY, HOST, A, 0), entry(N, HOST, A, 1)]
+        );
+        assert_eq!(
+            listed(box_a),
+            vec![entry(HOST_ONLY, HOST, A, 0), entry(N, box_a, B, 0)]
+        );
+        assert_eq!(
+            listed(box_b),
+            vec![
+                entry(B_ONLY, box_b, C, 0),
+                entry(HOST_ONLY, HOST, A, 0),
+                entry(N, HOST, A, 1)
+            ]
+        );
+        assert_eq!(names.len(), 4);
+    }
+
+    /// Inside one scope the D-Bus semantics are unchanged.
+    #[test]
+    fn inside_a_scope_the_flag_semantics_hold() {
+        let (box_a, _) = containers();
+        let mut names = ScopedNames::default();
+        names.request(box_a, N, A, 0);
+        assert_eq!(
+            names.request(box_a, N, B, DO_NOT_QUEUE),
+            (RequestOutcome::Exists, None)
+        );
+        assert_eq!(
+            names.request(box_a, N, B, 0),
+            (RequestOutcome::InQueue, None)
+        );
+        assert_eq!(
+            names.release(box_a, N, A),
+            (ReleaseOutcome::Released, change(Some(A), Some(B)))
+        );
+    }
+
+    #[test]
+    fn empty_scope_tables_are_dropped() {
+        let (box_a, box_b) = containers();
+        let mut names = ScopedNames::default();
+        names.request(box_a, N, A, 0);
+        names.request(box_b, N, B, 0);
+        names.request(HOST, N, C, 0);
+        assert_eq!(names.scope_count(), 3);
+        names.release(box_a, N, A);
+        names.release(box_b, N, B);
+        assert_eq!(names.scope_count(), 1);
+        names.release(HOST, N, C);
+        assert!(names.is_empty());
+        assert_eq!(names.scope_count(), 0);
     }
 }

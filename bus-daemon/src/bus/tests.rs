@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use pbus_identity::{Namespaces, PeerIdentity};
+use pbus_identity::{Container, ContainerRuntime, Namespaces, PeerIdentity};
 use pbus_policy::Policy;
 use pbus_proto::frame::{FrameLimits, FrameReader};
 use pbus_proto::v1::{
@@ -74,15 +74,27 @@ impl Harness {
     }
 
     fn connect(&mut self, uid: u32, pid: u32) -> PeerId {
+        self.connect_as(Self::identity(uid, pid))
+    }
+
+    /// A root peer in Docker container `id` (the host's namespaces).
+    fn connect_in_container(&mut self, id: &str, pid: u32) -> PeerId {
+        let mut identity = Self::identity(0, pid);
+        identity.container = Container {
+            runtime: ContainerRuntime::Docker,
+            id: id.into(),
+            pod_uid: None,
+        };
+        self.connect_as(identity)
+    }
+
+    fn connect_as(&mut self, identity: PeerIdentity) -> PeerId {
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             features: 3,
             client_name: String::new(),
         };
-        let id = self
-            .bus
-            .add_peer((), Self::identity(uid, pid), &hello)
-            .unwrap();
+        let id = self.bus.add_peer((), identity, &hello).unwrap();
         let welcome = self.drain(id);
         assert_eq!(welcome[0].header.kind, MessageKind::Welcome as i32);
         let welcome = Welcome::decode(welcome[0].body.as_slice()).unwrap();
@@ -1099,4 +1111,125 @@ fn a_monitor_with_a_plain_and_an_eavesdropping_rule_gets_each_broadcast_once() {
     assert!(frames
         .iter()
         .all(|f| f.header.flags & HeaderFlag::MonitorCopy as u32 == 0));
+}
+
+/// The cross-container takeover, in the core: a container's claim of a
+/// host-owned name neither queues nor fails, and when the host owner goes,
+/// host calls to the name fail instead of reaching the container.
+#[test]
+fn a_container_claim_never_takes_a_host_name_over() {
+    use super::names::flags::DO_NOT_QUEUE;
+    let mut h = Harness::new();
+    let host_service = h.connect(0, 1);
+    let host_root = h.connect(0, 2);
+    let boxed = h.connect_in_container("a", 3);
+    let boxed_client = h.connect_in_container("a", 4);
+    const N: &str = "org.example.Echo";
+    assert_eq!(
+        h.request_name(host_service, N, 0),
+        RequestNameResult::PrimaryOwner
+    );
+    assert_eq!(
+        h.request_name(boxed, N, DO_NOT_QUEUE),
+        RequestNameResult::PrimaryOwner
+    );
+    h.drain(host_service);
+    h.call(host_root, N, "Do", b"for the host");
+    assert_eq!(h.drain(host_service)[0].body, b"for the host");
+    h.call(boxed_client, N, "Do", b"for the box");
+    assert_eq!(h.drain(boxed)[0].body, b"for the box");
+
+    h.bus.remove_peer(host_service);
+    let serial = h.call(host_root, N, "Do", b"secret");
+    // (The call the old service never answered fails with NoReply first.)
+    let answers = h.drain(host_root);
+    let answer = answers
+        .iter()
+        .find(|frame| frame.header.reply_serial == serial)
+        .expect("the call is answered");
+    assert_eq!(error_code(answer), ErrorCode::NameHasNoOwner);
+    assert!(
+        h.drain(boxed).iter().all(|frame| frame.body != b"secret"),
+        "the host's call reached the container"
+    );
+    // A new host service gets the name at once.
+    let restarted = h.connect(0, 5);
+    assert_eq!(
+        h.request_name(restarted, N, DO_NOT_QUEUE),
+        RequestNameResult::PrimaryOwner
+    );
+}
+
+/// A match rule's well-known sender resolves as its subscriber resolves
+/// names: a host subscriber's rule for a name does not match a container's
+/// owner of it, a container subscriber's does.
+#[test]
+fn match_rule_senders_resolve_in_the_subscribers_scope() {
+    let mut h = Harness::new();
+    let host_watcher = h.connect(0, 1);
+    let boxed_owner = h.connect_in_container("a", 2);
+    let boxed_watcher = h.connect_in_container("a", 3);
+    const N: &str = "org.example.Emitter";
+    assert_eq!(
+        h.request_name(boxed_owner, N, 0),
+        RequestNameResult::PrimaryOwner
+    );
+    let rule = MatchRule {
+        sender: N.into(),
+        member: "Tick".into(),
+        ..MatchRule::default()
+    };
+    h.add_match(host_watcher, rule.clone());
+    h.add_match(boxed_watcher, rule);
+    h.drain(host_watcher);
+    h.drain(boxed_watcher);
+    h.serial += 1;
+    let signal = Header {
+        kind: MessageKind::Signal as i32,
+        serial: h.serial,
+        path: "/t".into(),
+        member: "Tick".into(),
+        ..Header::default()
+    };
+    h.send(boxed_owner, signal, b"tick", Vec::new());
+    assert!(
+        h.drain(boxed_watcher)
+            .iter()
+            .any(|frame| frame.header.member == "Tick"),
+        "the container's own subscriber matches"
+    );
+    assert!(
+        h.drain(host_watcher)
+            .iter()
+            .all(|frame| frame.header.member != "Tick"),
+        "a host rule for the name matched a container's owner"
+    );
+}
+
+/// Scopes and their name tables go with their last peer.
+#[test]
+fn scopes_are_dropped_with_their_last_peer() {
+    let mut h = Harness::new();
+    let host = h.connect(1000, 1);
+    let a = h.connect_in_container("a", 2);
+    let b = h.connect_in_container("b", 3);
+    for peer in [host, a, b] {
+        assert_eq!(
+            h.request_name(peer, "org.example.N", 0),
+            RequestNameResult::PrimaryOwner
+        );
+    }
+    assert_eq!(h.bus.scopes.len(), 3);
+    assert_eq!(h.bus.names.scope_count(), 3);
+    assert_ne!(
+        h.bus.peer(a).unwrap().scope(),
+        h.bus.peer(b).unwrap().scope()
+    );
+    h.bus.remove_peer(a);
+    h.bus.remove_peer(b);
+    assert_eq!(h.bus.scopes.len(), 1);
+    assert_eq!(h.bus.names.scope_count(), 1);
+    h.bus.remove_peer(host);
+    assert!(h.bus.scopes.is_empty());
+    assert!(h.bus.names.is_empty());
 }

@@ -667,7 +667,9 @@ async fn next_signal(stream: &mut pbus::SignalStream) -> String {
 /// has-owner NAME         `has-owner true|false`
 /// owner NAME             GetNameOwner: `owner <unique>`
 /// queued NAME            ListQueuedOwners: `queued <a,b,..|->`
-/// request NAME           RequestName: `request <PrimaryOwner|InQueue|..>`
+/// request NAME [FLAGS]   RequestName, FLAGS a comma-separated list of
+///                        `allow-replacement`, `replace-existing`,
+///                        `do-not-queue`: `request <PrimaryOwner|InQueue|..>`
 /// release NAME           ReleaseName: `release <Released|..>`
 /// watch                  subscribe to NameOwnerChanged: `watching`
 /// changes-until NAME     NameOwnerChanged signals received until one for
@@ -830,13 +832,22 @@ async fn policy_probe(socket: &str, name: &str) -> Result<(), String> {
                 Ok(owners) => format!("queued {}", list(owners)),
                 Err(error) => probe_error(&error),
             },
-            ["request", name] => match connection
-                .request_name(name, RequestNameFlags::default())
-                .await
-            {
-                Ok(result) => format!("request {result:?}"),
-                Err(error) => probe_error(&error),
-            },
+            ["request", name] | ["request", name, _] => {
+                let mut flags = RequestNameFlags::default();
+                for flag in words.get(2).map_or("", |f| *f).split(',') {
+                    match flag {
+                        "" => {}
+                        "allow-replacement" => flags.allow_replacement = true,
+                        "replace-existing" => flags.replace_existing = true,
+                        "do-not-queue" => flags.do_not_queue = true,
+                        other => return Err(format!("unknown RequestName flag {other:?}")),
+                    }
+                }
+                match connection.request_name(name, flags).await {
+                    Ok(result) => format!("request {result:?}"),
+                    Err(error) => probe_error(&error),
+                }
+            }
             ["release", name] => match connection.release_name(name).await {
                 Ok(result) => format!("release {result:?}"),
                 Err(error) => probe_error(&error),
