@@ -60,6 +60,8 @@ struct State {
     /// frame is incomplete): charged to `uid` in the daemon's fd budget, so
     /// half-sent frames cannot make the daemon hold fds for free.
     held_fds: u64,
+    /// `held_fds` as last reported to the bus (for its pending-fd timeout).
+    reported_held_fds: u64,
 }
 
 /// One of a uid's incomplete-handshake slots; freed on drop.
@@ -197,6 +199,7 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
         handshake_permit: Some((permit, uid_slot)),
         uid,
         held_fds: 0,
+        reported_held_fds: 0,
     };
     // Boxed so that the timer's memory is given back once the handshake is
     // done: an idle connection holds no timer.
@@ -403,7 +406,10 @@ fn read_ready(
         }
     };
     if let Some(id) = state.peer {
-        bus.set_partial_frame_fds(id, state.held_fds);
+        if state.held_fds != state.reported_held_fds {
+            bus.set_partial_frame_fds(id, state.held_fds);
+            state.reported_held_fds = state.held_fds;
+        }
     }
     after_dispatch(shared, &mut bus);
     close
