@@ -82,6 +82,115 @@ pub struct Limits {
     pub pending_fd_timeout_ms: u64,
 }
 
+/// Every limit by name: the key in the `[limits]` table and in
+/// [`Limits`], which errors name in their `detail` so a client can tell
+/// which one it hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// `max_frame_bytes`.
+    MaxFrameBytes,
+    /// `max_header_bytes`.
+    MaxHeaderBytes,
+    /// `max_fds_per_message`.
+    MaxFdsPerMessage,
+    /// `max_memfds_per_message`.
+    MaxMemfdsPerMessage,
+    /// `max_connections`.
+    MaxConnections,
+    /// `max_connections_per_uid`.
+    MaxConnectionsPerUid,
+    /// `max_incomplete_handshakes`.
+    MaxIncompleteHandshakes,
+    /// `handshake_timeout_ms`.
+    HandshakeTimeoutMs,
+    /// `max_names_per_connection`.
+    MaxNamesPerConnection,
+    /// `max_matches_per_connection`.
+    MaxMatchesPerConnection,
+    /// `max_pending_calls_per_connection`.
+    MaxPendingCallsPerConnection,
+    /// `default_reply_timeout_ms`.
+    DefaultReplyTimeoutMs,
+    /// `max_reply_timeout_ms`.
+    MaxReplyTimeoutMs,
+    /// `max_queued_bytes_per_receiver`.
+    MaxQueuedBytesPerReceiver,
+    /// `max_queued_fds_per_receiver`.
+    MaxQueuedFdsPerReceiver,
+    /// `max_queued_messages_per_receiver`.
+    MaxQueuedMessagesPerReceiver,
+    /// `max_queued_bytes_total`.
+    MaxQueuedBytesTotal,
+    /// `max_fds_total`.
+    MaxFdsTotal,
+    /// `max_incomplete_handshakes_per_uid`.
+    MaxIncompleteHandshakesPerUid,
+    /// `max_fds_in_flight`.
+    MaxFdsInFlight,
+    /// `pending_fd_timeout_ms`.
+    PendingFdTimeoutMs,
+}
+
+impl Limit {
+    /// Every limit.
+    pub const ALL: [Limit; 21] = [
+        Self::MaxFrameBytes,
+        Self::MaxHeaderBytes,
+        Self::MaxFdsPerMessage,
+        Self::MaxMemfdsPerMessage,
+        Self::MaxConnections,
+        Self::MaxConnectionsPerUid,
+        Self::MaxIncompleteHandshakes,
+        Self::HandshakeTimeoutMs,
+        Self::MaxNamesPerConnection,
+        Self::MaxMatchesPerConnection,
+        Self::MaxPendingCallsPerConnection,
+        Self::DefaultReplyTimeoutMs,
+        Self::MaxReplyTimeoutMs,
+        Self::MaxQueuedBytesPerReceiver,
+        Self::MaxQueuedFdsPerReceiver,
+        Self::MaxQueuedMessagesPerReceiver,
+        Self::MaxQueuedBytesTotal,
+        Self::MaxFdsTotal,
+        Self::MaxIncompleteHandshakesPerUid,
+        Self::MaxFdsInFlight,
+        Self::PendingFdTimeoutMs,
+    ];
+
+    /// The configuration key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxFrameBytes => "max_frame_bytes",
+            Self::MaxHeaderBytes => "max_header_bytes",
+            Self::MaxFdsPerMessage => "max_fds_per_message",
+            Self::MaxMemfdsPerMessage => "max_memfds_per_message",
+            Self::MaxConnections => "max_connections",
+            Self::MaxConnectionsPerUid => "max_connections_per_uid",
+            Self::MaxIncompleteHandshakes => "max_incomplete_handshakes",
+            Self::HandshakeTimeoutMs => "handshake_timeout_ms",
+            Self::MaxNamesPerConnection => "max_names_per_connection",
+            Self::MaxMatchesPerConnection => "max_matches_per_connection",
+            Self::MaxPendingCallsPerConnection => "max_pending_calls_per_connection",
+            Self::DefaultReplyTimeoutMs => "default_reply_timeout_ms",
+            Self::MaxReplyTimeoutMs => "max_reply_timeout_ms",
+            Self::MaxQueuedBytesPerReceiver => "max_queued_bytes_per_receiver",
+            Self::MaxQueuedFdsPerReceiver => "max_queued_fds_per_receiver",
+            Self::MaxQueuedMessagesPerReceiver => "max_queued_messages_per_receiver",
+            Self::MaxQueuedBytesTotal => "max_queued_bytes_total",
+            Self::MaxFdsTotal => "max_fds_total",
+            Self::MaxIncompleteHandshakesPerUid => "max_incomplete_handshakes_per_uid",
+            Self::MaxFdsInFlight => "max_fds_in_flight",
+            Self::PendingFdTimeoutMs => "pending_fd_timeout_ms",
+        }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -118,56 +227,56 @@ impl Limits {
 
     /// Checks values that would make the daemon unusable or dangerous.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &'static str, why: &'static str| Err(ConfigError::Invalid { key, why });
+        let bad = |key: Limit, why: &'static str| Err(ConfigError::Invalid { key, why });
         if self.max_fds_per_message > HARD_MAX_FDS_PER_MESSAGE {
             return bad(
-                "max_fds_per_message",
+                Limit::MaxFdsPerMessage,
                 "must be at most 253 (the kernel's SCM_MAX_FD)",
             );
         }
         if self.max_header_bytes < 1024 {
-            return bad("max_header_bytes", "must be at least 1024");
+            return bad(Limit::MaxHeaderBytes, "must be at least 1024");
         }
         if self.max_frame_bytes < self.max_header_bytes.saturating_add(12) {
-            return bad("max_frame_bytes", "must be larger than max_header_bytes");
+            return bad(Limit::MaxFrameBytes, "must be larger than max_header_bytes");
         }
         if u64::from(self.max_frame_bytes) > self.max_queued_bytes_per_receiver {
             return bad(
-                "max_queued_bytes_per_receiver",
+                Limit::MaxQueuedBytesPerReceiver,
                 "must hold at least one maximum-size frame",
             );
         }
         if self.max_queued_messages_per_receiver == 0 {
-            return bad("max_queued_messages_per_receiver", "must be at least 1");
+            return bad(Limit::MaxQueuedMessagesPerReceiver, "must be at least 1");
         }
         if self.default_reply_timeout_ms == 0
             || self.default_reply_timeout_ms > self.max_reply_timeout_ms
         {
             return bad(
-                "default_reply_timeout_ms",
+                Limit::DefaultReplyTimeoutMs,
                 "must be non-zero and at most max_reply_timeout_ms",
             );
         }
         if self.max_connections == 0 || self.max_connections_per_uid == 0 {
-            return bad("max_connections", "must be at least 1");
+            return bad(Limit::MaxConnections, "must be at least 1");
         }
         if self.max_queued_bytes_total < u64::from(self.max_frame_bytes) {
             return bad(
-                "max_queued_bytes_total",
+                Limit::MaxQueuedBytesTotal,
                 "must hold at least one maximum-size frame",
             );
         }
         if self.max_incomplete_handshakes_per_uid == 0 {
-            return bad("max_incomplete_handshakes_per_uid", "must be at least 1");
+            return bad(Limit::MaxIncompleteHandshakesPerUid, "must be at least 1");
         }
         if self.max_incomplete_handshakes == 0 || self.handshake_timeout_ms == 0 {
             return bad(
-                "max_incomplete_handshakes",
+                Limit::MaxIncompleteHandshakes,
                 "must be at least 1 (and the timeout non-zero)",
             );
         }
         if self.pending_fd_timeout_ms == 0 {
-            return bad("pending_fd_timeout_ms", "must be non-zero");
+            return bad(Limit::PendingFdTimeoutMs, "must be non-zero");
         }
         Ok(())
     }
@@ -196,7 +305,7 @@ pub enum ConfigError {
     #[error("invalid {key}: {why}")]
     Invalid {
         /// The offending key.
-        key: &'static str,
+        key: Limit,
         /// What is wrong.
         why: &'static str,
     },
@@ -242,10 +351,26 @@ mod tests {
         assert!(matches!(
             config.limits.validate(),
             Err(ConfigError::Invalid {
-                key: "max_fds_per_message",
+                key: Limit::MaxFdsPerMessage,
                 ..
             })
         ));
+    }
+
+    /// Each [`Limit`] names a key of [`Limits`], and each key has one.
+    #[test]
+    fn limit_names_are_the_config_keys() {
+        let table = toml::Value::try_from(Limits::default()).unwrap();
+        let mut keys: Vec<&str> = table
+            .as_table()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut names: Vec<&str> = Limit::ALL.iter().map(|limit| limit.as_str()).collect();
+        keys.sort_unstable();
+        names.sort_unstable();
+        assert_eq!(keys, names);
     }
 }
 

@@ -149,13 +149,13 @@ impl<Io> Bus<Io> {
     ) -> Result<(), BusError> {
         if fds.len() > self.limits.max_fds_per_message as usize {
             return Err(BusError::LimitExceeded {
-                limit: "max_fds_per_message",
+                limit: crate::config::Limit::MaxFdsPerMessage,
                 message: format!("{} fds in one message", fds.len()),
             });
         }
         if header.memfds.len() > self.limits.max_memfds_per_message as usize {
             return Err(BusError::LimitExceeded {
-                limit: "max_memfds_per_message",
+                limit: crate::config::Limit::MaxMemfdsPerMessage,
                 message: format!("{} memfds in one message", header.memfds.len()),
             });
         }

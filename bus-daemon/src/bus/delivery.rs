@@ -261,7 +261,7 @@ impl<Io> Bus<Io> {
                 fair_share: refusal == Refusal::FairShare,
             })?;
         if let Some(uid) = actor {
-            let global = |pool: &FairPool, amount: u64, limit: &'static str| {
+            let global = |pool: &FairPool, amount: u64, limit: crate::config::Limit| {
                 pool.check(uid, amount)
                     .map_err(|refusal| BusError::LimitExceeded {
                         limit,
@@ -273,8 +273,12 @@ impl<Io> Bus<Io> {
                         },
                     })
             };
-            global(&self.global_bytes, bytes, "max_queued_bytes_total")?;
-            global(&self.global_fds, fds, "max_fds_total")?;
+            global(
+                &self.global_bytes,
+                bytes,
+                crate::config::Limit::MaxQueuedBytesTotal,
+            )?;
+            global(&self.global_fds, fds, crate::config::Limit::MaxFdsTotal)?;
         }
         Ok(())
     }

@@ -170,7 +170,7 @@ impl<Io> Bus<Io> {
             && peer.names.len() >= self.limits.max_names_per_connection as usize
         {
             return Err(BusError::LimitExceeded {
-                limit: "max_names_per_connection",
+                limit: crate::config::Limit::MaxNamesPerConnection,
                 message: "too many names owned or queued for".into(),
             });
         }
@@ -423,7 +423,7 @@ impl<Io> Bus<Io> {
             >= self.limits.max_matches_per_connection as usize
         {
             return Err(BusError::LimitExceeded {
-                limit: "max_matches_per_connection",
+                limit: crate::config::Limit::MaxMatchesPerConnection,
                 message: "too many match rules".into(),
             });
         }

@@ -4,6 +4,8 @@
 use pbus_proto::errors::error_info;
 use pbus_proto::v1::{ErrorCode, ErrorInfo};
 
+use crate::config::Limit;
+
 /// Why the bus refused or failed an operation. Each variant maps to exactly
 /// one wire error code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,17 +33,17 @@ pub enum BusError {
     /// A configured limit was hit; `limit` is its configuration key.
     #[error("{message} (limit {limit})")]
     LimitExceeded {
-        /// Configuration key of the limit.
-        limit: &'static str,
+        /// The limit.
+        limit: Limit,
         /// What was attempted.
         message: String,
     },
     /// The receiver's queue cannot take the message: it is full, or the
     /// sender's uid already holds its fair share of it.
-    #[error("{}", queue_full_message(limit, *fair_share))]
+    #[error("{}", queue_full_message(*limit, *fair_share))]
     ReceiverQueueFull {
-        /// Configuration key of the limit that was hit.
-        limit: &'static str,
+        /// The limit that was hit.
+        limit: Limit,
         /// The queue has room, but not for this sender's uid.
         fair_share: bool,
     },
@@ -81,7 +83,7 @@ pub enum BusError {
     MonitorRefused(String),
 }
 
-fn queue_full_message(limit: &str, fair_share: bool) -> String {
+fn queue_full_message(limit: Limit, fair_share: bool) -> String {
     if fair_share {
         format!("the sender's uid holds its fair share of the receiver's queue (limit {limit})")
     } else {
@@ -122,7 +124,9 @@ impl BusError {
     fn detail(&self) -> &str {
         match self {
             Self::AccessDenied { right, .. } => right,
-            Self::LimitExceeded { limit, .. } | Self::ReceiverQueueFull { limit, .. } => limit,
+            Self::LimitExceeded { limit, .. } | Self::ReceiverQueueFull { limit, .. } => {
+                limit.as_str()
+            }
             Self::ReceiveOnly(_) => pbus_proto::errors::DETAIL_RECEIVE_ONLY,
             Self::MonitorRefused(_) => "monitor",
             _ => "",
@@ -142,7 +146,7 @@ mod tests {
     #[test]
     fn limits_and_rights_are_named_in_detail() {
         let wire = BusError::LimitExceeded {
-            limit: "max_names_per_connection",
+            limit: crate::config::Limit::MaxNamesPerConnection,
             message: "too many names".into(),
         }
         .to_wire();

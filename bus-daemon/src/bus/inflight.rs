@@ -33,9 +33,6 @@ use pbus_proto::frame::{FdGate, FdVerdict};
 use super::quota::{FairPool, Refusal};
 use super::{BusError, PeerId};
 
-/// Configuration key of the in-flight fd pool.
-pub const LIMIT_NAME: &str = "max_fds_in_flight";
-
 /// Who a queued frame with fds came from, so that a failure to pass its
 /// fds is charged to the sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +165,7 @@ impl FdGate<OwnedFd, FdOrigin> for InFlightGate<'_> {
         self.undelivered.push(Undelivered {
             origin,
             error: BusError::LimitExceeded {
-                limit: LIMIT_NAME,
+                limit: crate::config::Limit::MaxFdsInFlight,
                 message,
             },
         });

@@ -67,56 +67,14 @@ use delivery::{release_global, Broadcast};
 pub use peers::{Peer, PeerCounters};
 use wire::sender_info_of;
 
-/// A hasher for ids the bus assigns itself (peer and rule numbers): they
-/// are not chosen by clients, so a fast multiplicative hash is safe.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IdHasher(u64);
+/// Hashing for ids the bus assigns itself (peer and rule numbers): they
+/// are not chosen by clients, so the fast unkeyed Fx hash is safe.
+pub type IdHash = rustc_hash::FxBuildHasher;
 
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        self.0 = (self.0 ^ value).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-/// `BuildHasher` for [`IdHasher`].
-pub type IdHash = std::hash::BuildHasherDefault<IdHasher>;
-
-/// [`IdHasher`] started from a secret random seed, for keys that include
-/// client-chosen numbers (call serials): as fast, but a client cannot aim
-/// its keys at one bucket without knowing the seed.
-#[derive(Debug, Clone, Copy)]
-pub struct SeededIdHash(u64);
-
-impl Default for SeededIdHash {
-    fn default() -> Self {
-        use std::hash::{BuildHasher, Hasher};
-        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-        // std's RandomState is seeded from the OS; hashing nothing with it
-        // yields a random number without any I/O of our own.
-        Self(*SEED.get_or_init(|| {
-            std::collections::hash_map::RandomState::new()
-                .build_hasher()
-                .finish()
-        }))
-    }
-}
-
-impl std::hash::BuildHasher for SeededIdHash {
-    type Hasher = IdHasher;
-    fn build_hasher(&self) -> IdHasher {
-        IdHasher(self.0)
-    }
-}
+/// Hashing for keys that include client-chosen numbers (call serials):
+/// foldhash, seeded at random per process, so a client cannot aim its
+/// serials at one probe chain without knowing the seed.
+pub type ClientKeyHash = foldhash::fast::RandomState;
 
 /// A connected peer; the number in its unique name `:1.<n>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -45,7 +45,7 @@ impl<Io> Bus<Io> {
         self.global_fds
             .check(uid, count)
             .map_err(|refusal| BusError::LimitExceeded {
-                limit: "max_fds_total",
+                limit: crate::config::Limit::MaxFdsTotal,
                 message: match refusal {
                     Refusal::Full => "the daemon holds all the fds it may".into(),
                     Refusal::FairShare => {
@@ -76,13 +76,13 @@ impl<Io> Bus<Io> {
     pub fn admit(&self, uid: u32) -> Result<(), BusError> {
         if self.peers.len() as u64 >= u64::from(self.limits.max_connections) {
             return Err(BusError::LimitExceeded {
-                limit: "max_connections",
+                limit: crate::config::Limit::MaxConnections,
                 message: "the bus has too many connections".into(),
             });
         }
         if self.connections_of_uid(uid) >= self.limits.max_connections_per_uid {
             return Err(BusError::LimitExceeded {
-                limit: "max_connections_per_uid",
+                limit: crate::config::Limit::MaxConnectionsPerUid,
                 message: format!("uid {uid} has too many connections"),
             });
         }

@@ -17,6 +17,8 @@
 //! A pool may name one exempt uid (a receiver's own uid on its own queue),
 //! which is only held to the capacity.
 
+use crate::config::Limit;
+
 /// The fair-share rule: may a uid holding `share`, one of `holders` uids
 /// (itself included) using a pool with `remaining` units free, take
 /// `amount` more?
@@ -231,10 +233,10 @@ pub struct Released {
 }
 
 /// The resources of a receiver's queue, in the order of [`QueueUse`].
-const RESOURCES: [&str; 3] = [
-    "max_queued_bytes_per_receiver",
-    "max_queued_fds_per_receiver",
-    "max_queued_messages_per_receiver",
+const RESOURCES: [Limit; 3] = [
+    Limit::MaxQueuedBytesPerReceiver,
+    Limit::MaxQueuedFdsPerReceiver,
+    Limit::MaxQueuedMessagesPerReceiver,
 ];
 
 /// Bytes, fds and messages: use of (or caps on) a receiver's queue.
@@ -281,7 +283,7 @@ impl ReceiverQuota {
         actor: u32,
         bytes: u64,
         fds: u64,
-    ) -> Result<(), (&'static str, Refusal)> {
+    ) -> Result<(), (Limit, Refusal)> {
         let amounts = [bytes, fds, 1];
         let share = self.share_of(actor);
         let holders = self.shares.len() as u64 + u64::from(share == [0; 3]);
@@ -398,7 +400,7 @@ mod receiver_tests {
         // Uid 5 holds 2 of 3 messages: a third would leave nothing.
         assert_eq!(
             quota.check(caps, 5, 10, 0).unwrap_err(),
-            ("max_queued_messages_per_receiver", Refusal::FairShare)
+            (Limit::MaxQueuedMessagesPerReceiver, Refusal::FairShare)
         );
         // The owner is held only to the caps.
         assert!(quota.check(caps, 0, 10, 0).is_ok());

@@ -127,7 +127,7 @@ impl<Io> Bus<Io> {
                 >= self.limits.max_pending_calls_per_connection as usize
             {
                 return Err(BusError::LimitExceeded {
-                    limit: "max_pending_calls_per_connection",
+                    limit: crate::config::Limit::MaxPendingCallsPerConnection,
                     message: "too many calls waiting for replies".into(),
                 });
             }

@@ -139,7 +139,7 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
         write_error_directly(
             &stream,
             &BusError::LimitExceeded {
-                limit: "max_incomplete_handshakes_per_uid",
+                limit: crate::config::Limit::MaxIncompleteHandshakesPerUid,
                 message: format!("uid {uid} has too many connections completing their handshake"),
             },
         );
@@ -154,7 +154,7 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
         write_error_directly(
             &stream,
             &BusError::LimitExceeded {
-                limit: "max_incomplete_handshakes",
+                limit: crate::config::Limit::MaxIncompleteHandshakes,
                 message: "too many connections are completing their handshake".into(),
             },
         );
@@ -430,11 +430,11 @@ fn is_bus_connection(fd: &OwnedFd, listener_pids: &[i32]) -> bool {
 fn frame_error(error: FrameError) -> Close {
     Close::Refused(match error {
         FrameError::FrameTooLarge { len, .. } => BusError::LimitExceeded {
-            limit: "max_frame_bytes",
+            limit: crate::config::Limit::MaxFrameBytes,
             message: format!("frame of {len} bytes"),
         },
         FrameError::HeaderTooLarge { len, .. } => BusError::LimitExceeded {
-            limit: "max_header_bytes",
+            limit: crate::config::Limit::MaxHeaderBytes,
             message: format!("header of {len} bytes"),
         },
         other => BusError::ProtocolViolation(other.to_string()),
