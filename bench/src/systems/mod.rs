@@ -37,13 +37,21 @@ use crate::stats::Histogram;
 /// Names of all systems the bench knows, in the order results and ratios
 /// are listed (ratios are "earlier / later"). `pbus` is first so that its
 /// ratios against every baseline are printed.
-pub const CANONICAL_ORDER: [&str; 5] = ["pbus", "pbus-vec", "relay", "dbus-broker", "dbus-daemon"];
+pub const CANONICAL_ORDER: [&str; 6] = [
+    "pbus",
+    "pbus-base",
+    "pbus-vec",
+    "relay",
+    "dbus-broker",
+    "dbus-daemon",
+];
 
 /// Every system compiled into this build, in [`CANONICAL_ORDER`].
 pub fn all() -> Vec<Box<dyn System>> {
     vec![
-        Box::new(pbus::Pbus { from_vec: false }),
-        Box::new(pbus::Pbus { from_vec: true }),
+        Box::new(pbus::Pbus::ZERO_COPY),
+        Box::new(pbus::Pbus::BASELINE),
+        Box::new(pbus::Pbus::FROM_VEC),
         Box::new(relay::Relay),
         Box::new(dbus::broker::DbusBroker),
         Box::new(dbus::daemon::DbusDaemon),

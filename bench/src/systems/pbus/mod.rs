@@ -2,7 +2,9 @@
 //! `pbus-vec`, the same for the large-payload scenarios only, with the
 //! payload handed to the library as a `Vec` (copied into a fresh memfd on
 //! every call) instead of an already sealed memfd (the zero-copy API the
-//! `pbus` rows use).
+//! `pbus` rows use). `pbus-base` is `pbus` with another `pbusd` binary,
+//! `$PBUSD_BASELINE_BIN` (an earlier build, say), so that a change to the
+//! daemon is measured against its predecessor in the same run.
 //!
 //! - The harness side starts `pbusd` privately on a socket in the instance
 //!   directory (`--listen`, `--print-address`, a configuration with the
@@ -55,18 +57,52 @@ fn pbusd_path() -> Option<PathBuf> {
     crate::procs::find_program("pbusd")
 }
 
-/// The pbus system (zero-copy payloads) or its from-a-`Vec` variant.
+/// The baseline `pbusd` of the `pbus-base` system.
+fn baseline_pbusd_path() -> Option<PathBuf> {
+    std::env::var_os("PBUSD_BASELINE_BIN").map(PathBuf::from)
+}
+
+/// The pbus system (zero-copy payloads), its from-a-`Vec` variant, or the
+/// zero-copy system on a baseline daemon.
 pub struct Pbus {
     /// Large payloads from a `Vec` (copied into a memfd per call).
     pub from_vec: bool,
+    /// Run `$PBUSD_BASELINE_BIN` instead of the daemon under test.
+    pub baseline: bool,
+}
+
+impl Pbus {
+    /// `pbus`.
+    pub const ZERO_COPY: Self = Self {
+        from_vec: false,
+        baseline: false,
+    };
+    /// `pbus-vec`.
+    pub const FROM_VEC: Self = Self {
+        from_vec: true,
+        baseline: false,
+    };
+    /// `pbus-base`.
+    pub const BASELINE: Self = Self {
+        from_vec: false,
+        baseline: true,
+    };
+
+    fn program(&self) -> Option<PathBuf> {
+        if self.baseline {
+            baseline_pbusd_path()
+        } else {
+            pbusd_path()
+        }
+    }
 }
 
 impl System for Pbus {
     fn name(&self) -> &'static str {
-        if self.from_vec {
-            "pbus-vec"
-        } else {
-            "pbus"
+        match (self.from_vec, self.baseline) {
+            (true, _) => "pbus-vec",
+            (false, true) => "pbus-base",
+            (false, false) => "pbus",
         }
     }
 
@@ -83,7 +119,10 @@ impl System for Pbus {
     }
 
     fn check_available(&self) -> Result<(), String> {
-        match pbusd_path() {
+        if self.baseline && baseline_pbusd_path().is_none() {
+            return Err("set $PBUSD_BASELINE_BIN to the pbusd to compare against".into());
+        }
+        match self.program() {
             Some(path) if path.exists() => Ok(()),
             _ => Err(
                 "`pbusd` not found next to pbus-bench, on PATH or in $PBUSD_BIN \
@@ -105,7 +144,7 @@ impl System for Pbus {
 
     fn start(&self, dir: TempDir) -> LocalBoxFuture<'_, Result<Instance>> {
         Box::pin(async move {
-            let program = pbusd_path().context("pbusd disappeared")?;
+            let program = self.program().context("pbusd disappeared")?;
             start_pbusd(&program, dir).await
         })
     }
