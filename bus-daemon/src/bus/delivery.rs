@@ -6,23 +6,6 @@
 use super::*;
 
 impl<Io> Bus<Io> {
-    /// Peers with newly queued frames since the last call; the server
-    /// flushes them.
-    pub fn take_dirty(&mut self) -> Vec<PeerId> {
-        let dirty = std::mem::take(&mut self.dirty);
-        for id in &dirty {
-            if let Some(peer) = self.peers.get_mut(id) {
-                peer.dirty = false;
-            }
-        }
-        dirty
-    }
-
-    /// True when some peer has frames the server has not tried to flush.
-    pub fn has_dirty(&self) -> bool {
-        !self.dirty.is_empty()
-    }
-
     /// Writes as much of a peer's queue as `send` accepts. `send(io, data,
     /// fds)` performs one sendmsg on the peer's socket; `unread(io)` says how
     /// much of what was sent the peer has not read yet (`SIOCOUTQ`), which

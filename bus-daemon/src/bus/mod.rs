@@ -1,10 +1,18 @@
 //! The routing core: peers, names, match rules, pending calls and queues, as
-//! plain data. It never touches a socket: frames come in through
-//! [`Bus::dispatch`], and everything it wants to send is appended to the
-//! receiving peer's [`OutQueue`]; the server layer flushes the queues of the
-//! peers listed by [`Bus::take_dirty`] and closes those in
-//! [`Bus::take_doomed`]. The clock is an argument, so tests run without
-//! timers or sockets.
+//! plain data. It never touches a socket or reads the clock: frames come in
+//! through [`Bus::dispatch`], everything it wants to send is appended to the
+//! receiving peer's [`OutQueue`], and the driver (the server layer) polls
+//! what to do next out of [`Bus::poll_action`] and [`Bus::poll_timeout`]
+//! ([`actions`]), so tests run without timers or sockets.
+//!
+//! Where each concern lives: [`peers`] (admission, adding and removing
+//! peers), [`routing`] (the message path), [`checks`] (policy and fd
+//! checks), [`delivery`] (the one enqueue path, stamping, fan-out, flushing),
+//! [`monitors`] (copies for eavesdroppers), [`emitted`] (frames of the bus's
+//! own), [`services`] (built-in services such as the driver), [`reload`],
+//! [`stalls`] (the pending-fd timeout), [`inflight`] (fds in flight),
+//! [`wire`] (conversion to wire messages); plain registries in [`names`],
+//! [`scopes`], [`matches`], [`replies`] and [`quota`].
 //!
 //! Every message takes one path, top to bottom: decode the header, validate
 //! it, resolve the destination (a well-known name in the sender's name
@@ -16,9 +24,9 @@
 //! (destination `org.pbus.Bus`). Refusals become wire errors in one place,
 //! [`BusError::to_wire`].
 
+mod actions;
 mod checks;
 mod delivery;
-mod driver;
 mod emitted;
 pub mod error;
 pub mod inflight;
@@ -31,8 +39,8 @@ mod reload;
 pub mod replies;
 mod routing;
 pub mod scopes;
+pub mod services;
 mod stalls;
-mod timers;
 mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -63,8 +71,10 @@ use quota::{FairPool, ReceiverQuota, Refusal, Released};
 use replies::{CallKey, PendingCalls};
 use scopes::{ScopeId, ScopeTable};
 
+pub use actions::Action;
 use delivery::{release_global, Broadcast};
 pub use peers::{Peer, PeerCounters};
+use services::{JobId, PendingJob};
 use wire::sender_info_of;
 
 /// Hashing for ids the bus assigns itself (peer and rule numbers): they
@@ -110,9 +120,11 @@ pub struct Bus<Io> {
     matches: MatchRegistry,
     /// Eavesdropping rules of monitors: copies of unicast traffic.
     monitors: MatchRegistry,
-    /// Callers waiting for a policy reload (done by the server, which may
-    /// read files); answered by [`Bus::finish_policy_reload`].
-    reload_requests: Vec<(PeerId, u64)>,
+    /// Jobs of built-in services for the driver to run, in order.
+    jobs: std::collections::VecDeque<(JobId, services::Job)>,
+    /// Jobs handed out (or queued) and not done yet, with their waiters.
+    pending_jobs: HashMap<JobId, PendingJob, IdHash>,
+    next_job: u64,
     calls: PendingCalls,
     limits: Limits,
     policy: Arc<Policy>,
@@ -125,12 +137,8 @@ pub struct Bus<Io> {
     broadcast_stamp: u64,
     /// Stamp for messages from the bus itself.
     bus_sender: SenderInfo,
-    /// Set when a call deadline earlier than any before was added.
-    timer_needs_rearm: bool,
-    /// When the server's timer will next wake up (None: not armed). A new
-    /// deadline only needs to wake the timer if it is earlier than this;
-    /// later ones are found when the timer wakes and re-arms.
-    timer_armed: Option<Instant>,
+    /// When peers are next checked for stalled fds.
+    next_sweep: Instant,
     /// The daemon's own pid namespace inode: peers there see its pid.
     own_pid_namespace: u64,
     /// Bytes queued for all receivers, shared fairly among sender uids.
@@ -176,7 +184,9 @@ impl<Io> Bus<Io> {
             names: ScopedNames::default(),
             matches: MatchRegistry::default(),
             monitors: MatchRegistry::default(),
-            reload_requests: Vec::new(),
+            jobs: std::collections::VecDeque::new(),
+            pending_jobs: HashMap::default(),
+            next_job: 0,
             calls: PendingCalls::default(),
             policy,
             bus_id,
@@ -187,8 +197,7 @@ impl<Io> Bus<Io> {
             doomed: Vec::new(),
             broadcast_stamp: 0,
             bus_sender,
-            timer_needs_rearm: false,
-            timer_armed: None,
+            next_sweep: now + Duration::from_millis(limits.pending_fd_timeout_ms / 4),
             own_pid_namespace,
             // The daemon's own uid (root on a system bus, the user on a
             // session bus) owns these pools: like a receiver on its own

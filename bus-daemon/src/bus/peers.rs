@@ -202,12 +202,6 @@ impl<Io> Bus<Io> {
         Some(*peer)
     }
 
-    /// Peers the core decided to disconnect (e.g. they stopped reading their
-    /// own replies); the server closes them and calls [`remove_peer`](Self::remove_peer).
-    pub fn take_doomed(&mut self) -> Vec<PeerId> {
-        std::mem::take(&mut self.doomed)
-    }
-
     /// True if the peer was doomed.
     pub fn is_doomed(&self, id: PeerId) -> bool {
         self.peers.get(&id).is_some_and(|peer| peer.doomed)

@@ -27,17 +27,6 @@ impl<Io> Bus<Io> {
         &self.policy
     }
 
-    /// Callers of `ReloadPolicy` since the last call; the server reloads
-    /// and answers them with [`finish_policy_reload`](Self::finish_policy_reload).
-    pub fn take_reload_requests(&mut self) -> Vec<(PeerId, u64)> {
-        std::mem::take(&mut self.reload_requests)
-    }
-
-    /// True when a peer asked for a policy reload.
-    pub fn reload_requested(&self) -> bool {
-        !self.reload_requests.is_empty()
-    }
-
     /// Answers `ReloadPolicy` callers: with the new policy (installed here)
     /// or with the reason it was refused (the old policy stays).
     pub fn finish_policy_reload(

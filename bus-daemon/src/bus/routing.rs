@@ -101,11 +101,8 @@ impl<Io> Bus<Io> {
         if !header.path.is_empty() {
             ObjectPath::validate(header.path).map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         }
-        if header.destination == BUS_NAME {
-            if !fds.is_empty() {
-                return Err(BusError::FdsNotSupported("the bus accepts no fds".into()));
-            }
-            return self.handle_bus_call(from, header, body, now);
+        if let Some(service) = services::Service::for_name(header.destination) {
+            return self.call_service(service, from, header, body, fds, now);
         }
         let to = self.resolve(from, header.destination)?;
         self.check_unicast(from, to, header, &fds)?;
@@ -136,10 +133,6 @@ impl<Io> Bus<Io> {
                 requested => requested.min(self.limits.max_reply_timeout_ms),
             };
             let deadline = now + Duration::from_millis(u64::from(timeout_ms));
-            if self.timer_armed.is_none_or(|armed| deadline < armed) {
-                self.timer_armed = Some(deadline);
-                self.timer_needs_rearm = true;
-            }
             if !self.calls.insert(key, to, deadline, timeout_ms) {
                 return Err(BusError::InvalidArgs(format!(
                     "serial {} is already waiting for a reply",

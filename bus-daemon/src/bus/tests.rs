@@ -321,27 +321,24 @@ fn timeouts_fail_the_call_and_late_replies_are_refused() {
     let client = h.connect(1000, 2);
     let serial = h.call(client, &service.unique_name().into_string(), "Slow", b"");
     h.drain(service);
-    assert_eq!(
-        h.bus.next_deadline(),
-        Some(h.now + Duration::from_millis(1000))
-    );
-    assert!(h.bus.take_timer_rearm());
-    assert_eq!(h.bus.arm_timer(), Some(h.now + Duration::from_millis(1000)));
-    // A later deadline does not wake the timer; it is found when the timer
-    // wakes and re-arms.
+    assert_eq!(h.bus.poll_timeout(), h.now + Duration::from_millis(1000));
+    // A later deadline leaves the timeout where it is.
     h.now += Duration::from_millis(10);
     let second = h.call(client, &service.unique_name().into_string(), "Slow", b"");
-    assert!(!h.bus.take_timer_rearm());
     h.now -= Duration::from_millis(10);
-    h.bus.expire_calls(h.now + Duration::from_millis(999));
+    assert_eq!(h.bus.poll_timeout(), h.now + Duration::from_millis(1000));
+    h.bus
+        .handle_timeout(h.now + Duration::from_millis(999), |_| Ok(0));
     assert!(h.drain(client).is_empty());
-    h.bus.expire_calls(h.now + Duration::from_millis(1000));
+    h.bus
+        .handle_timeout(h.now + Duration::from_millis(1000), |_| Ok(0));
     let timeout = h.drain(client);
     assert_eq!(timeout.len(), 1);
     assert_eq!(timeout[0].header.reply_serial, serial);
     assert_eq!(error_code(&timeout[0]), ErrorCode::Timeout);
-    assert_eq!(h.bus.arm_timer(), Some(h.now + Duration::from_millis(1010)));
-    h.bus.expire_calls(h.now + Duration::from_millis(1010));
+    assert_eq!(h.bus.poll_timeout(), h.now + Duration::from_millis(1010));
+    h.bus
+        .handle_timeout(h.now + Duration::from_millis(1010), |_| Ok(0));
     assert_eq!(h.drain(client)[0].header.reply_serial, second);
     h.drain(service);
     h.reply(service, client, serial, b"late");
@@ -434,7 +431,13 @@ fn full_receiver_queue_is_an_error_for_the_sender_and_fatal_for_a_caller_that_do
         h.bus.is_doomed(sender),
         "a caller whose queue is full of its own replies goes"
     );
-    assert_eq!(h.bus.take_doomed(), vec![sender]);
+    let mut closed = Vec::new();
+    while let Some(action) = h.bus.poll_action() {
+        if let super::Action::Close(id) = action {
+            closed.push(id);
+        }
+    }
+    assert_eq!(closed, vec![sender]);
 }
 
 #[test]
@@ -1232,4 +1235,59 @@ fn scopes_are_dropped_with_their_last_peer() {
     h.bus.remove_peer(host);
     assert!(h.bus.scopes.is_empty());
     assert!(h.bus.names.is_empty());
+}
+
+/// Runs the driver's side of the core until it asks for nothing: every
+/// `Job` it hands out is returned, flushes and closes are ignored.
+fn take_jobs(h: &mut Harness) -> Vec<(super::services::JobId, super::services::Job)> {
+    let mut jobs = Vec::new();
+    while let Some(action) = h.bus.poll_action() {
+        if let super::Action::Job(id, job) = action {
+            jobs.push((id, job));
+        }
+    }
+    jobs
+}
+
+#[test]
+fn a_policy_reload_is_a_job_answered_when_it_is_done() {
+    use super::services::{Job, JobDone, JobOutput};
+    let mut h = Harness::new();
+    let admin = h.connect(0, 1);
+    let other_admin = h.connect(0, 2);
+    let body = pbus_proto::v1::ReloadPolicyRequest {}.encode_to_vec();
+    let first = h.call(admin, BUS_NAME, "ReloadPolicy", &body);
+    let second = h.call(other_admin, BUS_NAME, "ReloadPolicy", &body);
+    // Nothing is answered on the routing thread; both wait on one job.
+    assert!(h.drain(admin).is_empty());
+    let jobs = take_jobs(&mut h);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].1, Job::LoadPolicy);
+    assert_eq!(
+        h.bus
+            .handle_job_done(jobs[0].0, JobOutput::Policy(Ok(Policy::builtin()))),
+        JobDone::PolicyInstalled { peers: 2 }
+    );
+    for (peer, serial) in [(admin, first), (other_admin, second)] {
+        let answer = h.drain(peer);
+        assert_eq!(answer[0].header.reply_serial, serial);
+        assert_eq!(answer[0].header.kind, MessageKind::MethodReturn as i32);
+    }
+    // A refused load is the callers' error; the old policy stays.
+    let third = h.call(admin, BUS_NAME, "ReloadPolicy", &body);
+    let jobs = take_jobs(&mut h);
+    assert_eq!(
+        h.bus
+            .handle_job_done(jobs[0].0, JobOutput::Policy(Err("bad file".into()))),
+        JobDone::PolicyRefused("bad file".into())
+    );
+    let answer = h.drain(admin);
+    assert_eq!(answer[0].header.reply_serial, third);
+    assert_eq!(error_code(&answer[0]), ErrorCode::InvalidArgs);
+    // A job done twice is not known any more.
+    assert_eq!(
+        h.bus
+            .handle_job_done(jobs[0].0, JobOutput::Policy(Ok(Policy::builtin()))),
+        JobDone::Unknown
+    );
 }

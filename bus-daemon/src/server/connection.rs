@@ -28,7 +28,7 @@ use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::io::Interest;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::{after_dispatch, send_frames, unread_by_peer, PeerIo, Shared, SharedBus, READ_BUDGET};
+use super::{drive, send_frames, unread_by_peer, PeerIo, Shared, SharedBus, READ_BUDGET};
 use crate::bus::{BusError, PeerId};
 
 /// The first frame (HELLO) may be at most this large.
@@ -233,7 +233,7 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
                 // kernel wakes writers as the peer consumes), not for room.
                 let waiting = bus.has_fds_in_flight(id);
                 // Dropped frames may have queued errors for their senders.
-                after_dispatch(&shared, &mut bus);
+                drive(&shared, &mut bus);
                 drop(bus);
                 match flushed {
                     Ok(Flushed::All) if !waiting => {}
@@ -337,7 +337,7 @@ impl Drop for ConnectionRegistration {
 /// so readiness is cleared without another recvmsg just to see EAGAIN
 /// (tokio keeps any readiness that arrived meanwhile).
 fn read_ready(
-    shared: &Shared,
+    shared: &Rc<Shared>,
     io: &Rc<PeerIo>,
     ready: &mut AsyncFdReadyGuard<'_, UnixStream>,
     reader: &mut FrameReader<OwnedFd>,
@@ -411,7 +411,7 @@ fn read_ready(
             state.reported_held_fds = state.held_fds;
         }
     }
-    after_dispatch(shared, &mut bus);
+    drive(shared, &mut bus);
     close
 }
 
@@ -513,7 +513,7 @@ fn write_error_directly(stream: &UnixStream, error: &BusError) {
 
 /// Tells a refused peer why, removes it from the bus (releasing its names,
 /// failing calls it owed) and flushes what that caused for others.
-fn finish(shared: &Shared, io: &Rc<PeerIo>, state: &State, close: Option<Close>) {
+fn finish(shared: &Rc<Shared>, io: &Rc<PeerIo>, state: &State, close: Option<Close>) {
     let reason = match &close {
         None => "closed by the daemon".to_owned(),
         Some(Close::Eof) => "hung up".to_owned(),
@@ -539,7 +539,7 @@ fn finish(shared: &Shared, io: &Rc<PeerIo>, state: &State, close: Option<Close>)
             }
             bus.remove_peer(id);
             if !stopping {
-                after_dispatch(shared, &mut bus);
+                drive(shared, &mut bus);
             }
             tracing::info!(peer = %id.unique_name(), reason, "peer disconnected");
         }

@@ -1,8 +1,10 @@
 //! The tokio layer around the routing core. It owns the sockets and nothing
 //! else: listeners accept, each connection task reads frames and hands them
-//! to [`Bus::dispatch`], and after every read batch the queues of all peers
-//! that received something are flushed right there, in the same task, with
-//! non-blocking sendmsg calls. There are no extra task hops on the message
+//! to [`Bus::dispatch`], and after every read batch it does what the core
+//! polls out ([`drive`]): the queues of all peers that received something
+//! are flushed right there, in the same task, with non-blocking sendmsg
+//! calls; doomed peers are closed; jobs of built-in services run on a
+//! blocking thread. There are no extra task hops on the message
 //! path and no lock is held across an await: the daemon runs on one thread
 //! (a current-thread runtime and a `LocalSet`), and the bus is a `RefCell`
 //! borrowed only inside synchronous sections.
@@ -30,7 +32,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
-use crate::bus::Bus;
+use crate::bus::services::{Job, JobDone, JobId, JobOutput};
+use crate::bus::{Action, Bus};
 use crate::config::Config;
 use listener::BoundSocket;
 
@@ -94,6 +97,8 @@ struct Shared {
     /// Incomplete handshakes per uid.
     handshakes_per_uid: RefCell<HashMap<u32, u32>>,
     timer_wake: Notify,
+    /// When the timer task sleeps until (the core's last `poll_timeout`).
+    timer_armed: Cell<Option<Instant>>,
     shutdown: watch::Receiver<bool>,
     /// Every live connection, handshake done or not, to close at shutdown.
     connections: RefCell<HashMap<u64, Weak<PeerIo>, crate::bus::IdHash>>,
@@ -183,6 +188,7 @@ impl Server {
             handshakes_per_uid: RefCell::new(HashMap::new()),
             config: self.config,
             timer_wake: Notify::new(),
+            timer_armed: Cell::new(None),
             shutdown: stop_rx,
             connections: RefCell::new(HashMap::default()),
             next_connection: Cell::new(0),
@@ -203,7 +209,6 @@ impl Server {
             )));
         }
         let timer = tokio::task::spawn_local(run_timer(Rc::clone(&shared)));
-        let sweeper = tokio::task::spawn_local(sweep_stalled_fds(Rc::clone(&shared)));
         let reloader = tokio::task::spawn_local(reload_on_sighup(Rc::clone(&shared)));
         shutdown.await;
         tracing::info!("shutting down");
@@ -217,7 +222,6 @@ impl Server {
             let _ = task.await;
         }
         let _ = timer.await;
-        let _ = sweeper.await;
         let _ = reloader.await;
         // Every connection task holds a sender; recv() returns None once the
         // last one has finished and removed its peer.
@@ -325,22 +329,19 @@ async fn accept_loop(
     }
 }
 
-/// Fails pending calls whose deadline passed.
+/// Wakes the core when its [`Bus::poll_timeout`] comes: calls whose
+/// deadline passed fail, stalled fds are swept. Woken early (through
+/// `timer_wake`) when the core asks for an earlier time.
 async fn run_timer(shared: Rc<Shared>) {
     let mut stop = shared.shutdown.clone();
     loop {
-        let next = shared.bus.borrow_mut().arm_timer();
-        let sleep = async {
-            match next {
-                Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-                None => std::future::pending().await,
-            }
-        };
+        let deadline = shared.bus.borrow().poll_timeout();
+        shared.timer_armed.set(Some(deadline));
         tokio::select! {
-            _ = sleep => {
+            _ = tokio::time::sleep_until(deadline.into()) => {
                 let mut bus = shared.bus.borrow_mut();
-                bus.expire_calls(Instant::now());
-                after_dispatch(&shared, &mut bus);
+                bus.handle_timeout(Instant::now(), unread_by_peer);
+                drive(&shared, &mut bus);
             }
             _ = shared.timer_wake.notified() => {}
             _ = stop.changed() => break,
@@ -348,32 +349,8 @@ async fn run_timer(shared: Rc<Shared>) {
     }
 }
 
-/// Disconnects peers that hold fds without progress for longer than
-/// `pending_fd_timeout_ms` (see [`Bus::sweep_stalled_fds`]), checking a
-/// few times per timeout.
-async fn sweep_stalled_fds(shared: Rc<Shared>) {
-    let mut stop = shared.shutdown.clone();
-    let timeout = std::time::Duration::from_millis(shared.config.limits.pending_fd_timeout_ms);
-    let period = (timeout / 4).clamp(
-        std::time::Duration::from_millis(50),
-        std::time::Duration::from_secs(5),
-    );
-    let mut ticks = tokio::time::interval(period);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {
-                let mut bus = shared.bus.borrow_mut();
-                if bus.sweep_stalled_fds(Instant::now(), unread_by_peer) > 0 {
-                    after_dispatch(&shared, &mut bus);
-                }
-            }
-            _ = stop.changed() => break,
-        }
-    }
-}
-
-/// Re-reads the policy on SIGHUP.
+/// Re-reads the policy on SIGHUP (as a job of the bus driver, like
+/// `ReloadPolicy`).
 async fn reload_on_sighup(shared: Rc<Shared>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut stop = shared.shutdown.clone();
@@ -389,83 +366,93 @@ async fn reload_on_sighup(shared: Rc<Shared>) {
             _ = hangups.recv() => {
                 tracing::info!("SIGHUP: reloading the policy");
                 let mut bus = shared.bus.borrow_mut();
-                reload_policy(&shared, &mut bus, &[]);
-                after_dispatch(&shared, &mut bus);
+                bus.request_policy_reload();
+                drive(&shared, &mut bus);
             }
             _ = stop.changed() => break,
         }
     }
 }
 
-/// Loads the configured policy and installs it (recompiling every peer's
-/// snapshot, dropping no connection), or keeps the old one and says why;
-/// `callers` of ReloadPolicy get the outcome.
-fn reload_policy(shared: &Shared, bus: &mut SharedBus, callers: &[(crate::bus::PeerId, u64)]) {
-    let loaded = match &shared.config.policy {
-        Some(path) => Policy::load(path).map_err(|errors| errors.to_string()),
-        None => Ok(Policy::builtin()),
-    };
-    match bus.finish_policy_reload(callers, loaded) {
-        Ok(peers) => {
-            let policy = bus.policy();
-            tracing::info!(
-                files = policy.origins().len(),
-                rules = policy.rule_count(),
-                peers,
-                "policy reloaded"
-            );
+/// Runs a built-in service's job off the routing thread (a blocking-pool
+/// thread: it may read files) and hands the output back to the core.
+fn spawn_job(shared: &Rc<Shared>, id: JobId, job: Job) {
+    let shared = Rc::clone(shared);
+    tokio::task::spawn_local(async move {
+        let output = match job {
+            Job::LoadPolicy => {
+                let path = shared.config.policy.clone();
+                let loaded = tokio::task::spawn_blocking(move || match path {
+                    Some(path) => Policy::load(&path).map_err(|errors| errors.to_string()),
+                    None => Ok(Policy::builtin()),
+                })
+                .await
+                .unwrap_or_else(|error| Err(format!("the policy loader failed: {error}")));
+                JobOutput::Policy(loaded)
+            }
+        };
+        let mut bus = shared.bus.borrow_mut();
+        match bus.handle_job_done(id, output) {
+            JobDone::PolicyInstalled { peers } => {
+                let policy = bus.policy();
+                tracing::info!(
+                    files = policy.origins().len(),
+                    rules = policy.rule_count(),
+                    peers,
+                    "policy reloaded"
+                );
+            }
+            JobDone::PolicyRefused(why) => {
+                tracing::warn!(%why, "policy reload refused; the old policy stays in force");
+            }
+            JobDone::Unknown => {}
         }
-        Err(why) => tracing::warn!(%why, "policy reload refused; the old policy stays in force"),
-    }
+        drive(&shared, &mut bus);
+    });
 }
 
-/// After the core ran: answer policy reload requests, flush every peer that
-/// received frames, wake peers whose sockets are full, close doomed peers,
-/// rearm the call timer.
-fn after_dispatch(shared: &Shared, bus: &mut SharedBus) {
-    if bus.reload_requested() {
-        let callers = bus.take_reload_requests();
-        reload_policy(shared, bus, &callers);
-    }
-    flush_dirty(bus);
-    for id in bus.take_doomed() {
-        if let Some(peer) = bus.peer(id) {
-            peer.io.close();
+/// After the core ran: do what it asks until it asks for nothing (flush
+/// queues, waking peers whose sockets are full; close doomed peers; start
+/// jobs), then make sure the timer wakes by the core's next timeout.
+fn drive(shared: &Rc<Shared>, bus: &mut SharedBus) {
+    while let Some(action) = bus.poll_action() {
+        match action {
+            Action::Flush(id) => flush(bus, id),
+            Action::Close(id) => {
+                if let Some(peer) = bus.peer(id) {
+                    peer.io.close();
+                }
+            }
+            Action::Job(id, job) => spawn_job(shared, id, job),
         }
     }
-    if bus.take_timer_rearm() {
+    let next = bus.poll_timeout();
+    if shared.timer_armed.get().is_none_or(|armed| next < armed) {
+        shared.timer_armed.set(Some(next));
         shared.timer_wake.notify_one();
     }
 }
 
-fn flush_dirty(bus: &mut SharedBus) {
-    // Refused frames can queue errors for peers flushed earlier in the
-    // round: go again until nothing new was queued.
-    while bus.has_dirty() {
-        flush_dirty_once(bus);
-    }
-}
-
-fn flush_dirty_once(bus: &mut SharedBus) {
-    for id in bus.take_dirty() {
-        match bus.flush_peer(id, send_frames, unread_by_peer) {
-            Ok(Flushed::All) => {
-                if bus.has_fds_in_flight(id) {
-                    // Its task watches for the peer reading those fds.
-                    if let Some(peer) = bus.peer(id) {
-                        peer.io.wake();
-                    }
-                }
-            }
-            Ok(Flushed::Blocked | Flushed::FdsWaiting) => {
+/// Flushes one peer's queue; a full socket or fds waiting to be read make
+/// its task wait for the socket, a failed write dooms it.
+fn flush(bus: &mut SharedBus, id: crate::bus::PeerId) {
+    match bus.flush_peer(id, send_frames, unread_by_peer) {
+        Ok(Flushed::All) => {
+            if bus.has_fds_in_flight(id) {
+                // Its task watches for the peer reading those fds.
                 if let Some(peer) = bus.peer(id) {
                     peer.io.wake();
                 }
             }
-            Err(error) => {
-                tracing::debug!(peer = id.0, %error, "write failed");
-                bus.doom(id, "write failed");
+        }
+        Ok(Flushed::Blocked | Flushed::FdsWaiting) => {
+            if let Some(peer) = bus.peer(id) {
+                peer.io.wake();
             }
+        }
+        Err(error) => {
+            tracing::debug!(peer = id.0, %error, "write failed");
+            bus.doom(id, "write failed");
         }
     }
 }
@@ -511,6 +498,7 @@ mod memory_tests {
             handshake_slots: Arc::new(Semaphore::new(1)),
             handshakes_per_uid: RefCell::new(HashMap::new()),
             timer_wake: Notify::new(),
+            timer_armed: Cell::new(None),
             shutdown: stop_rx,
             connections: RefCell::new(HashMap::default()),
             next_connection: Cell::new(0),

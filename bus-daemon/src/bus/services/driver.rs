@@ -5,7 +5,7 @@
 //! or an ERROR.
 //!
 //! Well-known names are claimed, released and resolved in the caller's
-//! name scope (see [`super::scopes`] and [`super::names::ScopedNames`]):
+//! name scope (see [`crate::bus::scopes`] and [`crate::bus::names::ScopedNames`]):
 //! a container's requests never meet a host owner or another
 //! container's, and what the asker may not see looks like nothing.
 
@@ -25,10 +25,10 @@ use pbus_proto::v1::{
 use pbus_proto::BUS_NAME;
 use prost::Message;
 
-use super::matches::Rule;
-use super::names::{flags, ReleaseOutcome, RequestOutcome};
-use super::scopes::ScopeId;
-use super::{Bus, BusError, PeerId};
+use crate::bus::matches::Rule;
+use crate::bus::names::{flags, ReleaseOutcome, RequestOutcome};
+use crate::bus::scopes::ScopeId;
+use crate::bus::{Bus, BusError, Peer, PeerId};
 
 fn decode<M: Message + Default>(body: &[u8]) -> Result<M, BusError> {
     M::decode(body).map_err(|e| BusError::InvalidArgs(format!("undecodable request body: {e}")))
@@ -125,8 +125,13 @@ impl<Io> Bus<Io> {
                         target: " (only root or the daemon's uid may reload the policy)".into(),
                     });
                 }
-                // Reading files is the server's job; it answers the caller.
-                self.reload_requests.push((from, serial));
+                // Reading files is blocking work: a job for the server, after
+                // which the caller is answered.
+                self.start_job(
+                    super::Service::Driver,
+                    super::Job::LoadPolicy,
+                    Some((from, serial)),
+                );
                 Ok(())
             }
             "ExplainPolicy" => {
@@ -529,11 +534,11 @@ impl<Io> Bus<Io> {
         let right = Right::parse(&request.right)
             .ok_or_else(|| BusError::InvalidArgs(format!("unknown right {:?}", request.right)))?;
         let subject_peer = &self.peers[&subject];
-        let target = || -> Result<&super::Peer<Io>, BusError> {
+        let target = || -> Result<&Peer<Io>, BusError> {
             let id = self.visible_owner(from, &request.target)?;
             Ok(&self.peers[&id])
         };
-        let names_of = |peer: &super::Peer<Io>| -> Vec<String> {
+        let names_of = |peer: &Peer<Io>| -> Vec<String> {
             let mut names: Vec<String> = self
                 .owned_names(peer)
                 .into_iter()
