@@ -6,6 +6,16 @@ use std::os::fd::OwnedFd;
 
 use pbus_sys::memfd::{file_size, seal, seals};
 
+/// The daemon's [`FdProbe`](crate::bus::FdProbe): the real syscalls.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemFdProbe;
+
+impl crate::bus::FdProbe for SystemFdProbe {
+    fn check_memfd(&self, fd: &OwnedFd, offset: u64, length: u64) -> Result<(), String> {
+        validate(fd, offset, length)
+    }
+}
+
 /// Checks that `fd` is a memfd sealed against every change
 /// (SEAL_SHRINK | SEAL_GROW | SEAL_WRITE | SEAL_SEAL) and that
 /// `[offset, offset + length)` lies inside it. SEAL_FUTURE_WRITE does not

@@ -177,7 +177,8 @@ impl<Io> Bus<Io> {
                     "fd {index} used for two memfds"
                 )));
             }
-            crate::memfd::validate(fd, memfd.offset, memfd.length)
+            self.fd_probe
+                .check_memfd(fd, memfd.offset, memfd.length)
                 .map_err(BusError::InvalidMemfd)?;
         }
         Ok(())

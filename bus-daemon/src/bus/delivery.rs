@@ -201,19 +201,19 @@ impl<Io> Bus<Io> {
                 }
             };
             let (bytes, fd_count) = (frame.len() as u64, copies.len() as u64);
-            match self.admit_frame(id, actor, bytes, fd_count) {
-                Ok(()) => {
-                    let receiver = self.peers.get_mut(&id).expect("checked above");
-                    let origin = from.zip(actor).map(|(sender, uid)| FdOrigin {
-                        sender,
-                        uid,
-                        serial: 0,
-                        kind: FdFrameKind::Broadcast,
-                    });
-                    let origin = (!copies.is_empty()).then_some(origin).flatten();
-                    let end = receiver.outbox.push_encoded(frame, copies, origin);
-                    self.record_frame(id, actor, bytes, fd_count, end);
-                }
+            let origin = from.zip(actor).map(|(sender, uid)| FdOrigin {
+                sender,
+                uid,
+                serial: 0,
+                kind: FdFrameKind::Broadcast,
+            });
+            let origin = (!copies.is_empty()).then_some(origin).flatten();
+            let queued = self.enqueue(id, actor, (bytes, fd_count), WhenFull::Refuse, |peers| {
+                let receiver = peers.get_mut(&id).expect("checked above");
+                receiver.outbox.push_encoded(frame, copies, origin)
+            });
+            match queued {
+                Ok(()) => {}
                 Err(_) => {
                     let receiver = self.peers.get_mut(&id).expect("checked above");
                     receiver.counters.dropped_signals += 1;
@@ -223,11 +223,40 @@ impl<Io> Bus<Io> {
         }
     }
 
+    /// The one way a frame enters a receiver's queue: admitted against
+    /// `to`'s caps and `actor`'s fair shares (`actor` is the sender's uid,
+    /// `None` for the bus itself), pushed by `push` (which gets the peers to
+    /// borrow a sender's stamp from alongside the receiver's queue, and
+    /// returns the stream offset past the frame), and charged. What happens
+    /// when the frame does not fit is `when_full`'s to say.
+    pub(super) fn enqueue(
+        &mut self,
+        to: PeerId,
+        actor: Option<u32>,
+        (bytes, fds): (u64, u64),
+        when_full: WhenFull,
+        push: impl FnOnce(&mut PeerMap<Io>) -> u64,
+    ) -> Result<(), BusError> {
+        let over_limit = match self.admit_frame(to, actor, bytes, fds) {
+            Ok(()) => false,
+            Err(error) => match when_full {
+                WhenFull::Refuse => return Err(error),
+                WhenFull::Doom => true,
+            },
+        };
+        let end = push(&mut self.peers);
+        self.record_frame(to, actor, bytes, fds, end);
+        if over_limit {
+            self.doom(to, "its queue is full of messages from the bus");
+        }
+        Ok(())
+    }
+
     /// Can `to`'s queue take a frame of `bytes` and `fds` sent by uid
     /// `actor` (`None` for the bus itself)? Checks the receiver's caps and
     /// the actor's fair share of them, then the actor's fair share of the
     /// daemon-wide queued bytes and fds.
-    pub(super) fn admit_frame(
+    fn admit_frame(
         &self,
         to: PeerId,
         actor: Option<u32>,
@@ -276,14 +305,7 @@ impl<Io> Bus<Io> {
     }
 
     /// Charges a frame just queued for `to` (after [`admit_frame`](Self::admit_frame)).
-    pub(super) fn record_frame(
-        &mut self,
-        to: PeerId,
-        actor: Option<u32>,
-        bytes: u64,
-        fds: u64,
-        end: u64,
-    ) {
+    fn record_frame(&mut self, to: PeerId, actor: Option<u32>, bytes: u64, fds: u64, end: u64) {
         if let Some(uid) = actor {
             self.global_bytes.charge(uid, bytes);
             self.global_fds.charge(uid, fds);
@@ -315,32 +337,47 @@ impl<Io> Bus<Io> {
             + pbus_proto::header::stamped_len(header, &stamp)
             + body.len()) as u64;
         let fd_count = fds.len() as u64;
-        self.admit_frame(to, actor, frame_len, fd_count)?;
         let origin = (!fds.is_empty()).then(|| FdOrigin {
             sender: from,
             uid: self.peers[&from].identity.uid,
             serial: header.serial,
             kind: fd_frame_kind(header),
         });
-        let end = match stamp {
-            std::borrow::Cow::Borrowed(_) if from != to => {
-                let [Some(sender), Some(receiver)] = self.peers.get_disjoint_mut([&from, &to])
-                else {
-                    unreachable!("both peers exist");
-                };
-                receiver
-                    .outbox
-                    .push_stamped_from(header, &sender.sender_stamp, body, fds, origin)
-            }
-            stamp => {
-                let stamp = stamp.into_owned();
-                let receiver = self.peers.get_mut(&to).expect("receiver exists");
-                receiver
-                    .outbox
-                    .push_stamped_from(header, &stamp, body, fds, origin)
-            }
+        // The sender's own stamp is borrowed from it, not copied: the common
+        // case costs no allocation.
+        let own_stamp = matches!(stamp, std::borrow::Cow::Borrowed(_)) && from != to;
+        let stamp = if own_stamp {
+            None
+        } else {
+            Some(stamp.into_owned())
         };
-        self.record_frame(to, actor, frame_len, fd_count, end);
+        self.enqueue(
+            to,
+            actor,
+            (frame_len, fd_count),
+            WhenFull::Refuse,
+            |peers| match &stamp {
+                None => {
+                    let [Some(sender), Some(receiver)] = peers.get_disjoint_mut([&from, &to])
+                    else {
+                        unreachable!("both peers exist");
+                    };
+                    receiver.outbox.push_stamped_from(
+                        header,
+                        &sender.sender_stamp,
+                        body,
+                        fds,
+                        origin,
+                    )
+                }
+                Some(stamp) => {
+                    let receiver = peers.get_mut(&to).expect("receiver exists");
+                    receiver
+                        .outbox
+                        .push_stamped_from(header, stamp, body, fds, origin)
+                }
+            },
+        )?;
         if !self.monitors.is_empty() {
             self.copy_to_monitors(from, to, header, body);
         }
@@ -349,6 +386,18 @@ impl<Io> Bus<Io> {
 }
 
 /// What kind of frame with fds `header` is, for [`FdOrigin`].
+/// What [`Bus::enqueue`] does with a frame the receiver's queue cannot
+/// take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WhenFull {
+    /// Refuse it: the sender gets the error.
+    Refuse,
+    /// Queue it anyway and doom the receiver (frames of the bus's own,
+    /// small and bounded by what the peer asked for: a peer that lets them
+    /// pile up is not reading).
+    Doom,
+}
+
 pub(super) fn fd_frame_kind(header: &HeaderView<'_>) -> FdFrameKind {
     match MessageKind::try_from(header.kind) {
         Ok(MessageKind::MethodCall) => FdFrameKind::Call {

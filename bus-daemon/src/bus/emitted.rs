@@ -8,7 +8,19 @@ impl<Io> Bus<Io> {
     /// Queues a frame from the bus itself. The bus never refuses its own
     /// frames for queue limits (they are small and bounded by what the peer
     /// asked for); a peer that lets them pile up is disconnected instead.
-    pub(super) fn queue_from_bus(&mut self, to: PeerId, mut header: Header, body: &[u8]) {
+    pub(super) fn queue_from_bus(&mut self, to: PeerId, header: Header, body: &[u8]) {
+        self.queue_from_bus_with_fds(to, header, body, Vec::new());
+    }
+
+    /// [`queue_from_bus`](Self::queue_from_bus) with fds attached (a
+    /// service's answer); they are charged to the receiver's own uid.
+    pub(super) fn queue_from_bus_with_fds(
+        &mut self,
+        to: PeerId,
+        mut header: Header,
+        body: &[u8],
+        fds: Vec<OwnedFd>,
+    ) {
         let Some(receiver) = self.peers.get(&to) else {
             return;
         };
@@ -18,20 +30,15 @@ impl<Io> Bus<Io> {
         }
         header.sender = Some(info);
         let frame_len = pbus_proto::frame::encoded_frame_len(&header, body.len()) as u64;
+        let fd_count = fds.len() as u64;
         // Frames from the bus are always queued (and charged, so the books
         // balance when they are written); a peer that lets them exceed its
         // caps is not reading what it asked for, and goes.
-        let over_limit = self.admit_frame(to, None, frame_len, 0).is_err();
-        let end =
-            self.peers
-                .get_mut(&to)
-                .expect("checked above")
-                .outbox
-                .push(&header, body, Vec::new());
-        self.record_frame(to, None, frame_len, 0, end);
-        if over_limit {
-            self.doom(to, "its queue is full of messages from the bus");
-        }
+        let queued = self.enqueue(to, None, (frame_len, fd_count), WhenFull::Doom, |peers| {
+            let receiver = peers.get_mut(&to).expect("checked above");
+            receiver.outbox.push(&header, body, fds)
+        });
+        debug_assert!(queued.is_ok(), "frames of the bus are never refused");
     }
 
     /// Sends an ERROR from the bus answering `serial` of `to` (0 when it

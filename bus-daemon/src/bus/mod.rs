@@ -72,7 +72,11 @@ use replies::{CallKey, PendingCalls};
 use scopes::{ScopeId, ScopeTable};
 
 pub use actions::Action;
-use delivery::{release_global, Broadcast};
+use delivery::{release_global, Broadcast, WhenFull};
+
+/// The peers of a bus, by id. Boxed: the map's spare capacity then costs a
+/// pointer per slot, not a whole peer.
+pub(super) type PeerMap<Io> = HashMap<PeerId, Box<Peer<Io>>, IdHash>;
 pub use peers::{Peer, PeerCounters};
 use services::{JobId, PendingJob};
 use wire::sender_info_of;
@@ -110,9 +114,7 @@ pub struct Violation(pub String);
 /// The whole bus state.
 #[derive(Debug)]
 pub struct Bus<Io> {
-    /// Boxed: the map's spare capacity then costs a pointer per slot, not
-    /// a whole peer.
-    peers: HashMap<PeerId, Box<Peer<Io>>, IdHash>,
+    peers: PeerMap<Io>,
     /// The name scopes of connected peers.
     scopes: ScopeTable,
     /// Well-known names, one table per scope.
@@ -148,6 +150,38 @@ pub struct Bus<Io> {
     /// Fds sent to receivers and not read by them yet, shared fairly among
     /// sender uids (see [`inflight`]).
     fds_in_flight: FairPool,
+    /// Asks the system about fds (memfd seals and sizes): the core makes
+    /// no syscalls of its own.
+    fd_probe: Box<dyn FdProbe>,
+}
+
+/// Facts about the daemon process, read by the driver at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DaemonFacts {
+    /// The daemon's effective uid (the owner of a session bus).
+    pub uid: u32,
+    /// The daemon's pid, stamped on frames of the bus itself.
+    pub pid: u32,
+    /// The inode of the daemon's pid namespace: peers there see its pid.
+    pub pid_namespace: u64,
+}
+
+/// How many fds peers may make the daemon hold, and have in flight to
+/// receivers (see [`inflight`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdBudgets {
+    /// Fds held: connections' sockets, queued fds, fds of half-sent frames.
+    pub held: u64,
+    /// Fds sent to receivers that they have not read yet.
+    pub in_flight: u64,
+}
+
+/// What the core needs to know about fds it is handed, asked of the system
+/// by the driver's implementation (the daemon's is [`crate::memfd`]).
+pub trait FdProbe: std::fmt::Debug {
+    /// Checks a memfd payload: sealed against every change, and
+    /// `[offset, offset + length)` inside it; the error says what is wrong.
+    fn check_memfd(&self, fd: &OwnedFd, offset: u64, length: u64) -> Result<(), String>;
 }
 
 /// Features the daemon supports.
@@ -163,16 +197,25 @@ impl<Io> Bus<Io> {
         limits: Limits,
         policy: Arc<Policy>,
         bus_id: String,
-        own_pid_namespace: u64,
-        fd_budget: u64,
-        in_flight_budget: u64,
+        daemon: DaemonFacts,
+        budgets: FdBudgets,
+        fd_probe: Box<dyn FdProbe>,
         now: Instant,
     ) -> Self {
+        let DaemonFacts {
+            uid,
+            pid,
+            pid_namespace: own_pid_namespace,
+        } = daemon;
+        let FdBudgets {
+            held: fd_budget,
+            in_flight: in_flight_budget,
+        } = budgets;
         let bus_sender = SenderInfo {
             unique_name: BUS_NAME.to_owned(),
-            uid: pbus_sys::process::effective_uid(),
+            uid,
             gid: 0,
-            pid: std::process::id(),
+            pid,
             groups: Vec::new(),
             label: None,
             container: None,
@@ -198,6 +241,7 @@ impl<Io> Bus<Io> {
             broadcast_stamp: 0,
             bus_sender,
             next_sweep: now + Duration::from_millis(limits.pending_fd_timeout_ms / 4),
+            fd_probe,
             own_pid_namespace,
             // The daemon's own uid (root on a system bus, the user on a
             // session bus) owns these pools: like a receiver on its own

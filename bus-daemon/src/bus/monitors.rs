@@ -52,18 +52,15 @@ impl<Io> Bus<Io> {
             info.pid = sender_identity.pid_seen_from(monitor.identity.namespaces.pid);
             copy.sender = Some(info.clone());
             let frame_len = pbus_proto::frame::encoded_frame_len(&copy, body.len()) as u64;
-            if self.admit_frame(id, None, frame_len, 0).is_err() {
+            let queued = self.enqueue(id, None, (frame_len, 0), WhenFull::Refuse, |peers| {
+                let monitor = peers.get_mut(&id).expect("checked above");
+                monitor.outbox.push(&copy, body, Vec::new())
+            });
+            if queued.is_err() {
                 if let Some(monitor) = self.peers.get_mut(&id) {
                     monitor.counters.dropped_signals += 1;
                 }
-                continue;
             }
-            let end = self.peers.get_mut(&id).expect("checked above").outbox.push(
-                &copy,
-                body,
-                Vec::new(),
-            );
-            self.record_frame(id, None, frame_len, 0, end);
         }
     }
 }

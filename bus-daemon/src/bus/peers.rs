@@ -95,6 +95,7 @@ impl<Io> Bus<Io> {
         io: Io,
         identity: PeerIdentity,
         hello: &Hello,
+        connected_at: SystemTime,
     ) -> Result<PeerId, BusError> {
         if hello.protocol_version != PROTOCOL_VERSION {
             return Err(BusError::HandshakeFailed(format!(
@@ -139,7 +140,7 @@ impl<Io> Bus<Io> {
                 broadcast_stamp: 0,
                 dirty: false,
                 doomed: false,
-                connected_at: SystemTime::now(),
+                connected_at,
                 counters: PeerCounters::default(),
             }),
         );

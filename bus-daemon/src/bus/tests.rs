@@ -16,10 +16,20 @@ use pbus_proto::v1::{
 use pbus_proto::{BUS_NAME, PROTOCOL_VERSION};
 use prost::Message;
 
-use super::{Bus, PeerId};
+use super::{Bus, DaemonFacts, FdBudgets, PeerId};
 use crate::config::Limits;
+use crate::memfd::SystemFdProbe;
 
 const HOST_NS: u64 = 4026531836;
+
+/// The daemon of these tests: root, in the host's pid namespace.
+fn daemon_facts() -> DaemonFacts {
+    DaemonFacts {
+        uid: 0,
+        pid: 1,
+        pid_namespace: HOST_NS,
+    }
+}
 
 struct Harness {
     bus: Bus<()>,
@@ -47,9 +57,12 @@ impl Harness {
                 limits,
                 Policy::builtin(),
                 "test-bus".into(),
-                HOST_NS,
-                1 << 20,
-                1 << 20,
+                daemon_facts(),
+                FdBudgets {
+                    held: 1 << 20,
+                    in_flight: 1 << 20,
+                },
+                Box::new(SystemFdProbe),
                 now,
             ),
             now,
@@ -94,7 +107,10 @@ impl Harness {
             features: 3,
             client_name: String::new(),
         };
-        let id = self.bus.add_peer((), identity, &hello).unwrap();
+        let id = self
+            .bus
+            .add_peer((), identity, &hello, std::time::SystemTime::UNIX_EPOCH)
+            .unwrap();
         let welcome = self.drain(id);
         assert_eq!(welcome[0].header.kind, MessageKind::Welcome as i32);
         let welcome = Welcome::decode(welcome[0].body.as_slice()).unwrap();
@@ -222,7 +238,12 @@ fn wrong_protocol_version_is_refused() {
     };
     let error = h
         .bus
-        .add_peer((), Harness::identity(0, 1), &hello)
+        .add_peer(
+            (),
+            Harness::identity(0, 1),
+            &hello,
+            std::time::SystemTime::UNIX_EPOCH,
+        )
         .unwrap_err();
     assert_eq!(error.code(), ErrorCode::HandshakeFailed);
     assert_eq!(h.bus.peer_count(), 0);
@@ -800,9 +821,12 @@ fn fds_over_a_senders_in_flight_share_are_refused_to_the_sender_not_the_receiver
             Limits::default(),
             Policy::builtin(),
             "test-bus".into(),
-            HOST_NS,
-            1 << 20,
-            16,
+            daemon_facts(),
+            FdBudgets {
+                held: 1 << 20,
+                in_flight: 16,
+            },
+            Box::new(SystemFdProbe),
             now,
         ),
         now,

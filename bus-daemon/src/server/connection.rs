@@ -465,7 +465,12 @@ fn on_frame(
     let (uid, pid, container) = (identity.uid, identity.pid, identity.container.clone());
     let listener = identity.listener.clone();
     let id = bus
-        .add_peer(Rc::clone(io), identity, &hello)
+        .add_peer(
+            Rc::clone(io),
+            identity,
+            &hello,
+            std::time::SystemTime::now(),
+        )
         .map_err(Close::Refused)?;
     state.peer = Some(id);
     state.handshake_permit = None;

@@ -33,8 +33,9 @@ use tokio::io::Interest;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 use crate::bus::services::{Job, JobDone, JobId, JobOutput};
-use crate::bus::{Action, Bus};
+use crate::bus::{Action, Bus, DaemonFacts, FdBudgets};
 use crate::config::Config;
+use crate::memfd::SystemFdProbe;
 use listener::BoundSocket;
 
 /// What the server layer keeps per connection (stored inside the core's
@@ -164,9 +165,16 @@ impl Server {
             self.config.limits.clone(),
             self.policy,
             bus_id.clone(),
-            host.pid_namespace(),
-            fd_budget,
-            in_flight_budget,
+            DaemonFacts {
+                uid: pbus_sys::process::effective_uid(),
+                pid: std::process::id(),
+                pid_namespace: host.pid_namespace(),
+            },
+            FdBudgets {
+                held: fd_budget,
+                in_flight: in_flight_budget,
+            },
+            Box::new(SystemFdProbe),
             Instant::now(),
         );
         let mut listener_pids = vec![std::process::id() as i32];
@@ -487,9 +495,16 @@ mod memory_tests {
                 Config::default().limits,
                 Policy::builtin(),
                 "test".into(),
-                0,
-                1024,
-                1024,
+                DaemonFacts {
+                    uid: 0,
+                    pid: 1,
+                    pid_namespace: 0,
+                },
+                FdBudgets {
+                    held: 1024,
+                    in_flight: 1024,
+                },
+                Box::new(SystemFdProbe),
                 Instant::now(),
             )),
             scratch: RefCell::new(Vec::new()),
