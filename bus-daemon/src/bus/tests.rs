@@ -3,12 +3,12 @@
 //! queued is read back by flushing the outboxes into a frame reader.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use pbus_identity::{Container, ContainerRuntime, Namespaces, PeerIdentity};
 use pbus_policy::Policy;
-use pbus_proto::frame::{FrameLimits, FrameReader};
+use pbus_proto::frame::{Flushed, FrameLimits, FrameReader};
 use pbus_proto::v1::{
     AddMatchRequest, ContainerInfo, ErrorCode, Header, HeaderFlag, Hello, MatchRule, MessageKind,
     RequestNameReply, RequestNameRequest, RequestNameResult, SenderInfo, Welcome,
@@ -119,37 +119,44 @@ impl Harness {
     }
 
     /// Everything queued for `peer`, decoded.
+    /// Everything queued for `peer`, decoded, with each frame's fds as the
+    /// receiver would tie them: every sendmsg is fed to a frame reader as
+    /// one read with the fds it carried, so a frame gets exactly the fds
+    /// the wire rule gives it (and a misplaced set fails the test).
     fn drain(&mut self, peer: PeerId) -> Vec<Out> {
-        let mut bytes = Vec::new();
-        let mut fd_count = 0;
-        self.bus
-            .flush_peer(
-                peer,
-                |_, data, fds| {
-                    bytes.extend_from_slice(data);
-                    fd_count += fds.len();
-                    Ok(data.len())
-                },
-                // Drained at once: everything sent has been read.
-                |_| Ok(0),
-            )
-            .unwrap();
-        let mut reader = FrameReader::<()>::new(FrameLimits::default());
+        let mut sends: Vec<(Vec<u8>, Vec<i32>)> = Vec::new();
+        loop {
+            let flushed = self
+                .bus
+                .flush_peer(
+                    peer,
+                    |_, data, fds| {
+                        sends.push((data.to_vec(), fds.iter().map(AsRawFd::as_raw_fd).collect()));
+                        Ok(data.len())
+                    },
+                    // Drained at once: everything sent has been read.
+                    |_| Ok(0),
+                )
+                .unwrap();
+            // A frame with fds waits for the earlier ones to be read; they
+            // are, so flush again.
+            if flushed != Flushed::FdsWaiting {
+                break;
+            }
+        }
+        let mut reader = FrameReader::<i32>::new(FrameLimits::default());
         let mut out = Vec::new();
-        // Fds are counted, all on the last frame, not tied to their frames
-        // (the frame reader tests cover that).
-        reader
-            .feed(&bytes, Vec::new(), |frame| {
-                out.push(Out {
-                    header: Header::decode(frame.header).unwrap(),
-                    body: frame.body.to_vec(),
-                    fds: 0,
-                });
-                Ok::<(), ()>(())
-            })
-            .unwrap_or_else(|_| panic!("bus queued a bad frame"));
-        if let Some(last) = out.last_mut() {
-            last.fds = fd_count;
+        for (data, fds) in sends {
+            reader
+                .feed(&data, fds, |frame| {
+                    out.push(Out {
+                        header: Header::decode(frame.header).unwrap(),
+                        body: frame.body.to_vec(),
+                        fds: frame.fds.len(),
+                    });
+                    Ok::<(), ()>(())
+                })
+                .unwrap_or_else(|error| panic!("bus queued a bad frame or fd set: {error:?}"));
         }
         out
     }
@@ -1313,5 +1320,27 @@ fn a_policy_reload_is_a_job_answered_when_it_is_done() {
         h.bus
             .handle_job_done(jobs[0].0, JobOutput::Policy(Ok(Policy::builtin()))),
         JobDone::Unknown
+    );
+}
+
+#[test]
+fn each_frame_arrives_with_its_own_fds() {
+    let mut h = Harness::new();
+    let sender = h.connect(1000, 1);
+    let receiver = h.connect(1000, 2);
+    h.drain(receiver);
+    let name = receiver.unique_name().into_string();
+    h.call(sender, &name, "Plain", b"a");
+    signal_with_fds(&mut h, sender, receiver, 2);
+    h.call(sender, &name, "Plain", b"c");
+    signal_with_fds(&mut h, sender, receiver, 1);
+    let frames = h.drain(receiver);
+    let members_and_fds: Vec<(&str, usize)> = frames
+        .iter()
+        .map(|frame| (frame.header.member.as_str(), frame.fds))
+        .collect();
+    assert_eq!(
+        members_and_fds,
+        [("Plain", 0), ("Fds", 2), ("Plain", 0), ("Fds", 1)]
     );
 }
