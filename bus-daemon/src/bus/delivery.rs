@@ -113,25 +113,29 @@ impl<Io> Bus<Io> {
         }
     }
 
-    /// The `sender` field (see [`pbus_proto::header::encode_sender_field`])
-    /// stamped on what `from` sends to a receiver in pid namespace `ns`:
-    /// the one kept with the peer when the pid reads the same there (the
-    /// daemon's namespace, the usual case), a fresh one otherwise.
-    pub(super) fn sender_stamp(&self, from: PeerId, ns: u64) -> std::borrow::Cow<'_, [u8]> {
+    /// The stamp on what `from` sends to a receiver of `face` in pid
+    /// namespace `ns`: the one kept with the peer when it fits (a native
+    /// receiver where the pid reads as in the daemon's namespace, the usual
+    /// case), one made by the receiver's face otherwise.
+    pub(super) fn sender_stamp(
+        &self,
+        from: PeerId,
+        face: Face,
+        ns: u64,
+    ) -> std::borrow::Cow<'_, [u8]> {
         let peer = &self.peers[&from];
         let pid = peer.identity.pid_seen_from(ns);
-        if pid == peer.identity.pid_seen_from(self.own_pid_namespace) {
+        if face == Face::Native && pid == peer.identity.pid_seen_from(self.own_pid_namespace) {
             return std::borrow::Cow::Borrowed(&peer.sender_stamp);
         }
         let mut info = sender_info_of(&peer.unique_name, &peer.identity);
         info.pid = pid;
-        let mut stamp = Vec::new();
-        pbus_proto::header::encode_sender_field(&info, &mut stamp);
-        std::borrow::Cow::Owned(stamp)
+        std::borrow::Cow::Owned(face.sender_stamp(&info))
     }
 
-    /// Queues one encoded copy per receiver pid namespace to each receiver
-    /// not yet stamped with `stamp`.
+    /// Queues a copy to each receiver not yet stamped with `stamp`, encoded
+    /// once per receiver face and pid namespace (the sender's pid reads
+    /// differently across pid namespaces).
     pub(super) fn deliver_to_each(
         &mut self,
         from: Option<PeerId>,
@@ -142,7 +146,7 @@ impl<Io> Bus<Io> {
         fds: &[OwnedFd],
     ) {
         let actor = from.map(|from| self.peers[&from].identity.uid);
-        let mut encoded: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut encoded: Vec<((Face, u64), Vec<u8>)> = Vec::new();
         for id in receivers {
             let Some(receiver) = self.peers.get_mut(&id) else {
                 continue;
@@ -158,33 +162,24 @@ impl<Io> Bus<Io> {
                 continue;
             }
             let pid_ns = receiver.identity.namespaces.pid;
-            let index = match encoded.iter().position(|(ns, _)| *ns == pid_ns) {
+            let face = receiver.face;
+            let key = (face, pid_ns);
+            let index = match encoded.iter().position(|(seen, _)| *seen == key) {
                 Some(index) => index,
                 None => {
-                    let mut bytes = Vec::new();
                     let fd_count = fds.len() as u16;
-                    match &mut message {
+                    let bytes = match &mut message {
                         Broadcast::Forwarded(view) => {
                             let sender = from.expect("forwarded frames have a sender");
-                            let sender_stamp = self.sender_stamp(sender, pid_ns);
-                            pbus_proto::frame::encode_stamped_frame(
-                                &mut bytes,
-                                view,
-                                &sender_stamp,
-                                body,
-                                fd_count,
-                            );
+                            let sender_stamp = self.sender_stamp(sender, face, pid_ns);
+                            face.encode_forwarded(view, &sender_stamp, body, fd_count)
                         }
                         Broadcast::FromBus(header) => {
-                            let mut info = self.bus_sender.clone();
-                            if pid_ns != self.own_pid_namespace {
-                                info.pid = 0;
-                            }
-                            header.sender = Some(info);
-                            pbus_proto::frame::encode_frame(&mut bytes, header, body, fd_count);
+                            header.sender = Some(self.bus_sender_seen_from(pid_ns));
+                            face.encode_built(header, body, fd_count)
                         }
-                    }
-                    encoded.push((pid_ns, bytes));
+                    };
+                    encoded.push((key, bytes));
                     encoded.len() - 1
                 }
             };
@@ -304,6 +299,16 @@ impl<Io> Bus<Io> {
         ]
     }
 
+    /// The bus's own stamp as a receiver in pid namespace `ns` sees it:
+    /// outside the daemon's pid namespace its pid means nothing, so it is 0.
+    pub(super) fn bus_sender_seen_from(&self, ns: u64) -> SenderInfo {
+        let mut info = self.bus_sender.clone();
+        if ns != self.own_pid_namespace {
+            info.pid = 0;
+        }
+        info
+    }
+
     /// Charges a frame just queued for `to` (after [`admit_frame`](Self::admit_frame)).
     fn record_frame(&mut self, to: PeerId, actor: Option<u32>, bytes: u64, fds: u64, end: u64) {
         if let Some(uid) = actor {
@@ -320,8 +325,8 @@ impl<Io> Bus<Io> {
     }
 
     /// Stamps `header` with `from`'s identity (as `to` should see it) and
-    /// queues the frame for `to`: the sender's header bytes are copied as
-    /// they are, with only the `sender` field replaced.
+    /// queues the frame for `to` in `to`'s face: the sender's header bytes
+    /// are copied as they are, with only the `sender` field replaced.
     pub(super) fn stamp_and_queue(
         &mut self,
         from: PeerId,
@@ -330,12 +335,11 @@ impl<Io> Bus<Io> {
         body: &[u8],
         fds: Vec<OwnedFd>,
     ) -> Result<(), BusError> {
-        let receiver_ns = self.peers[&to].identity.namespaces.pid;
+        let receiver = &self.peers[&to];
+        let (face, receiver_ns) = (receiver.face, receiver.identity.namespaces.pid);
         let actor = Some(self.peers[&from].identity.uid);
-        let stamp = self.sender_stamp(from, receiver_ns);
-        let frame_len = (pbus_proto::frame::PREFIX_LEN
-            + pbus_proto::header::stamped_len(header, &stamp)
-            + body.len()) as u64;
+        let stamp = self.sender_stamp(from, face, receiver_ns);
+        let frame_len = face.forwarded_len(header, &stamp, body.len()) as u64;
         let fd_count = fds.len() as u64;
         let origin = (!fds.is_empty()).then(|| FdOrigin {
             sender: from,
@@ -362,19 +366,17 @@ impl<Io> Bus<Io> {
                     else {
                         unreachable!("both peers exist");
                     };
-                    receiver.outbox.push_stamped_from(
+                    face.push_forwarded(
+                        &mut receiver.outbox,
                         header,
                         &sender.sender_stamp,
-                        body,
-                        fds,
+                        (body, fds),
                         origin,
                     )
                 }
                 Some(stamp) => {
                     let receiver = peers.get_mut(&to).expect("receiver exists");
-                    receiver
-                        .outbox
-                        .push_stamped_from(header, stamp, body, fds, origin)
+                    face.push_forwarded(&mut receiver.outbox, header, stamp, (body, fds), origin)
                 }
             },
         )?;

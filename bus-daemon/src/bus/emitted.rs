@@ -24,19 +24,16 @@ impl<Io> Bus<Io> {
         let Some(receiver) = self.peers.get(&to) else {
             return;
         };
-        let mut info = self.bus_sender.clone();
-        if receiver.identity.namespaces.pid != self.own_pid_namespace {
-            info.pid = 0;
-        }
-        header.sender = Some(info);
-        let frame_len = pbus_proto::frame::encoded_frame_len(&header, body.len()) as u64;
+        let face = receiver.face;
+        header.sender = Some(self.bus_sender_seen_from(receiver.identity.namespaces.pid));
+        let frame_len = face.built_len(&header, body.len()) as u64;
         let fd_count = fds.len() as u64;
         // Frames from the bus are always queued (and charged, so the books
         // balance when they are written); a peer that lets them exceed its
         // caps is not reading what it asked for, and goes.
         let queued = self.enqueue(to, None, (frame_len, fd_count), WhenFull::Doom, |peers| {
             let receiver = peers.get_mut(&to).expect("checked above");
-            receiver.outbox.push(&header, body, fds)
+            face.push_built(&mut receiver.outbox, &header, body, fds)
         });
         debug_assert!(queued.is_ok(), "frames of the bus are never refused");
     }

@@ -1,9 +1,13 @@
 //! The routing core: peers, names, match rules, pending calls and queues, as
-//! plain data. It never touches a socket or reads the clock: frames come in
-//! through [`Bus::dispatch`], everything it wants to send is appended to the
-//! receiving peer's [`OutQueue`], and the driver (the server layer) polls
-//! what to do next out of [`Bus::poll_action`] and [`Bus::poll_timeout`]
-//! ([`actions`]), so tests run without timers or sockets.
+//! plain data. It never touches a socket or reads the clock: messages come
+//! in through [`Bus::handle_frame`] (native frames through [`Bus::dispatch`],
+//! which reads the header with the native face), everything it wants to
+//! send is encoded by the receiver's face ([`crate::faces`]) into that
+//! peer's [`OutQueue`], and the driver (the server layer) polls what to do
+//! next out of [`Bus::poll_action`] and [`Bus::poll_timeout`] and reports
+//! time with [`Bus::handle_timeout`] ([`actions`]), so tests run without
+//! timers or sockets. The core decides receivers, stamps and refusals; it
+//! never encodes a frame itself.
 //!
 //! Where each concern lives: [`peers`] (admission, adding and removing
 //! peers), [`routing`] (the message path), [`checks`] (policy and fd
@@ -63,6 +67,7 @@ use prost::Message;
 use smallvec::SmallVec;
 
 use crate::config::Limits;
+use crate::faces::Face;
 pub use error::BusError;
 use inflight::{FdFrameKind, FdOrigin, InFlight, InFlightGate, Undelivered};
 use matches::{MatchId, MatchRegistry, SignalView};

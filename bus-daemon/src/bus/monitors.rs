@@ -49,12 +49,13 @@ impl<Io> Bus<Io> {
             if monitor.doomed {
                 continue;
             }
+            let face = monitor.face;
             info.pid = sender_identity.pid_seen_from(monitor.identity.namespaces.pid);
             copy.sender = Some(info.clone());
-            let frame_len = pbus_proto::frame::encoded_frame_len(&copy, body.len()) as u64;
+            let frame_len = face.built_len(&copy, body.len()) as u64;
             let queued = self.enqueue(id, None, (frame_len, 0), WhenFull::Refuse, |peers| {
                 let monitor = peers.get_mut(&id).expect("checked above");
-                monitor.outbox.push(&copy, body, Vec::new())
+                face.push_built(&mut monitor.outbox, &copy, body, Vec::new())
             });
             if queued.is_err() {
                 if let Some(monitor) = self.peers.get_mut(&id) {

@@ -110,10 +110,11 @@ impl<Io> Bus<Io> {
         let features = hello.features & DAEMON_FEATURES;
         let policy = self.policy.snapshot(&identity);
         let scope = self.scopes.join(&identity);
-        let mut sender_stamp = Vec::new();
+        // Peers come in through the native face today (the HELLO above).
+        let face = Face::Native;
         let mut stamped = sender_info_of(&unique_name, &identity);
         stamped.pid = identity.pid_seen_from(self.own_pid_namespace);
-        pbus_proto::header::encode_sender_field(&stamped, &mut sender_stamp);
+        let sender_stamp = face.sender_stamp(&stamped);
         *self.connections_per_uid.entry(identity.uid).or_default() += 1;
         let identity = Arc::new(identity);
         self.peers.insert(
@@ -126,6 +127,7 @@ impl<Io> Bus<Io> {
                 policy,
                 scope,
                 features,
+                face,
                 sender_stamp,
                 outbox: OutQueue::default(),
                 fds_in_flight: None,
@@ -244,9 +246,12 @@ pub struct Peer<Io> {
     /// from its identity at connect time.
     pub(super) scope: ScopeId,
     pub(super) features: u32,
-    /// The encoded `sender` field stamped on everything this peer sends,
-    /// with `pid` as seen from the daemon's pid namespace (receivers where
-    /// the pid reads differently get one made for them).
+    /// The wire protocol it speaks: how frames for it are encoded.
+    pub(super) face: Face,
+    /// The stamp on everything this peer sends, as the native face writes
+    /// it, with `pid` as seen from the daemon's pid namespace (receivers
+    /// where the pid reads differently, or of another face, get one made
+    /// for them).
     pub(super) sender_stamp: Vec<u8>,
     pub(super) outbox: OutQueue<OwnedFd, FdOrigin>,
     /// The fds of the last frame with fds written to this peer's socket,

@@ -6,8 +6,10 @@
 use super::*;
 
 impl<Io> Bus<Io> {
-    /// Routes one frame from `from`. A returned [`Violation`] means the peer
-    /// must be disconnected; everything else is answered on the wire.
+    /// Routes one native frame from `from` (its encoded header, body and
+    /// fds): the native face reads the header, [`handle_frame`](Self::handle_frame)
+    /// does the rest. A returned [`Violation`] means the peer must be
+    /// disconnected; everything else is answered on the wire.
     pub fn dispatch(
         &mut self,
         from: PeerId,
@@ -21,8 +23,24 @@ impl<Io> Bus<Io> {
         }
         // Read in place: no field is copied out, and what is forwarded is
         // the sender's own encoding with only the `sender` field replaced.
-        let header =
-            HeaderView::parse(header).map_err(|e| Violation(format!("undecodable header: {e}")))?;
+        let header = crate::faces::native::read_header(header).map_err(Violation)?;
+        self.handle_frame(from, &header, body, fds, now)
+    }
+
+    /// Routes one message from `from`, whatever face it came in on: its
+    /// kind decides the route, and refusals are answered to the sender. A
+    /// returned [`Violation`] means the peer must be disconnected.
+    pub fn handle_frame(
+        &mut self,
+        from: PeerId,
+        header: &HeaderView<'_>,
+        body: &[u8],
+        fds: Vec<OwnedFd>,
+        now: Instant,
+    ) -> Result<(), Violation> {
+        if !self.peers.contains_key(&from) {
+            return Ok(());
+        }
         let kind = MessageKind::try_from(header.kind).unwrap_or(MessageKind::Unspecified);
         let serial = header.serial;
         let wants_reply = kind == MessageKind::MethodCall
@@ -53,11 +71,11 @@ impl<Io> Bus<Io> {
                     }
                 )))
             }
-            MessageKind::MethodCall => self.route_call(from, &header, body, fds, now),
+            MessageKind::MethodCall => self.route_call(from, header, body, fds, now),
             MessageKind::MethodReturn | MessageKind::Error => {
-                self.route_reply(from, &header, body, fds)
+                self.route_reply(from, header, body, fds)
             }
-            MessageKind::Signal => self.route_signal(from, &header, body, fds),
+            MessageKind::Signal => self.route_signal(from, header, body, fds),
             MessageKind::Hello | MessageKind::Welcome => {
                 return Err(Violation("handshake frame after the handshake".into()))
             }

@@ -19,17 +19,14 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use pbus_identity::PeerIdentity;
-use pbus_proto::frame::{
-    encode_frame, FeedError, Flushed, FrameError, FrameLimits, FrameReader, RawFrame,
-};
-use pbus_proto::v1::{Header, Hello, MessageKind};
-use prost::Message;
+use pbus_proto::frame::{FeedError, Flushed, FrameError, FrameLimits, FrameReader, RawFrame};
 use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::io::Interest;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{drive, send_frames, unread_by_peer, PeerIo, Shared, SharedBus, READ_BUDGET};
 use crate::bus::{BusError, PeerId};
+use crate::faces::native;
 
 /// The first frame (HELLO) may be at most this large.
 const MAX_HELLO_FRAME: u32 = 64 << 10;
@@ -460,7 +457,7 @@ fn on_frame(
             .dispatch(id, frame.header, frame.body, frame.fds, now)
             .map_err(|violation| Close::Refused(BusError::ProtocolViolation(violation.0)));
     }
-    let hello = parse_hello(&frame).map_err(Close::Refused)?;
+    let hello = native::parse_hello(&frame).map_err(Close::Refused)?;
     let identity = *state.identity.take().expect("identity is kept until HELLO");
     let (uid, pid, container) = (identity.uid, identity.pid, identity.container.clone());
     let listener = identity.listener.clone();
@@ -487,32 +484,10 @@ fn on_frame(
     Ok(())
 }
 
-fn parse_hello(frame: &RawFrame<'_, OwnedFd>) -> Result<Hello, BusError> {
-    let header = Header::decode(frame.header)
-        .map_err(|e| BusError::HandshakeFailed(format!("undecodable first frame: {e}")))?;
-    if header.kind != MessageKind::Hello as i32 {
-        return Err(BusError::HandshakeFailed(
-            "the first frame must be HELLO".into(),
-        ));
-    }
-    if !frame.fds.is_empty() {
-        return Err(BusError::HandshakeFailed("HELLO carries no fds".into()));
-    }
-    Hello::decode(frame.body)
-        .map_err(|e| BusError::HandshakeFailed(format!("undecodable HELLO: {e}")))
-}
-
 /// Best-effort ERROR to a peer that has no queue yet (refused before or
 /// during the handshake). Never blocks.
 fn write_error_directly(stream: &UnixStream, error: &BusError) {
-    let header = Header {
-        kind: MessageKind::Error as i32,
-        destination: String::new(),
-        error: Some(error.to_wire()),
-        ..Header::default()
-    };
-    let mut bytes = Vec::new();
-    encode_frame(&mut bytes, &header, &[], 0);
+    let bytes = native::refusal_frame(error);
     let _ = pbus_sys::fdpass::send_with_fds(stream, &[IoSlice::new(&bytes)], &[]);
 }
 
