@@ -105,8 +105,8 @@ impl<Io> Bus<Io> {
     pub(super) fn owned_names<'a>(&self, peer: &'a Peer<Io>) -> SmallVec<[&'a str; 4]> {
         peer.names
             .iter()
+            .map(WellKnownName::as_str)
             .filter(|name| self.names.owner(peer.scope, name) == Some(peer.id))
-            .map(String::as_str)
             .collect()
     }
 

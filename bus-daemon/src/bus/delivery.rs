@@ -128,7 +128,7 @@ impl<Io> Bus<Io> {
         if face == Face::Native && pid == peer.identity.pid_seen_from(self.own_pid_namespace) {
             return std::borrow::Cow::Borrowed(&peer.sender_stamp);
         }
-        let mut info = sender_info_of(&peer.unique_name, &peer.identity);
+        let mut info = sender_info_of(peer.unique_name.as_str(), &peer.identity);
         info.pid = pid;
         std::borrow::Cow::Owned(face.sender_stamp(&info))
     }

@@ -51,7 +51,7 @@ impl<Io> Bus<Io> {
         let header = Header {
             kind: MessageKind::Error as i32,
             reply_serial: serial,
-            destination: peer.unique_name.clone(),
+            destination: peer.unique_name.to_string(),
             error: Some(info),
             ..Header::default()
         };
@@ -71,7 +71,7 @@ impl<Io> Bus<Io> {
         let header = Header {
             kind: MessageKind::MethodReturn as i32,
             reply_serial: serial,
-            destination: peer.unique_name.clone(),
+            destination: peer.unique_name.to_string(),
             payload_type: M::full_name(),
             ..Header::default()
         };
@@ -91,7 +91,7 @@ impl<Io> Bus<Io> {
         };
         let header = Header {
             kind: MessageKind::Signal as i32,
-            destination: peer.unique_name.clone(),
+            destination: peer.unique_name.to_string(),
             path: BUS_PATH.to_owned(),
             member: member.to_owned(),
             payload_type: M::full_name(),
@@ -112,16 +112,21 @@ impl<Io> Bus<Io> {
         if let Some(old) = change.old {
             if self.peers.contains_key(&old) {
                 let lost = pbus_proto::v1::NameLost {
-                    name: change.name.clone(),
+                    name: change.name.to_string(),
                 };
-                self.queue_bus_signal(old, "NameLost", vec![change.name.clone()], &lost);
+                self.queue_bus_signal(old, "NameLost", vec![change.name.to_string()], &lost);
             }
         }
         if let Some(new) = change.new {
             let acquired = pbus_proto::v1::NameAcquired {
-                name: change.name.clone(),
+                name: change.name.to_string(),
             };
-            self.queue_bus_signal(new, "NameAcquired", vec![change.name.clone()], &acquired);
+            self.queue_bus_signal(
+                new,
+                "NameAcquired",
+                vec![change.name.to_string()],
+                &acquired,
+            );
         }
         let identity_of = |bus: &Self, id: Option<PeerId>| -> Option<(PeerId, Arc<PeerIdentity>)> {
             let id = id?;
@@ -133,7 +138,7 @@ impl<Io> Bus<Io> {
         let old = identity_of(self, change.old);
         let new = identity_of(self, change.new);
         self.announce_owner_change(
-            &change.name,
+            change.name.as_str(),
             old.as_ref().map(|(id, identity)| (*id, identity)),
             new.as_ref().map(|(id, identity)| (*id, identity)),
         );

@@ -57,7 +57,7 @@ use pbus_identity::PeerIdentity;
 use pbus_policy::{PeerPolicy, Policy, Right};
 use pbus_proto::frame::{Flushed, OutQueue};
 use pbus_proto::header::HeaderView;
-use pbus_proto::names::{MemberName, ObjectPath, UniqueName};
+use pbus_proto::names::{MemberName, ObjectPath, UniqueName, WellKnownName};
 use pbus_proto::v1::{
     ContainerInfo, ErrorInfo, Feature, Header, HeaderFlag, Hello, Limits as WireLimits,
     MessageKind, NameOwnerChanged, SenderInfo, Welcome,

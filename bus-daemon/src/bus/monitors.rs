@@ -21,7 +21,7 @@ impl<Io> Bus<Io> {
             &self.monitors,
             from,
             SignalView {
-                sender: &self.peers[&from].unique_name,
+                sender: self.peers[&from].unique_name.as_str(),
                 path: header.path,
                 member: header.member,
                 args: &header.args,
@@ -40,7 +40,7 @@ impl<Io> Bus<Io> {
         copy.memfds.clear();
         copy.body_in_memfd = false;
         let sender = &self.peers[&from];
-        let mut info = sender_info_of(&sender.unique_name, &sender.identity);
+        let mut info = sender_info_of(sender.unique_name.as_str(), &sender.identity);
         let sender_identity = Arc::clone(&sender.identity);
         for id in watchers {
             let Some(monitor) = self.peers.get(&id) else {

@@ -22,6 +22,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use pbus_proto::names::WellKnownName;
+
 use super::scopes::ScopeId;
 use super::PeerId;
 
@@ -65,7 +67,7 @@ pub enum ReleaseOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnerChange {
     /// The name.
-    pub name: String,
+    pub name: WellKnownName,
     /// Previous primary owner.
     pub old: Option<PeerId>,
     /// New primary owner.
@@ -82,24 +84,24 @@ struct Claim {
 #[derive(Debug, Default)]
 pub struct NameRegistry {
     /// Front of each deque is the primary owner; the rest is the queue.
-    names: HashMap<String, VecDeque<Claim>>,
+    names: HashMap<WellKnownName, VecDeque<Claim>>,
 }
 
 impl NameRegistry {
-    /// Handles RequestName. The caller must have validated `name`.
+    /// Handles RequestName.
     pub fn request(
         &mut self,
-        name: &str,
+        name: &WellKnownName,
         peer: PeerId,
         flags: u32,
     ) -> (RequestOutcome, Option<OwnerChange>) {
-        let Some(claims) = self.names.get_mut(name) else {
+        let Some(claims) = self.names.get_mut(name.as_str()) else {
             self.names
-                .insert(name.to_owned(), VecDeque::from([Claim { peer, flags }]));
+                .insert(name.clone(), VecDeque::from([Claim { peer, flags }]));
             return (
                 RequestOutcome::PrimaryOwner,
                 Some(OwnerChange {
-                    name: name.to_owned(),
+                    name: name.clone(),
                     old: None,
                     new: Some(peer),
                 }),
@@ -123,7 +125,7 @@ impl NameRegistry {
             return (
                 RequestOutcome::PrimaryOwner,
                 Some(OwnerChange {
-                    name: name.to_owned(),
+                    name: name.clone(),
                     old: Some(primary.peer),
                     new: Some(peer),
                 }),
@@ -143,8 +145,12 @@ impl NameRegistry {
     }
 
     /// Handles ReleaseName.
-    pub fn release(&mut self, name: &str, peer: PeerId) -> (ReleaseOutcome, Option<OwnerChange>) {
-        let Some(claims) = self.names.get_mut(name) else {
+    pub fn release(
+        &mut self,
+        name: &WellKnownName,
+        peer: PeerId,
+    ) -> (ReleaseOutcome, Option<OwnerChange>) {
+        let Some(claims) = self.names.get_mut(name.as_str()) else {
             return (ReleaseOutcome::NonExistent, None);
         };
         let Some(index) = claims.iter().position(|claim| claim.peer == peer) else {
@@ -156,12 +162,12 @@ impl NameRegistry {
         }
         let new = claims.front().map(|claim| claim.peer);
         if new.is_none() {
-            self.names.remove(name);
+            self.names.remove(name.as_str());
         }
         (
             ReleaseOutcome::Released,
             Some(OwnerChange {
-                name: name.to_owned(),
+                name: name.clone(),
                 old: Some(peer),
                 new,
             }),
@@ -226,7 +232,7 @@ impl ScopedNames {
     pub fn request(
         &mut self,
         scope: ScopeId,
-        name: &str,
+        name: &WellKnownName,
         peer: PeerId,
         flags: u32,
     ) -> (RequestOutcome, Option<OwnerChange>) {
@@ -240,7 +246,7 @@ impl ScopedNames {
     pub fn release(
         &mut self,
         scope: ScopeId,
-        name: &str,
+        name: &WellKnownName,
         peer: PeerId,
     ) -> (ReleaseOutcome, Option<OwnerChange>) {
         let Some(table) = self.scopes.get_mut(&scope) else {
@@ -327,9 +333,13 @@ mod tests {
     const C: PeerId = PeerId(3);
     const N: &str = "org.example.Name";
 
+    fn n() -> WellKnownName {
+        WellKnownName::try_from(N).expect("a valid name")
+    }
+
     fn change(old: Option<PeerId>, new: Option<PeerId>) -> Option<OwnerChange> {
         Some(OwnerChange {
-            name: N.into(),
+            name: n(),
             old,
             new,
         })
@@ -339,12 +349,15 @@ mod tests {
     fn first_request_owns_and_second_queues() {
         let mut names = NameRegistry::default();
         assert_eq!(
-            names.request(N, A, 0),
+            names.request(&n(), A, 0),
             (RequestOutcome::PrimaryOwner, change(None, Some(A)))
         );
-        assert_eq!(names.request(N, A, 0), (RequestOutcome::AlreadyOwner, None));
-        assert_eq!(names.request(N, B, 0), (RequestOutcome::InQueue, None));
-        assert_eq!(names.request(N, B, 0), (RequestOutcome::InQueue, None));
+        assert_eq!(
+            names.request(&n(), A, 0),
+            (RequestOutcome::AlreadyOwner, None)
+        );
+        assert_eq!(names.request(&n(), B, 0), (RequestOutcome::InQueue, None));
+        assert_eq!(names.request(&n(), B, 0), (RequestOutcome::InQueue, None));
         assert_eq!(names.claimants(N), vec![A, B]);
     }
 
@@ -354,8 +367,8 @@ mod tests {
         for owner_flags in 0..=ALL {
             for request_flags in 0..=ALL {
                 let mut names = NameRegistry::default();
-                names.request(N, A, owner_flags);
-                let (outcome, changed) = names.request(N, B, request_flags);
+                names.request(&n(), A, owner_flags);
+                let (outcome, changed) = names.request(&n(), B, request_flags);
                 let replaces =
                     request_flags & REPLACE_EXISTING != 0 && owner_flags & ALLOW_REPLACEMENT != 0;
                 let context = format!("owner {owner_flags:#b} request {request_flags:#b}");
@@ -383,10 +396,10 @@ mod tests {
     #[test]
     fn do_not_queue_leaves_the_queue() {
         let mut names = NameRegistry::default();
-        names.request(N, A, 0);
-        names.request(N, B, 0);
+        names.request(&n(), A, 0);
+        names.request(&n(), B, 0);
         assert_eq!(
-            names.request(N, B, DO_NOT_QUEUE),
+            names.request(&n(), B, DO_NOT_QUEUE),
             (RequestOutcome::Exists, None)
         );
         assert_eq!(names.claimants(N), vec![A]);
@@ -395,30 +408,30 @@ mod tests {
     #[test]
     fn replacing_takes_a_queued_requester_out_of_the_queue() {
         let mut names = NameRegistry::default();
-        names.request(N, A, ALLOW_REPLACEMENT);
-        names.request(N, C, 0);
-        names.request(N, B, 0);
-        names.request(N, B, REPLACE_EXISTING);
+        names.request(&n(), A, ALLOW_REPLACEMENT);
+        names.request(&n(), C, 0);
+        names.request(&n(), B, 0);
+        names.request(&n(), B, REPLACE_EXISTING);
         assert_eq!(names.claimants(N), vec![B, A, C]);
     }
 
     #[test]
     fn release_promotes_the_queue() {
         let mut names = NameRegistry::default();
-        names.request(N, A, 0);
-        names.request(N, B, 0);
-        names.request(N, C, 0);
-        assert_eq!(names.release(N, C), (ReleaseOutcome::Released, None));
+        names.request(&n(), A, 0);
+        names.request(&n(), B, 0);
+        names.request(&n(), C, 0);
+        assert_eq!(names.release(&n(), C), (ReleaseOutcome::Released, None));
         assert_eq!(
-            names.release(N, A),
+            names.release(&n(), A),
             (ReleaseOutcome::Released, change(Some(A), Some(B)))
         );
-        assert_eq!(names.release(N, A), (ReleaseOutcome::NotOwner, None));
+        assert_eq!(names.release(&n(), A), (ReleaseOutcome::NotOwner, None));
         assert_eq!(
-            names.release(N, B),
+            names.release(&n(), B),
             (ReleaseOutcome::Released, change(Some(B), None))
         );
-        assert_eq!(names.release(N, B), (ReleaseOutcome::NonExistent, None));
+        assert_eq!(names.release(&n(), B), (ReleaseOutcome::NonExistent, None));
         assert!(names.is_empty());
     }
 
@@ -452,9 +465,9 @@ mod tests {
         let (box_a, _) = containers();
         for request_flags in 0..=ALL {
             let mut names = ScopedNames::default();
-            names.request(HOST, N, A, 0);
+            names.request(HOST, &n(), A, 0);
             assert_eq!(
-                names.request(box_a, N, B, request_flags),
+                names.request(box_a, &n(), B, request_flags),
                 (RequestOutcome::PrimaryOwner, change(None, Some(B))),
                 "flags {request_flags:#b}"
             );
@@ -467,9 +480,9 @@ mod tests {
     fn the_host_claims_in_its_scope_whatever_a_container_owns() {
         let (box_a, _) = containers();
         let mut names = ScopedNames::default();
-        names.request(box_a, N, B, 0);
+        names.request(box_a, &n(), B, 0);
         assert_eq!(
-            names.request(HOST, N, A, DO_NOT_QUEUE),
+            names.request(HOST, &n(), A, DO_NOT_QUEUE),
             (RequestOutcome::PrimaryOwner, change(None, Some(A)))
         );
     }
@@ -481,16 +494,16 @@ mod tests {
     fn release_and_promotion_stay_in_the_scope() {
         let (box_a, _) = containers();
         let mut names = ScopedNames::default();
-        names.request(HOST, N, A, 0);
-        names.request(box_a, N, B, 0);
-        names.request(HOST, N, C, 0);
+        names.request(HOST, &n(), A, 0);
+        names.request(box_a, &n(), B, 0);
+        names.request(HOST, &n(), C, 0);
         assert_eq!(
-            names.release(HOST, N, A),
+            names.release(HOST, &n(), A),
             (ReleaseOutcome::Released, change(Some(A), Some(C)))
         );
         assert_eq!(names.resolve(HOST, N), at(HOST, C));
         assert_eq!(
-            names.release(HOST, N, C),
+            names.release(HOST, &n(), C),
             (ReleaseOutcome::Released, change(Some(C), None))
         );
         assert_eq!(names.resolve(HOST, N), None);
@@ -498,7 +511,7 @@ mod tests {
         // A peer of another scope cannot release what it does not hold
         // there, and learns nothing about the other scope.
         assert_eq!(
-            names.release(HOST, N, B),
+            names.release(HOST, &n(), B),
             (ReleaseOutcome::NonExistent, None)
         );
         assert_eq!(names.owner(box_a, N), Some(B));
@@ -508,11 +521,11 @@ mod tests {
     fn resolution_falls_back_from_a_container_to_the_host_only() {
         let (box_a, box_b) = containers();
         let mut names = ScopedNames::default();
-        names.request(box_a, N, B, 0);
+        names.request(box_a, &n(), B, 0);
         assert_eq!(names.resolve(box_a, N), at(box_a, B));
         assert_eq!(names.resolve(box_b, N), None, "never another container");
         assert_eq!(names.resolve(HOST, N), None, "never host into a container");
-        names.request(HOST, N, A, 0);
+        names.request(HOST, &n(), A, 0);
         assert_eq!(names.resolve(box_b, N), at(HOST, A), "container falls back");
         assert_eq!(
             names.resolve(box_a, N),
@@ -520,7 +533,7 @@ mod tests {
             "its own shadows the host"
         );
         assert_eq!(names.resolve(HOST, N), at(HOST, A));
-        names.request(box_b, N, C, 0);
+        names.request(box_b, &n(), C, 0);
         assert_eq!(names.resolve(box_b, N), at(box_b, C));
     }
 
@@ -530,11 +543,11 @@ mod tests {
         const HOST_ONLY: &str = "org.example.HostOnly";
         const B_ONLY: &str = "org.example.BOnly";
         let mut names = ScopedNames::default();
-        names.request(HOST, N, A, 0);
-        names.request(HOST, N, C, 0);
-        names.request(HOST, HOST_ONLY, A, 0);
-        names.request(box_a, N, B, 0);
-        names.request(box_b, B_ONLY, C, 0);
+        names.request(HOST, &n(), A, 0);
+        names.request(HOST, &n(), C, 0);
+        names.request(HOST, &WellKnownName::try_from(HOST_ONLY).unwrap(), A, 0);
+        names.request(box_a, &n(), B, 0);
+        names.request(box_b, &WellKnownName::try_from(B_ONLY).unwrap(), C, 0);
         let listed = |scope| {
             let mut all: Vec<(String, Resolved, usize)> = names
                 .resolvable(scope)
@@ -569,17 +582,17 @@ mod tests {
     fn inside_a_scope_the_flag_semantics_hold() {
         let (box_a, _) = containers();
         let mut names = ScopedNames::default();
-        names.request(box_a, N, A, 0);
+        names.request(box_a, &n(), A, 0);
         assert_eq!(
-            names.request(box_a, N, B, DO_NOT_QUEUE),
+            names.request(box_a, &n(), B, DO_NOT_QUEUE),
             (RequestOutcome::Exists, None)
         );
         assert_eq!(
-            names.request(box_a, N, B, 0),
+            names.request(box_a, &n(), B, 0),
             (RequestOutcome::InQueue, None)
         );
         assert_eq!(
-            names.release(box_a, N, A),
+            names.release(box_a, &n(), A),
             (ReleaseOutcome::Released, change(Some(A), Some(B)))
         );
     }
@@ -588,14 +601,14 @@ mod tests {
     fn empty_scope_tables_are_dropped() {
         let (box_a, box_b) = containers();
         let mut names = ScopedNames::default();
-        names.request(box_a, N, A, 0);
-        names.request(box_b, N, B, 0);
-        names.request(HOST, N, C, 0);
+        names.request(box_a, &n(), A, 0);
+        names.request(box_b, &n(), B, 0);
+        names.request(HOST, &n(), C, 0);
         assert_eq!(names.scope_count(), 3);
-        names.release(box_a, N, A);
-        names.release(box_b, N, B);
+        names.release(box_a, &n(), A);
+        names.release(box_b, &n(), B);
         assert_eq!(names.scope_count(), 1);
-        names.release(HOST, N, C);
+        names.release(HOST, &n(), C);
         assert!(names.is_empty());
         assert_eq!(names.scope_count(), 0);
     }

@@ -106,13 +106,13 @@ impl<Io> Bus<Io> {
         self.admit(identity.uid)?;
         self.next_peer += 1;
         let id = PeerId(self.next_peer);
-        let unique_name = id.unique_name().into_string();
+        let unique_name = id.unique_name();
         let features = hello.features & DAEMON_FEATURES;
         let policy = self.policy.snapshot(&identity);
         let scope = self.scopes.join(&identity);
         // Peers come in through the native face today (the HELLO above).
         let face = Face::Native;
-        let mut stamped = sender_info_of(&unique_name, &identity);
+        let mut stamped = sender_info_of(unique_name.as_str(), &identity);
         stamped.pid = identity.pid_seen_from(self.own_pid_namespace);
         let sender_stamp = face.sender_stamp(&stamped);
         *self.connections_per_uid.entry(identity.uid).or_default() += 1;
@@ -148,19 +148,19 @@ impl<Io> Bus<Io> {
         );
         let welcome = Welcome {
             protocol_version: PROTOCOL_VERSION,
-            unique_name: unique_name.clone(),
+            unique_name: unique_name.to_string(),
             features,
             limits: Some(self.wire_limits()),
             bus_id: self.bus_id.clone(),
         };
         let header = Header {
             kind: MessageKind::Welcome as i32,
-            destination: unique_name.clone(),
+            destination: unique_name.to_string(),
             payload_type: pbus_proto::type_name::<Welcome>(),
             ..Header::default()
         };
         self.queue_from_bus(id, header, &welcome.encode_to_vec());
-        self.announce_owner_change(&unique_name, None, Some((id, &identity)));
+        self.announce_owner_change(unique_name.as_str(), None, Some((id, &identity)));
         Ok(id)
     }
 
@@ -188,7 +188,7 @@ impl<Io> Bus<Io> {
         for match_id in &peer.monitor_matches {
             self.monitors.remove(*match_id);
         }
-        let mut names: Vec<&String> = peer.names.iter().collect();
+        let mut names: Vec<&WellKnownName> = peer.names.iter().collect();
         names.sort();
         for name in names {
             let (_, change) = self.names.release(peer.scope, name, id);
@@ -197,11 +197,11 @@ impl<Io> Bus<Io> {
             }
         }
         for key in self.calls.remove_peer(id) {
-            let error = BusError::NoReply(peer.unique_name.clone());
+            let error = BusError::NoReply(peer.unique_name.to_string());
             self.queue_error_to(key.caller, key.serial, &error);
         }
         self.scopes.leave(peer.scope);
-        self.announce_owner_change(&peer.unique_name, Some((id, &peer.identity)), None);
+        self.announce_owner_change(peer.unique_name.as_str(), Some((id, &peer.identity)), None);
         Some(*peer)
     }
 
@@ -239,7 +239,7 @@ pub struct Peer<Io> {
     /// The server layer's handle (socket, wakers); unused by the core.
     pub io: Io,
     pub(super) id: PeerId,
-    pub(super) unique_name: String,
+    pub(super) unique_name: UniqueName,
     pub(super) identity: Arc<PeerIdentity>,
     pub(super) policy: PeerPolicy,
     /// The name scope it claims and resolves well-known names in, decided
@@ -268,7 +268,7 @@ pub struct Peer<Io> {
     /// What the queued frames are charged to, released as they are written.
     pub(super) quota: ReceiverQuota,
     /// Well-known names this peer owns or is queued for (in its scope).
-    pub(super) names: HashSet<String>,
+    pub(super) names: HashSet<WellKnownName>,
     pub(super) matches: Vec<MatchId>,
     /// Eavesdropping rules (in `Bus::monitors`), for monitors.
     pub(super) monitor_matches: Vec<MatchId>,
@@ -291,7 +291,7 @@ pub struct Peer<Io> {
 
 impl<Io> Peer<Io> {
     /// The peer's unique name.
-    pub fn unique_name(&self) -> &str {
+    pub fn unique_name(&self) -> &UniqueName {
         &self.unique_name
     }
 

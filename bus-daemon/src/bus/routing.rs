@@ -283,7 +283,7 @@ impl<Io> Bus<Io> {
             &self.matches,
             from,
             SignalView {
-                sender: &self.peers[&from].unique_name,
+                sender: self.peers[&from].unique_name.as_str(),
                 path: header.path,
                 member: header.member,
                 args: &header.args,
@@ -331,7 +331,7 @@ impl<Io> Bus<Io> {
         let mut peers = Vec::new();
         registry.for_each_candidate(
             &signal,
-            sender.names.iter().map(String::as_str),
+            sender.names.iter().map(WellKnownName::as_str),
             |peer, rule| {
                 let Some(subscriber) = self.peers.get(&peer) else {
                     return;

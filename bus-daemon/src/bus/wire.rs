@@ -37,7 +37,7 @@ impl<Io> Bus<Io> {
             .collect();
         owned.sort();
         pbus_proto::v1::PeerIdentity {
-            unique_name: peer.unique_name.clone(),
+            unique_name: peer.unique_name.to_string(),
             uid: identity.uid,
             gid: identity.gid,
             pid: identity.pid_seen_from(asker.identity.namespaces.pid),

@@ -180,22 +180,24 @@ impl<Io> Bus<Io> {
             });
         }
         let scope = peer.scope;
-        let (outcome, change) = self
-            .names
-            .request(scope, name.as_str(), from, request.flags);
+        let (outcome, change) = self.names.request(scope, &name, from, request.flags);
         let peer = self.peers.get_mut(&from).expect("caller exists");
         match outcome {
             RequestOutcome::Exists => {
                 peer.names.remove(name.as_str());
             }
             _ => {
-                peer.names.insert(name.as_str().to_owned());
+                peer.names.insert(name.clone());
             }
         }
         if let Some(change) = change {
             // A replaced owner that asked DO_NOT_QUEUE loses its claim.
             if let Some(old) = change.old {
-                if !self.names.claimants(scope, &change.name).contains(&old) {
+                if !self
+                    .names
+                    .claimants(scope, change.name.as_str())
+                    .contains(&old)
+                {
                     if let Some(old_peer) = self.peers.get_mut(&old) {
                         old_peer.names.remove(&change.name);
                     }
@@ -221,7 +223,7 @@ impl<Io> Bus<Io> {
     ) -> Result<ReleaseNameReply, BusError> {
         let name = well_known(&request.name)?;
         let scope = self.peers[&from].scope;
-        let (outcome, change) = self.names.release(scope, name.as_str(), from);
+        let (outcome, change) = self.names.release(scope, &name, from);
         if outcome == ReleaseOutcome::Released {
             self.peers
                 .get_mut(&from)
@@ -301,11 +303,14 @@ impl<Io> Bus<Io> {
                 self.peers
                     .values()
                     .filter(|peer| {
-                        peer.id == from || asker.policy.may_see(&peer.identity, &peer.unique_name)
+                        peer.id == from
+                            || asker
+                                .policy
+                                .may_see(&peer.identity, peer.unique_name.as_str())
                     })
                     .map(|peer| NameEntry {
-                        name: peer.unique_name.clone(),
-                        owner: peer.unique_name.clone(),
+                        name: peer.unique_name.to_string(),
+                        owner: peer.unique_name.to_string(),
                         queued: 0,
                     }),
             );
@@ -353,7 +358,9 @@ impl<Io> Bus<Io> {
             .filter(|peer| {
                 privileged
                     || peer.id == from
-                    || asker.policy.may_see(&peer.identity, &peer.unique_name)
+                    || asker
+                        .policy
+                        .may_see(&peer.identity, peer.unique_name.as_str())
             })
             .map(|peer| {
                 let mut by_uid: Vec<QuotaUse> = peer
@@ -368,10 +375,10 @@ impl<Io> Bus<Io> {
                     })
                     .collect();
                 by_uid.sort_by_key(|usage| usage.uid);
-                let mut names: Vec<String> = peer.names.iter().cloned().collect();
+                let mut names: Vec<String> = peer.names.iter().map(ToString::to_string).collect();
                 names.sort();
                 PeerStats {
-                    unique_name: peer.unique_name.clone(),
+                    unique_name: peer.unique_name.to_string(),
                     uid: peer.identity.uid,
                     pid: peer.identity.pid_seen_from(asker.identity.namespaces.pid),
                     names,
