@@ -58,7 +58,6 @@
 mod error;
 mod explain;
 mod glob;
-mod hash;
 mod parse;
 mod rule;
 mod snapshot;
@@ -77,7 +76,7 @@ pub use explain::{Candidate, Explanation, Operation};
 pub use snapshot::PeerPolicy;
 pub use spec::{format_identity, parse_identity, IdentitySpecError};
 
-use hash::FxHashMap;
+use rustc_hash::FxHashMap;
 use rule::{Facts, Rule};
 use snapshot::Compiled;
 

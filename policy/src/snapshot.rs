@@ -18,6 +18,10 @@
 //! rule uses), then `*`: the first bucket with an answer decides for that
 //! name, the most specific answer across the message's names decides the
 //! check. This module knows nothing about files or syntax.
+//!
+//! The index maps hash with FxHash (`rustc-hash`), not SipHash: their keys
+//! come from policy files (trusted), and message names only look keys up,
+//! which cannot degrade a table whose keys an attacker did not choose.
 
 use std::cmp::Reverse;
 use std::fmt;
@@ -26,8 +30,8 @@ use std::path::{Component, Path};
 use std::sync::Arc;
 
 use pbus_identity::PeerIdentity;
+use rustc_hash::FxHashMap;
 
-use crate::hash::FxHashMap;
 use crate::rule::{Facts, NamePattern, PeerSel, Rule};
 use crate::{Decision, FileAccess, Right, RuleInfo, RuleRef, Specificity};
 
