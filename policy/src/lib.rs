@@ -76,8 +76,8 @@ pub use explain::{Candidate, Explanation, Operation};
 pub use snapshot::PeerPolicy;
 pub use spec::{format_identity, parse_identity, IdentitySpecError};
 
-use rustc_hash::FxHashMap;
 use rule::{Facts, Rule};
+use rustc_hash::FxHashMap;
 use snapshot::Compiled;
 
 /// The shipped default policy text (see `default.toml` in this crate).

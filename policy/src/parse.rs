@@ -29,8 +29,6 @@ const RULE_KEYS: &str = "allow, deny, subject, peer, name, member, max-bytes, pa
 const SELECTOR_KEYS: &str = "anyone, uid, gid, label, host, container, listener";
 const PEER_KEYS: &str =
     "anyone, uid, gid, label, host, container, listener, same-uid, same-container";
-/// The names [`parse_runtime`] knows, for "unknown runtime" messages.
-pub(crate) const RUNTIMES: &str = "docker, podman, containerd, crio, lxc, nspawn, unknown";
 
 /// What a parsed file says besides its rules.
 #[derive(Debug, Default, Clone, Copy)]
@@ -605,7 +603,10 @@ impl<'a> Parser<'a> {
                         None => {
                             self.error(
                                 v.span(),
-                                format!("unknown runtime {text:?} (expected one of: {RUNTIMES})"),
+                                format!(
+                                    "unknown runtime {text:?} (expected one of: {})",
+                                    container_runtime_names()
+                                ),
                             );
                             ok = false;
                         }
@@ -678,18 +679,20 @@ impl<'a> Parser<'a> {
     }
 }
 
-/// Container runtimes by their policy-file name (`host` is not one).
+/// A container runtime by its policy-file name (the identity crate's
+/// [`ContainerRuntime::as_str`]); `host` is not one.
 pub(crate) fn parse_runtime(text: &str) -> Option<ContainerRuntime> {
-    Some(match text {
-        "docker" => ContainerRuntime::Docker,
-        "podman" => ContainerRuntime::Podman,
-        "containerd" => ContainerRuntime::Containerd,
-        "crio" => ContainerRuntime::Crio,
-        "lxc" => ContainerRuntime::Lxc,
-        "nspawn" => ContainerRuntime::Nspawn,
-        "unknown" => ContainerRuntime::Unknown,
-        _ => return None,
-    })
+    ContainerRuntime::from_name(text).filter(|runtime| runtime.is_container())
+}
+
+/// The names [`parse_runtime`] knows, comma-separated, for "unknown
+/// runtime" messages.
+pub(crate) fn container_runtime_names() -> String {
+    ContainerRuntime::list_names(
+        ContainerRuntime::ALL
+            .into_iter()
+            .filter(|runtime| runtime.is_container()),
+    )
 }
 
 /// Checks dot-separated elements: each non-empty, not starting with a
@@ -872,14 +875,19 @@ mod tests {
     fn runtimes() {
         // The list in messages is what the parser knows, by the names the
         // identity crate prints.
-        for name in RUNTIMES.split(", ") {
+        let names = container_runtime_names();
+        assert_eq!(
+            names,
+            "docker, podman, containerd, crio, lxc, nspawn, unknown"
+        );
+        for name in names.split(", ") {
             assert_eq!(
                 parse_runtime(name).map(ContainerRuntime::as_str),
                 Some(name)
             );
         }
-        assert_eq!(RUNTIMES.split(", ").count(), 7);
         assert_eq!(parse_runtime("host"), None);
+        assert_eq!(parse_runtime("rkt"), None);
     }
 
     #[test]
