@@ -1111,7 +1111,7 @@ fn parse_errors() {
         ),
         (
             "[[rule]]\nallow = [\"talk\"]\nsubject = { anyone = true }\nmember = \"Get-x\"\n",
-            &[(4, 14, "`member`: character outside A-Z a-z 0-9 _")],
+            &[(4, 14, "`member`: has a character outside A-Z a-z 0-9 _")],
         ),
         (
             "[[rule]]\nallow = [\"file\"]\nsubject = { anyone = true }\npath = \"srv\"\naccess = \"read\"\n",
