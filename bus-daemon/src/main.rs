@@ -84,7 +84,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
-        let server = Server::bind(config, policy)?;
+        let server = Server::bind(config, pbus_policy::PolicyLayers::global(policy))?;
         if args.print_address {
             for path in server.paths() {
                 println!("unix:path={}", path.display());

@@ -28,17 +28,20 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-/// Lower-case runtime name, as in policy files.
-pub fn runtime_name(runtime: i32) -> &'static str {
+/// The identity crate's runtime for a wire value (unknown values read as
+/// `Unknown`); its [`as_str`](pbus_identity::ContainerRuntime::as_str) is
+/// the name printed, as in policy files.
+pub fn runtime_of(runtime: i32) -> pbus_identity::ContainerRuntime {
+    use pbus_identity::ContainerRuntime as R;
     match ContainerRuntime::try_from(runtime).unwrap_or(ContainerRuntime::Unknown) {
-        ContainerRuntime::Host => "host",
-        ContainerRuntime::Unknown => "unknown",
-        ContainerRuntime::Docker => "docker",
-        ContainerRuntime::Podman => "podman",
-        ContainerRuntime::Containerd => "containerd",
-        ContainerRuntime::Crio => "crio",
-        ContainerRuntime::Lxc => "lxc",
-        ContainerRuntime::Nspawn => "nspawn",
+        ContainerRuntime::Host => R::Host,
+        ContainerRuntime::Unknown => R::Unknown,
+        ContainerRuntime::Docker => R::Docker,
+        ContainerRuntime::Podman => R::Podman,
+        ContainerRuntime::Containerd => R::Containerd,
+        ContainerRuntime::Crio => R::Crio,
+        ContainerRuntime::Lxc => R::Lxc,
+        ContainerRuntime::Nspawn => R::Nspawn,
     }
 }
 
@@ -66,7 +69,7 @@ pub fn identity_json(identity: &PeerIdentity) -> Value {
         "groups": identity.groups,
         "label": identity.label,
         "container": {
-            "runtime": runtime_name(container.runtime),
+            "runtime": runtime_of(container.runtime).as_str(),
             "id": container.id,
             "pod_uid": if container.pod_uid.is_empty() { Value::Null } else { Value::from(container.pod_uid) },
         },
@@ -92,19 +95,19 @@ pub fn print_identity(identity: &PeerIdentity) {
     let container = identity.container.clone().unwrap_or_default();
     let namespaces = identity.namespaces.unwrap_or_default();
     let groups: Vec<String> = identity.groups.iter().map(u32::to_string).collect();
-    let container_text = match runtime_name(container.runtime) {
-        "host" => "none (host)".to_owned(),
-        runtime => {
-            let mut text = runtime.to_owned();
-            if !container.id.is_empty() {
-                text.push(' ');
-                text.push_str(&container.id);
-            }
-            if !container.pod_uid.is_empty() {
-                text.push_str(&format!(" (pod {})", container.pod_uid));
-            }
-            text
+    let runtime = runtime_of(container.runtime);
+    let container_text = if !runtime.is_container() {
+        "none (host)".to_owned()
+    } else {
+        let mut text = runtime.as_str().to_owned();
+        if !container.id.is_empty() {
+            text.push(' ');
+            text.push_str(&container.id);
         }
+        if !container.pod_uid.is_empty() {
+            text.push_str(&format!(" (pod {})", container.pod_uid));
+        }
+        text
     };
     let pid = if identity.pid == 0 {
         "0 (not visible from this pid namespace)".to_owned()
@@ -396,5 +399,20 @@ mod tests {
         assert_eq!(value["label"], "system_u:system_r:app_t");
         assert_eq!(value["container"]["runtime"], "host");
         assert!(value["container"]["pod_uid"].is_null());
+    }
+
+    #[test]
+    fn wire_runtimes_print_by_their_policy_names() {
+        // Each wire value maps to the identity runtime of the same name
+        // (`CONTAINER_RUNTIME_DOCKER` prints as `docker`).
+        for wire in 0..=7 {
+            let name = ContainerRuntime::try_from(wire).unwrap().as_str_name();
+            let printed = runtime_of(wire).as_str();
+            assert_eq!(
+                name,
+                format!("CONTAINER_RUNTIME_{}", printed.to_uppercase())
+            );
+        }
+        assert_eq!(runtime_of(99).as_str(), "unknown");
     }
 }

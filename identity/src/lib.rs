@@ -19,5 +19,5 @@ pub mod pidns;
 pub mod procfs;
 
 pub use capture::{identify, identify_from_parts, HostContext, IdentifyError, SocketCredentials};
-pub use model::{Container, ContainerRuntime, Namespaces, PeerIdentity};
+pub use model::{Container, ContainerRuntime, Namespaces, PeerIdentity, UnknownRuntime};
 pub use mounts::{CgroupMount, CgroupMounts};

@@ -1,5 +1,8 @@
 //! The identity data model: plain values, captured once per connection.
 
+use std::fmt;
+use std::str::FromStr;
+
 use serde::Serialize;
 
 /// Which container runtime (if any) a peer runs under.
@@ -30,7 +33,21 @@ pub enum ContainerRuntime {
 }
 
 impl ContainerRuntime {
-    /// Lower-case name used in logs, policy files and JSON.
+    /// Every runtime, `Host` first and `Unknown` last: the order names are
+    /// listed in messages.
+    pub const ALL: [Self; 8] = [
+        Self::Host,
+        Self::Docker,
+        Self::Podman,
+        Self::Containerd,
+        Self::Crio,
+        Self::Lxc,
+        Self::Nspawn,
+        Self::Unknown,
+    ];
+
+    /// Lower-case name used in logs, policy files, JSON and the CLI: the
+    /// one place these names are spelled.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Host => "host",
@@ -42,6 +59,55 @@ impl ContainerRuntime {
             Self::Lxc => "lxc",
             Self::Nspawn => "nspawn",
         }
+    }
+
+    /// The runtime named `name` (as [`as_str`](Self::as_str) spells it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|runtime| runtime.as_str() == name)
+    }
+
+    /// True for anything but the host.
+    pub fn is_container(self) -> bool {
+        self != Self::Host
+    }
+
+    /// The names of `runtimes`, comma-separated, for messages listing what
+    /// is accepted.
+    pub fn list_names(runtimes: impl IntoIterator<Item = Self>) -> String {
+        runtimes
+            .into_iter()
+            .map(Self::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl fmt::Display for ContainerRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name [`ContainerRuntime::from_str`](std::str::FromStr) does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown container runtime {name:?} (expected one of: {})",
+    ContainerRuntime::list_names(ContainerRuntime::ALL)
+)]
+pub struct UnknownRuntime {
+    /// The name as given.
+    pub name: String,
+}
+
+impl FromStr for ContainerRuntime {
+    type Err = UnknownRuntime;
+
+    fn from_str(name: &str) -> Result<Self, UnknownRuntime> {
+        Self::from_name(name).ok_or_else(|| UnknownRuntime {
+            name: name.to_owned(),
+        })
     }
 }
 
@@ -60,7 +126,7 @@ pub struct Container {
 impl Container {
     /// True for anything but the host.
     pub fn is_container(&self) -> bool {
-        self.runtime != ContainerRuntime::Host
+        self.runtime.is_container()
     }
 }
 
@@ -124,5 +190,46 @@ impl PeerIdentity {
             .position(|&ns| ns == namespace)
             .and_then(|level| self.nspids.get(level).copied())
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_names_round_trip() {
+        for runtime in ContainerRuntime::ALL {
+            assert_eq!(ContainerRuntime::from_name(runtime.as_str()), Some(runtime));
+            assert_eq!(runtime.as_str().parse::<ContainerRuntime>(), Ok(runtime));
+            assert_eq!(runtime.to_string(), runtime.as_str());
+        }
+        // ALL has each variant once (the match in `as_str` is exhaustive,
+        // so distinct names mean distinct variants).
+        let mut names: Vec<&str> = ContainerRuntime::ALL.map(ContainerRuntime::as_str).to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ContainerRuntime::ALL.len());
+        assert_eq!(ContainerRuntime::from_name("rkt"), None);
+        assert_eq!(ContainerRuntime::from_name("Docker"), None);
+    }
+
+    #[test]
+    fn unknown_runtime_lists_every_name() {
+        let error = "rkt".parse::<ContainerRuntime>().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "unknown container runtime \"rkt\" (expected one of: \
+             host, docker, podman, containerd, crio, lxc, nspawn, unknown)"
+        );
+    }
+
+    #[test]
+    fn only_the_host_is_not_a_container() {
+        let hosts: Vec<ContainerRuntime> = ContainerRuntime::ALL
+            .into_iter()
+            .filter(|runtime| !runtime.is_container())
+            .collect();
+        assert_eq!(hosts, [ContainerRuntime::Host]);
     }
 }

@@ -7,7 +7,9 @@
 //! decider. It shares the condition tests, the ordering and the building of
 //! the decision from the deciding rule with the snapshot, but not the
 //! indexes, so the unit tests can check that both find the same rule.
-//! This module knows nothing about files or the daemon.
+//! [`PolicyLayers::explain`](crate::PolicyLayers::explain) explains every
+//! layer so and combines them into a [`LayeredExplanation`]. This module
+//! knows nothing about files or the daemon.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -154,33 +156,94 @@ pub struct Explanation {
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "{}", self.decision)?;
-        if self.decision.right == Right::Memfd {
-            match self.memfd_limit {
-                Some(n) => writeln!(f, "memfd payloads up to {n} bytes")?,
-                None => writeln!(f, "memfd payloads: no policy cap")?,
-            }
+        write_memfd_limit(f, &self.decision, self.memfd_limit)?;
+        write_candidates(f, self.decision.right, &self.candidates, "")
+    }
+}
+
+/// For memfd decisions, the line saying the cap.
+fn write_memfd_limit(
+    f: &mut fmt::Formatter<'_>,
+    decision: &Decision,
+    limit: Option<u64>,
+) -> fmt::Result {
+    if decision.right != Right::Memfd {
+        return Ok(());
+    }
+    match limit {
+        Some(n) => writeln!(f, "memfd payloads up to {n} bytes"),
+        None => writeln!(f, "memfd payloads: no policy cap"),
+    }
+}
+
+/// The rules considered, each line after `indent`.
+fn write_candidates(
+    f: &mut fmt::Formatter<'_>,
+    right: Right,
+    candidates: &[Candidate],
+    indent: &str,
+) -> fmt::Result {
+    if candidates.is_empty() {
+        return writeln!(f, "{indent}no rule mentions {}", right.as_str());
+    }
+    writeln!(f, "{indent}rules considered, most specific match first:")?;
+    for c in candidates {
+        let mark = if c.deciding {
+            "=>"
+        } else if c.matched {
+            " +"
+        } else {
+            " -"
+        };
+        writeln!(
+            f,
+            "{indent}{mark} {}:{}: {}",
+            c.rule.origin, c.rule.line, c.rule.text
+        )?;
+        match c.specificity {
+            Some(s) => writeln!(f, "{indent}     matched: {} [{s}]", c.why)?,
+            None => writeln!(f, "{indent}     no match: {}", c.why)?,
         }
-        if self.candidates.is_empty() {
-            return writeln!(f, "no rule mentions {}", self.decision.right.as_str());
+    }
+    Ok(())
+}
+
+/// One layer's part of a [`LayeredExplanation`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerExplanation {
+    /// The layer's name.
+    pub layer: Arc<str>,
+    /// The layer's policy's explanation, as if it stood alone.
+    pub explanation: Explanation,
+}
+
+/// The answer of [`PolicyLayers::explain`](crate::PolicyLayers::explain):
+/// the combined decision and every layer's own explanation. With one layer
+/// it is that layer's explanation and reads exactly like it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayeredExplanation {
+    /// The decision, as the per-peer snapshot would return it: with
+    /// several layers, it names the layer that decided.
+    pub decision: Decision,
+    /// For memfd operations: the tightest cap of all layers (`None`: no
+    /// policy cap).
+    pub memfd_limit: Option<u64>,
+    /// Every layer's explanation, outermost (global) first.
+    pub layers: Vec<LayerExplanation>,
+}
+
+impl fmt::Display for LayeredExplanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let [only] = self.layers.as_slice() {
+            return only.explanation.fmt(f);
         }
-        writeln!(f, "rules considered, most specific match first:")?;
-        for c in &self.candidates {
-            let mark = if c.deciding {
-                "=>"
-            } else if c.matched {
-                " +"
-            } else {
-                " -"
-            };
-            writeln!(
-                f,
-                "{mark} {}:{}: {}",
-                c.rule.origin, c.rule.line, c.rule.text
-            )?;
-            match c.specificity {
-                Some(s) => writeln!(f, "     matched: {} [{s}]", c.why)?,
-                None => writeln!(f, "     no match: {}", c.why)?,
-            }
+        writeln!(f, "{}", self.decision)?;
+        write_memfd_limit(f, &self.decision, self.memfd_limit)?;
+        writeln!(f, "every layer must allow; outermost first:")?;
+        for layer in &self.layers {
+            let explanation = &layer.explanation;
+            writeln!(f, "layer `{}`: {}", layer.layer, explanation.decision)?;
+            write_candidates(f, explanation.decision.right, &explanation.candidates, "  ")?;
         }
         Ok(())
     }

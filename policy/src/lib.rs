@@ -1,9 +1,10 @@
 //! pbus policy: which peer may own, see and talk to which names, pass fds
 //! and memfds, monitor the bus, and have the broker open which files.
 //!
-//! The daemon loads a [`Policy`] once (and again on reload), builds a
-//! [`PeerPolicy`] snapshot for every peer at connect time, and asks the
-//! snapshot on every operation. This crate does no I/O beyond loading
+//! The daemon loads a [`Policy`] once (and again on reload), stacks it as
+//! the global layer of [`PolicyLayers`], builds a [`PeerPolicy`] snapshot
+//! for every peer at connect time, and asks the snapshot on every
+//! operation. This crate does no I/O beyond loading
 //! policy files and knows nothing about sockets or frames. `POLICY.md`
 //! beside this crate is the operator's reference; this is the summary.
 //!
@@ -52,13 +53,28 @@
 //! across all of them decides; with none, only `name = "*"` rules apply.
 //! A file request decides each kind of access separately; any denied kind
 //! denies the request.
+//!
+//! # Layers
+//!
+//! A peer's rights can come from more than one policy: [`PolicyLayers`] is
+//! an ordered stack of named policies, the global one first (`global`,
+//! [`GLOBAL_LAYER`]), then narrower ones (for example the layer of the
+//! endpoint a peer connected through). Each layer decides on its own, as
+//! above, and an operation is allowed only if **every** layer allows it:
+//! the intersection, so a narrower layer can take rights away but never add
+//! one the global layer lacks. The first layer (outermost first) that
+//! denies decides; when all allow, the last (narrowest) one does. A memfd
+//! cap is the smallest of the layers' caps. With more than one layer a
+//! [`Decision`] names the layer that decided ([`Decision::layer`]) and a
+//! [`LayeredExplanation`] shows each layer's rules; with one layer both are
+//! exactly those of the plain [`Policy`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod error;
 mod explain;
 mod glob;
-mod hash;
+mod layers;
 mod parse;
 mod rule;
 mod snapshot;
@@ -68,18 +84,19 @@ mod tests;
 
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use pbus_identity::PeerIdentity;
 
 pub use error::{PolicyError, PolicyErrors};
-pub use explain::{Candidate, Explanation, Operation};
+pub use explain::{Candidate, Explanation, LayerExplanation, LayeredExplanation, Operation};
+pub use layers::{LayerError, PolicyLayer, PolicyLayers, GLOBAL_LAYER};
 pub use snapshot::PeerPolicy;
 pub use spec::{format_identity, parse_identity, IdentitySpecError};
 
-use hash::FxHashMap;
-use rule::{Facts, Rule};
-use snapshot::Compiled;
+use rule::Rule;
+use snapshot::SnapshotCache;
 
 /// The shipped default policy text (see `default.toml` in this crate).
 pub const DEFAULT_POLICY: &str = include_str!("../default.toml");
@@ -290,6 +307,10 @@ pub struct Decision {
     /// What decided, for `explain` and logs: one of a fixed set of texts,
     /// so building a decision never allocates.
     pub reason: &'static str,
+    /// The layer that decided, when more than one layer took part (see
+    /// [`PolicyLayers`]); `None` for a single policy, so that one layer
+    /// decides exactly as the plain [`Policy`] does.
+    pub layer: Option<Arc<str>>,
 }
 
 impl fmt::Display for Decision {
@@ -298,6 +319,9 @@ impl fmt::Display for Decision {
         write!(f, "{} {verdict}: {}", self.right, self.reason)?;
         if let Some(rule) = &self.rule {
             write!(f, " ({rule})")?;
+        }
+        if let Some(layer) = &self.layer {
+            write!(f, " in layer `{layer}`")?;
         }
         Ok(())
     }
@@ -344,9 +368,12 @@ pub struct Policy {
     origins: Vec<String>,
     /// Whether the built-in default's rules come first.
     builtin: bool,
-    /// Compiled indexes by the sorted list of rule numbers whose subject
-    /// matched; weak so that an index lives only while a peer uses it.
-    cache: Mutex<FxHashMap<Box<[u32]>, Weak<Compiled>>>,
+    /// Unique per policy built in this process: names this policy in the
+    /// keys of snapshot caches, so no two policies share an entry.
+    generation: u64,
+    /// Indexes of [`Policy::snapshot`], this policy standing alone as the
+    /// global layer.
+    cache: SnapshotCache,
 }
 
 impl fmt::Debug for Policy {
@@ -355,6 +382,7 @@ impl fmt::Debug for Policy {
             .field("rules", &self.rules.len())
             .field("origins", &self.origins)
             .field("builtin", &self.builtin)
+            .field("generation", &self.generation)
             .finish()
     }
 }
@@ -445,12 +473,31 @@ impl Policy {
     }
 
     fn from_rules(rules: Vec<Rule>, origins: Vec<String>, builtin: bool) -> Self {
+        static GENERATIONS: AtomicU64 = AtomicU64::new(0);
         Self {
             rules,
             origins,
             builtin,
-            cache: Mutex::new(FxHashMap::default()),
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
+            cache: SnapshotCache::default(),
         }
+    }
+
+    /// This policy's generation: unique among the policies built by this
+    /// process (a reload builds a new one), for telling them apart in logs
+    /// and cache keys.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The numbers of the rules whose subject matches `peer`, in order.
+    pub(crate) fn rules_matching(&self, peer: &PeerIdentity) -> Box<[u32]> {
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(|(_, rule)| rule.subject.check(peer).is_ok())
+            .map(|(i, _)| u32::try_from(i).expect("fewer than 2^32 rules"))
+            .collect()
     }
 
     pub(crate) fn rules(&self) -> &[Rule] {
@@ -479,31 +526,11 @@ impl Policy {
 
     /// Compiles the snapshot for one peer: keeps the rules whose subject
     /// matches `peer` and indexes them, sharing the index with earlier
-    /// snapshots that kept the same rules.
+    /// snapshots that kept the same rules. The same as the snapshot of
+    /// [`PolicyLayers::global`] of this policy.
     pub fn snapshot(self: &Arc<Self>, peer: &PeerIdentity) -> PeerPolicy {
-        let ids: Vec<u32> = self
-            .rules
-            .iter()
-            .enumerate()
-            .filter(|(_, rule)| rule.subject.check(peer).is_ok())
-            .map(|(i, _)| u32::try_from(i).expect("fewer than 2^32 rules"))
-            .collect();
-        let compiled = {
-            let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-            match cache.get(ids.as_slice()).and_then(Weak::upgrade) {
-                Some(compiled) => compiled,
-                None => {
-                    let compiled = Arc::new(Compiled::build(&self.rules, &ids));
-                    // Drop dead entries now and then; amortized O(1).
-                    if cache.len() >= 64 && cache.len().is_power_of_two() {
-                        cache.retain(|_, weak| weak.strong_count() > 0);
-                    }
-                    cache.insert(ids.into_boxed_slice(), Arc::downgrade(&compiled));
-                    compiled
-                }
-            }
-        };
-        PeerPolicy::new(compiled, Facts::of(peer))
+        let alone = [PolicyLayer::global(Arc::clone(self))];
+        snapshot::snapshot(&self.cache, &alone, peer)
     }
 
     /// Explains one operation by `subject`: the decision (the same one the

@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use pbus_identity::ContainerRuntime;
+use pbus_proto::names::{LocatedNameError, MemberName, WellKnownName};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
@@ -21,16 +22,11 @@ use crate::{FileAccess, Right, RuleInfo};
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
-/// Longest well-known name or member, as on the wire.
-const MAX_NAME_LEN: usize = 255;
-
 /// Rule keys, for "unknown key" messages.
 const RULE_KEYS: &str = "allow, deny, subject, peer, name, member, max-bytes, path, access";
 const SELECTOR_KEYS: &str = "anyone, uid, gid, label, host, container, listener";
 const PEER_KEYS: &str =
     "anyone, uid, gid, label, host, container, listener, same-uid, same-container";
-/// The names [`parse_runtime`] knows, for "unknown runtime" messages.
-pub(crate) const RUNTIMES: &str = "docker, podman, containerd, crio, lxc, nspawn, unknown";
 
 /// What a parsed file says besides its rules.
 #[derive(Debug, Default, Clone, Copy)]
@@ -605,7 +601,10 @@ impl<'a> Parser<'a> {
                         None => {
                             self.error(
                                 v.span(),
-                                format!("unknown runtime {text:?} (expected one of: {RUNTIMES})"),
+                                format!(
+                                    "unknown runtime {text:?} (expected one of: {})",
+                                    container_runtime_names()
+                                ),
                             );
                             ok = false;
                         }
@@ -678,60 +677,34 @@ impl<'a> Parser<'a> {
     }
 }
 
-/// Container runtimes by their policy-file name (`host` is not one).
+/// A container runtime by its policy-file name (the identity crate's
+/// [`ContainerRuntime::as_str`]); `host` is not one.
 pub(crate) fn parse_runtime(text: &str) -> Option<ContainerRuntime> {
-    Some(match text {
-        "docker" => ContainerRuntime::Docker,
-        "podman" => ContainerRuntime::Podman,
-        "containerd" => ContainerRuntime::Containerd,
-        "crio" => ContainerRuntime::Crio,
-        "lxc" => ContainerRuntime::Lxc,
-        "nspawn" => ContainerRuntime::Nspawn,
-        "unknown" => ContainerRuntime::Unknown,
-        _ => return None,
-    })
+    ContainerRuntime::from_name(text).filter(|runtime| runtime.is_container())
 }
 
-/// Checks dot-separated elements: each non-empty, not starting with a
-/// digit, and made of bytes `allowed` accepts (`outside` says which).
-/// Returns the number of elements, or the byte offset into `text` and the
-/// reason of the first problem.
-fn check_elements(
-    text: &str,
-    allowed: fn(u8) -> bool,
-    outside: &'static str,
-) -> Result<u32, (usize, String)> {
-    let mut offset = 0;
-    let mut count = 0;
-    for element in text.split('.') {
-        let bytes = element.as_bytes();
-        if bytes.is_empty() {
-            return Err((offset, "empty element".into()));
-        }
-        if bytes[0].is_ascii_digit() {
-            return Err((offset, "an element may not start with a digit".into()));
-        }
-        if let Some(at) = bytes.iter().position(|&c| !allowed(c)) {
-            return Err((offset + at, outside.into()));
-        }
-        offset += element.len() + 1;
-        count += 1;
-    }
-    Ok(count)
-}
-
-/// Checks the elements of a well-known name (or prefix); offsets are
-/// relative to `text`.
-fn check_name_elements(text: &str) -> Result<u32, (usize, String)> {
-    check_elements(
-        text,
-        |c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-',
-        "character outside A-Z a-z 0-9 _ -",
+/// The names [`parse_runtime`] knows, comma-separated, for "unknown
+/// runtime" messages.
+pub(crate) fn container_runtime_names() -> String {
+    ContainerRuntime::list_names(
+        ContainerRuntime::ALL
+            .into_iter()
+            .filter(|runtime| runtime.is_container()),
     )
 }
 
+/// A name-grammar error from the proto crate as the parser reports it: the
+/// byte offset into the checked text and the rule broken.
+fn located(error: LocatedNameError) -> (usize, String) {
+    (error.offset, error.reason.to_owned())
+}
+
+/// The message for a `*` or `?` anywhere but a trailing `.*`.
+const NAME_PATTERN_SHAPE: &str = "a name is `*`, an exact name, or a prefix ending in `.*`";
+
 /// `*`, `org.example.*` or `org.example.Foo`; errors carry a byte offset
-/// into `text`.
+/// into `text`. Wildcards are the policy's syntax and are handled here;
+/// the name grammar itself is the proto crate's ([`WellKnownName`]).
 pub(crate) fn parse_name_pattern(text: &str) -> Result<NamePattern, (usize, String)> {
     if text == "*" {
         return Ok(NamePattern::Any);
@@ -742,55 +715,32 @@ pub(crate) fn parse_name_pattern(text: &str) -> Result<NamePattern, (usize, Stri
             "unique names are assigned by the bus; rules name well-known names".into(),
         ));
     }
-    if text.len() > MAX_NAME_LEN {
-        return Err((MAX_NAME_LEN, "longer than 255 bytes".into()));
+    let (name, is_prefix) = match text.strip_suffix(".*") {
+        Some(prefix) => (prefix, true),
+        None => (text, false),
+    };
+    if let Some(at) = name.find(['*', '?']) {
+        return Err((at, NAME_PATTERN_SHAPE.into()));
     }
-    if let Some(prefix) = text.strip_suffix(".*") {
-        if let Some(at) = prefix.find(['*', '?']) {
-            return Err((
-                at,
-                "a name is `*`, an exact name, or a prefix ending in `.*`".into(),
-            ));
-        }
-        let depth = check_name_elements(prefix)?;
-        return Ok(NamePattern::Prefix {
-            prefix: prefix.into(),
+    if is_prefix {
+        let depth = WellKnownName::check_prefix(name).map_err(located)?;
+        Ok(NamePattern::Prefix {
+            prefix: name.into(),
             depth,
-        });
+        })
+    } else {
+        WellKnownName::check_located(name).map_err(located)?;
+        Ok(NamePattern::Exact(name.into()))
     }
-    if let Some(at) = text.find(['*', '?']) {
-        return Err((
-            at,
-            "a name is `*`, an exact name, or a prefix ending in `.*`".into(),
-        ));
-    }
-    let count = check_name_elements(text)?;
-    if count < 2 {
-        return Err((
-            0,
-            "a well-known name needs at least two dot-separated elements".into(),
-        ));
-    }
-    Ok(NamePattern::Exact(text.into()))
 }
 
-/// A member name: dot-separated elements of `[A-Za-z_][A-Za-z0-9_]*`.
+/// A member name, as the proto crate's [`MemberName`] defines it; `*` is
+/// refused with a hint (leaving `member` out matches every member).
 fn check_member(text: &str) -> Result<(), (usize, String)> {
-    if text.is_empty() {
-        return Err((0, "empty member".into()));
-    }
     if text == "*" {
         return Err((0, "leave `member` out to match every member".into()));
     }
-    if text.len() > MAX_NAME_LEN {
-        return Err((MAX_NAME_LEN, "longer than 255 bytes".into()));
-    }
-    check_elements(
-        text,
-        |c| c.is_ascii_alphanumeric() || c == b'_',
-        "character outside A-Z a-z 0-9 _",
-    )
-    .map(|_| ())
+    MemberName::check_located(text).map(drop).map_err(located)
 }
 
 /// An absolute path prefix; repeated and trailing slashes are folded, `.`
@@ -861,6 +811,19 @@ mod tests {
         assert_eq!(parse_name_pattern("org.9x").unwrap_err().0, 4);
         assert_eq!(parse_name_pattern("org.e x").unwrap_err().0, 5);
         assert_eq!(parse_name_pattern(":1.2").unwrap_err().0, 0);
+        // The proto crate's reasons come through.
+        assert_eq!(
+            parse_name_pattern("org.e x").unwrap_err().1,
+            "has a character outside A-Z a-z 0-9 _ -"
+        );
+        assert_eq!(
+            parse_name_pattern("org").unwrap_err().1,
+            "needs at least two dot-separated elements"
+        );
+        // A prefix may have one element; the pattern fits in 255 bytes.
+        let longest = format!("{}.*", "a".repeat(253));
+        assert!(parse_name_pattern(&longest).is_ok());
+        assert!(parse_name_pattern(&format!("a{longest}")).is_err());
         // Names may have `-`, members may not.
         assert_eq!(
             parse_name_pattern("org.my-app.Foo").unwrap(),
@@ -872,14 +835,19 @@ mod tests {
     fn runtimes() {
         // The list in messages is what the parser knows, by the names the
         // identity crate prints.
-        for name in RUNTIMES.split(", ") {
+        let names = container_runtime_names();
+        assert_eq!(
+            names,
+            "docker, podman, containerd, crio, lxc, nspawn, unknown"
+        );
+        for name in names.split(", ") {
             assert_eq!(
                 parse_runtime(name).map(ContainerRuntime::as_str),
                 Some(name)
             );
         }
-        assert_eq!(RUNTIMES.split(", ").count(), 7);
         assert_eq!(parse_runtime("host"), None);
+        assert_eq!(parse_runtime("rkt"), None);
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! Per-peer snapshots: the rules whose subject matches one peer, indexed so
 //! that each check is a few hash lookups.
 //!
-//! At connect time [`Policy::snapshot`](crate::Policy::snapshot) tests every
-//! rule's subject against the peer and keeps the matching ones. The kept set
-//! (a list of rule numbers) keys a cache of [`Compiled`] indexes, so peers
-//! with the same matching rules (every peer of one uid on the host, every
-//! peer of one container) share one index; a [`PeerPolicy`] is that shared
-//! index plus the few facts about the peer that relations (`same-uid`,
-//! `same-container`) compare against.
+//! At connect time [`PolicyLayers::snapshot`](crate::PolicyLayers::snapshot)
+//! tests every rule's subject in every layer against the peer and keeps the
+//! matching ones. The kept sets (a list of rule numbers per layer, with the
+//! layer's name and its policy's generation: a [`SnapshotKey`]) key a cache
+//! of [`CompiledLayers`], so peers with the same matching rules (every peer
+//! of one uid on the host, every peer of one container) share one set of
+//! indexes, and two layers or two policies never share an entry. A
+//! [`PeerPolicy`] is that shared set plus the few facts about the peer that
+//! relations (`same-uid`, `same-container`) compare against; each check
+//! asks every layer and combines their answers (see [`crate::layers`]).
 //!
 //! Per right, a [`NameIndex`] holds entries in buckets: exact names in a
 //! hash map, `prefix.*` patterns in a hash map keyed by the prefix, and `*`
@@ -18,18 +21,23 @@
 //! rule uses), then `*`: the first bucket with an answer decides for that
 //! name, the most specific answer across the message's names decides the
 //! check. This module knows nothing about files or syntax.
+//!
+//! The index maps hash with FxHash (`rustc-hash`), not SipHash: their keys
+//! come from policy files (trusted), and message names only look keys up,
+//! which cannot degrade a table whose keys an attacker did not choose.
 
 use std::cmp::Reverse;
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use pbus_identity::PeerIdentity;
+use rustc_hash::FxHashMap;
 
-use crate::hash::FxHashMap;
+use crate::layers::{combine_decisions, combine_memfd, tighter_cap};
 use crate::rule::{Facts, NamePattern, PeerSel, Rule};
-use crate::{Decision, FileAccess, Right, RuleInfo, RuleRef, Specificity};
+use crate::{Decision, FileAccess, PolicyLayer, Right, RuleInfo, RuleRef, Specificity};
 
 /// The order matching rules are tried in: most specific first, equal ones
 /// in policy order. Shared by the indexes and `explain`.
@@ -343,8 +351,6 @@ pub(crate) struct Compiled {
     memfd: NameIndex,
     monitor: Box<[Entry]>,
     file: FileIndex,
-    /// How many rules went in, for `Debug` and stats.
-    rules: usize,
 }
 
 impl Compiled {
@@ -395,7 +401,6 @@ impl Compiled {
             file: FileIndex {
                 by_prefix: freeze(file, FileEntry::precedence),
             },
-            rules: ids.len(),
         }
     }
 }
@@ -430,12 +435,14 @@ pub(crate) fn decision(right: Right, decider: Option<(bool, &RuleRef)>) -> Decis
             } else {
                 "denied by the most specific matching rule"
             },
+            layer: None,
         },
         None => Decision {
             allowed: allowed_without_rule(right),
             right,
             rule: None,
             reason: no_rule_reason(right),
+            layer: None,
         },
     }
 }
@@ -485,6 +492,7 @@ pub(crate) fn file_decision<'a>(
                 right: Right::File,
                 rule: Some(Arc::clone(rule)),
                 reason: kind.reason(Some(allow)),
+                layer: None,
             },
             None => file_refused(kind.reason(None)),
         };
@@ -503,11 +511,120 @@ pub(crate) fn file_refused(reason: &'static str) -> Decision {
         right: Right::File,
         rule: None,
         reason,
+        layer: None,
+    }
+}
+
+/// One layer's indexes in a snapshot.
+#[derive(Debug)]
+struct CompiledLayer {
+    /// The layer's name, for decisions when several layers take part.
+    name: Arc<str>,
+    index: Compiled,
+}
+
+/// The indexes of every layer of one snapshot, outermost first; shared by
+/// all peers whose subjects matched the same rules in every layer.
+#[derive(Debug)]
+pub(crate) struct CompiledLayers {
+    layers: Box<[CompiledLayer]>,
+    /// How many rules went in, over all layers.
+    rules: usize,
+}
+
+/// What one layer contributes to a [`SnapshotKey`]: the layer, by name and
+/// its policy's generation, and the rules of that policy a subject matched.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct LayerKey {
+    /// The layer's name.
+    pub name: Arc<str>,
+    /// [`Policy::generation`](crate::Policy::generation) of the layer's
+    /// policy.
+    pub generation: u64,
+    /// Numbers of the policy's rules whose subject matched, in order.
+    pub rules: Box<[u32]>,
+}
+
+/// Keys a snapshot cache: one [`LayerKey`] per layer, outermost first. Two
+/// keys are equal only for the same layers (names and policies, in order)
+/// with the same matching rules in each.
+pub(crate) type SnapshotKey = Box<[LayerKey]>;
+
+/// The key of `peer`'s snapshot of `layers`.
+pub(crate) fn snapshot_key(layers: &[PolicyLayer], peer: &PeerIdentity) -> SnapshotKey {
+    layers
+        .iter()
+        .map(|layer| LayerKey {
+            name: Arc::clone(&layer.name),
+            generation: layer.policy.generation(),
+            rules: layer.policy.rules_matching(peer),
+        })
+        .collect()
+}
+
+/// Compiled snapshot indexes by [`SnapshotKey`]; weak, so that indexes
+/// live only while a peer uses them.
+#[derive(Default)]
+pub(crate) struct SnapshotCache {
+    entries: Mutex<FxHashMap<SnapshotKey, Weak<CompiledLayers>>>,
+}
+
+impl SnapshotCache {
+    /// The indexes for `key` (its layers are `layers`, in the same order),
+    /// compiled now unless a live entry has them.
+    fn get_or_compile(&self, key: SnapshotKey, layers: &[PolicyLayer]) -> Arc<CompiledLayers> {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(compiled) = entries.get(&key).and_then(Weak::upgrade) {
+            return compiled;
+        }
+        let compiled: Box<[CompiledLayer]> = layers
+            .iter()
+            .zip(key.iter())
+            .map(|(layer, layer_key)| CompiledLayer {
+                name: Arc::clone(&layer.name),
+                index: Compiled::build(layer.policy.rules(), &layer_key.rules),
+            })
+            .collect();
+        let compiled = Arc::new(CompiledLayers {
+            rules: key.iter().map(|layer_key| layer_key.rules.len()).sum(),
+            layers: compiled,
+        });
+        // Drop dead entries now and then; amortized O(1).
+        if entries.len() >= 64 && entries.len().is_power_of_two() {
+            entries.retain(|_, weak| weak.strong_count() > 0);
+        }
+        entries.insert(key, Arc::downgrade(&compiled));
+        compiled
+    }
+
+    /// Number of entries, live or dead (for tests).
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// Compiles `peer`'s snapshot of `layers` (at least one), through `cache`.
+pub(crate) fn snapshot(
+    cache: &SnapshotCache,
+    layers: &[PolicyLayer],
+    peer: &PeerIdentity,
+) -> PeerPolicy {
+    assert!(!layers.is_empty(), "a snapshot needs at least one layer");
+    let compiled = cache.get_or_compile(snapshot_key(layers, peer), layers);
+    PeerPolicy {
+        inner: Arc::new(PeerInner {
+            compiled,
+            facts: Facts::of(peer),
+        }),
     }
 }
 
 struct PeerInner {
-    compiled: Arc<Compiled>,
+    compiled: Arc<CompiledLayers>,
     facts: Facts,
 }
 
@@ -515,8 +632,10 @@ struct PeerInner {
 ///
 /// Cheap to clone (one `Arc`). The checks take the other party's identity
 /// and the names involved, and return a [`Decision`] naming the deciding
-/// rule. Replies to pending calls and the bus's own name (`org.pbus.Bus`)
-/// are not subject to policy: the daemon does not ask.
+/// rule (and, with several layers, the deciding layer). Every layer of the
+/// snapshot must allow an operation for it to be allowed. Replies to
+/// pending calls and the bus's own name (`org.pbus.Bus`) are not subject
+/// to policy: the daemon does not ask.
 #[derive(Clone)]
 pub struct PeerPolicy {
     inner: Arc<PeerInner>,
@@ -524,52 +643,80 @@ pub struct PeerPolicy {
 
 impl fmt::Debug for PeerPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let layers: Vec<&str> = self.layers().iter().map(|l| &*l.name).collect();
         f.debug_struct("PeerPolicy")
             .field("uid", &self.inner.facts.uid)
+            .field("layers", &layers)
             .field("rules", &self.inner.compiled.rules)
             .finish()
     }
 }
 
 impl PeerPolicy {
-    pub(crate) fn new(compiled: Arc<Compiled>, facts: Facts) -> Self {
-        Self {
-            inner: Arc::new(PeerInner { compiled, facts }),
-        }
-    }
-
-    /// Number of rules whose subject matched this peer.
+    /// Number of rules whose subject matched this peer, over all layers.
     pub fn rule_count(&self) -> usize {
         self.inner.compiled.rules
     }
 
-    /// True when `self` and `other` share one compiled index (their
-    /// subjects matched the same rules).
+    /// True when `self` and `other` share one set of compiled indexes
+    /// (same layers, and their subjects matched the same rules in each).
     pub fn shares_index_with(&self, other: &PeerPolicy) -> bool {
         Arc::ptr_eq(&self.inner.compiled, &other.inner.compiled)
     }
 
-    fn index(&self) -> &Compiled {
-        &self.inner.compiled
+    #[inline]
+    fn layers(&self) -> &[CompiledLayer] {
+        &self.inner.compiled.layers
+    }
+
+    /// Every layer's decision on `right`, `entry` finding the deciding
+    /// entry in a layer's indexes, combined (see [`combine_decisions`]).
+    fn decide<'a>(
+        &'a self,
+        right: Right,
+        entry: impl Fn(&'a Compiled) -> Option<&'a Entry>,
+    ) -> Decision {
+        let layers = self.layers();
+        combine_decisions(
+            layers.iter().map(|layer| {
+                (
+                    &layer.name,
+                    decision(right, entry(&layer.index).map(Entry::verdict)),
+                )
+            }),
+            layers.len() > 1,
+        )
+    }
+
+    /// True when every layer allows `right`, `entry` finding the deciding
+    /// entry in a layer's indexes: the verdict of [`decide`](Self::decide)
+    /// without building decisions.
+    #[inline]
+    fn all_allow<'a>(
+        &'a self,
+        right: Right,
+        entry: impl Fn(&'a Compiled) -> Option<&'a Entry>,
+    ) -> bool {
+        self.layers()
+            .iter()
+            .all(|layer| verdict_only(right, entry(&layer.index)))
     }
 
     /// May this peer own `name`?
     pub fn own(&self, name: &str) -> Decision {
-        let entry = self
-            .index()
-            .own
-            .decide(&[name], None, &self.inner.facts, None);
-        decision(Right::Own, entry.map(Entry::verdict))
+        let facts = &self.inner.facts;
+        self.decide(Right::Own, |index| {
+            index.own.decide(&[name], None, facts, None)
+        })
     }
 
     /// May this peer learn that `name` (a well-known name, or the owner's
     /// unique name, which only `*` rules cover) owned by `owner` exists?
     pub fn see(&self, owner: &PeerIdentity, name: &str) -> Decision {
-        let entry = self
-            .index()
-            .see
-            .decide(&[name], None, &self.inner.facts, Some(owner));
-        decision(Right::See, entry.map(Entry::verdict))
+        let facts = &self.inner.facts;
+        self.decide(Right::See, |index| {
+            index.see.decide(&[name], None, facts, Some(owner))
+        })
     }
 
     /// May this peer send `member` to `receiver`? `names` are the
@@ -578,108 +725,120 @@ impl PeerPolicy {
     /// them decides, and with no names only `name = "*"` rules apply.
     #[inline]
     pub fn talk(&self, receiver: &PeerIdentity, names: &[&str], member: &str) -> Decision {
-        let entry =
-            self.index()
+        let facts = &self.inner.facts;
+        self.decide(Right::Talk, |index| {
+            index
                 .talk
-                .decide(names, Some(member), &self.inner.facts, Some(receiver));
-        decision(Right::Talk, entry.map(Entry::verdict))
+                .decide(names, Some(member), facts, Some(receiver))
+        })
     }
 
     /// May this peer (as receiver) accept `member` from `sender`, which owns
     /// `names`?
     pub fn receive(&self, sender: &PeerIdentity, names: &[&str], member: &str) -> Decision {
-        let entry =
-            self.index()
+        let facts = &self.inner.facts;
+        self.decide(Right::Receive, |index| {
+            index
                 .receive
-                .decide(names, Some(member), &self.inner.facts, Some(sender));
-        decision(Right::Receive, entry.map(Entry::verdict))
+                .decide(names, Some(member), facts, Some(sender))
+        })
     }
 
     /// May this peer attach fds to a message for `receiver`, addressed as /
     /// owning `names`?
     pub fn pass_fds(&self, receiver: &PeerIdentity, names: &[&str]) -> Decision {
-        let entry = self
-            .index()
-            .pass_fds
-            .decide(names, None, &self.inner.facts, Some(receiver));
-        decision(Right::PassFds, entry.map(Entry::verdict))
+        let facts = &self.inner.facts;
+        self.decide(Right::PassFds, |index| {
+            index.pass_fds.decide(names, None, facts, Some(receiver))
+        })
     }
 
     /// [`see`](Self::see)`(..).allowed`, without building the [`Decision`]:
     /// for the daemon's checks, where only the verdict matters.
     #[inline]
     pub fn may_see(&self, owner: &PeerIdentity, name: &str) -> bool {
-        let entry = self
-            .index()
-            .see
-            .decide(&[name], None, &self.inner.facts, Some(owner));
-        verdict_only(Right::See, entry)
+        let facts = &self.inner.facts;
+        self.all_allow(Right::See, |index| {
+            index.see.decide(&[name], None, facts, Some(owner))
+        })
     }
 
     /// [`talk`](Self::talk)`(..).allowed`, without building the
     /// [`Decision`]: the per-message check.
     #[inline]
     pub fn may_talk(&self, receiver: &PeerIdentity, names: &[&str], member: &str) -> bool {
-        let entry =
-            self.index()
+        let facts = &self.inner.facts;
+        self.all_allow(Right::Talk, |index| {
+            index
                 .talk
-                .decide(names, Some(member), &self.inner.facts, Some(receiver));
-        verdict_only(Right::Talk, entry)
+                .decide(names, Some(member), facts, Some(receiver))
+        })
     }
 
     /// [`receive`](Self::receive)`(..).allowed`, without building the
     /// [`Decision`]: the per-message check.
     #[inline]
     pub fn may_receive(&self, sender: &PeerIdentity, names: &[&str], member: &str) -> bool {
-        let entry =
-            self.index()
+        let facts = &self.inner.facts;
+        self.all_allow(Right::Receive, |index| {
+            index
                 .receive
-                .decide(names, Some(member), &self.inner.facts, Some(sender));
-        verdict_only(Right::Receive, entry)
+                .decide(names, Some(member), facts, Some(sender))
+        })
     }
 
     /// [`pass_fds`](Self::pass_fds)`(..).allowed`, without building the
     /// [`Decision`]: the per-message check.
     #[inline]
     pub fn may_pass_fds(&self, receiver: &PeerIdentity, names: &[&str]) -> bool {
-        let entry = self
-            .index()
-            .pass_fds
-            .decide(names, None, &self.inner.facts, Some(receiver));
-        verdict_only(Right::PassFds, entry)
+        let facts = &self.inner.facts;
+        self.all_allow(Right::PassFds, |index| {
+            index.pass_fds.decide(names, None, facts, Some(receiver))
+        })
     }
 
     /// The largest sealed memfd payload (bytes) this peer may attach to a
     /// message for `receiver`; `None` means no policy cap (no memfd rule
     /// applies, or the deciding rule has no `max-bytes`). A deciding deny
-    /// rule means `Some(0)`.
+    /// rule means `Some(0)`. With several layers, the smallest cap of any.
     pub fn max_memfd_bytes(&self, receiver: &PeerIdentity, names: &[&str]) -> Option<u64> {
-        let entry = self
-            .index()
-            .memfd
-            .decide(names, None, &self.inner.facts, Some(receiver));
-        memfd_cap(entry.map(|e| (e.allow, e.max_bytes)))
+        let facts = &self.inner.facts;
+        self.layers()
+            .iter()
+            .map(|layer| {
+                let entry = layer.index.memfd.decide(names, None, facts, Some(receiver));
+                memfd_cap(entry.map(|e| (e.allow, e.max_bytes)))
+            })
+            .fold(None, |tightest, cap| {
+                if tighter_cap(cap, tightest) {
+                    cap
+                } else {
+                    tightest
+                }
+            })
     }
 
     /// The memfd check as a [`Decision`] (allowed unless a deny rule
     /// decides) together with the cap, for logs and `explain`.
     pub fn memfd(&self, receiver: &PeerIdentity, names: &[&str]) -> (Decision, Option<u64>) {
-        let entry = self
-            .index()
-            .memfd
-            .decide(names, None, &self.inner.facts, Some(receiver));
-        (
-            decision(Right::Memfd, entry.map(Entry::verdict)),
-            memfd_cap(entry.map(|e| (e.allow, e.max_bytes))),
+        let facts = &self.inner.facts;
+        let layers = self.layers();
+        combine_memfd(
+            layers.iter().map(|layer| {
+                let entry = layer.index.memfd.decide(names, None, facts, Some(receiver));
+                (
+                    &layer.name,
+                    decision(Right::Memfd, entry.map(Entry::verdict)),
+                    memfd_cap(entry.map(|e| (e.allow, e.max_bytes))),
+                )
+            }),
+            layers.len() > 1,
         )
     }
 
     /// May this peer watch traffic not addressed to it?
     pub fn monitor(&self) -> Decision {
-        decision(
-            Right::Monitor,
-            self.index().monitor.first().map(Entry::verdict),
-        )
+        self.decide(Right::Monitor, |index| index.monitor.first())
     }
 
     /// May the broker open `path` with `access` for this peer? The path
@@ -687,16 +846,25 @@ impl PeerPolicy {
     /// repeated slashes are ignored, and prefixes match whole components
     /// (`/srv/data` covers `/srv/data/x`, not `/srv/database`). Each kind of
     /// access asked for must be allowed by the most specific rule covering
-    /// that kind.
+    /// that kind, in every layer.
     pub fn file_access(&self, path: &Path, access: FileAccess) -> Decision {
-        let (normalized, ends) = match normalize_path(path) {
-            Ok(n) => n,
-            Err(why) => return file_refused(why),
-        };
-        let file = &self.index().file;
-        file_decision(access, |kind| {
-            file.decide(&normalized, &ends, kind)
-                .map(|e| (e.allow, &e.info))
-        })
+        let normalized = normalize_path(path);
+        let layers = self.layers();
+        combine_decisions(
+            layers.iter().map(|layer| {
+                let decision = match &normalized {
+                    Err(why) => file_refused(why),
+                    Ok((normalized, ends)) => file_decision(access, |kind| {
+                        layer
+                            .index
+                            .file
+                            .decide(normalized, ends, kind)
+                            .map(|e| (e.allow, &e.info))
+                    }),
+                };
+                (&layer.name, decision)
+            }),
+            layers.len() > 1,
+        )
     }
 }

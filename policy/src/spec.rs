@@ -6,8 +6,6 @@
 
 use pbus_identity::{Container, ContainerRuntime, PeerIdentity};
 
-use crate::parse::{parse_runtime, RUNTIMES};
-
 /// Why an identity description could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("identity {spec:?}: {message}")]
@@ -39,8 +37,8 @@ const KEYS: &str = "uid, gid, groups, pid, label, container, pod, listener, pidn
 /// A comma-separated piece without `=` continues the previous value, so
 /// SELinux labels with category sets read naturally:
 /// `uid=0,label=system_u:system_r:container_t:s0:c1,c2`.
-/// Runtimes are `docker`, `podman`, `containerd`, `crio`, `lxc`, `nspawn`,
-/// `unknown`.
+/// Runtimes are the names of [`ContainerRuntime::ALL`] (`docker`, `podman`,
+/// `containerd`, `crio`, `lxc`, `nspawn`, `unknown`).
 pub fn parse_identity(spec: &str) -> Result<PeerIdentity, IdentitySpecError> {
     let fail = |message: String| IdentitySpecError {
         spec: spec.to_owned(),
@@ -101,18 +99,15 @@ pub fn parse_identity(spec: &str) -> Result<PeerIdentity, IdentitySpecError> {
                     Some((r, i)) => (r, i),
                     None => (value.as_str(), ""),
                 };
-                let runtime = if runtime == "host" {
-                    if !container_id.is_empty() {
-                        return Err(fail("`container`: the host has no container id".into()));
-                    }
-                    ContainerRuntime::Host
-                } else {
-                    parse_runtime(runtime).ok_or_else(|| {
-                        fail(format!(
-                            "`container`: unknown runtime {runtime:?} (expected host, {RUNTIMES})"
-                        ))
-                    })?
-                };
+                let runtime = ContainerRuntime::from_name(runtime).ok_or_else(|| {
+                    fail(format!(
+                        "`container`: unknown runtime {runtime:?} (expected {})",
+                        ContainerRuntime::list_names(ContainerRuntime::ALL)
+                    ))
+                })?;
+                if !runtime.is_container() && !container_id.is_empty() {
+                    return Err(fail("`container`: the host has no container id".into()));
+                }
                 id.container.runtime = runtime;
                 id.container.id = container_id.to_owned();
             }

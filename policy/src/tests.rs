@@ -12,8 +12,8 @@ use std::sync::Arc;
 use pbus_identity::PeerIdentity;
 
 use crate::{
-    check_path, parse_identity, Decision, FileAccess, Operation, Policy, PolicyErrors, Right,
-    DEFAULT_POLICY,
+    check_path, parse_identity, Decision, FileAccess, Operation, PeerPolicy, Policy, PolicyErrors,
+    PolicyLayers, Right, DEFAULT_POLICY,
 };
 
 /// One operation of a row.
@@ -111,7 +111,11 @@ fn operation(op: Op, target: &PeerIdentity) -> Operation {
 /// Runs the fast path (snapshot) for one row; the verdict-only `may_*`
 /// checks must agree with the decision.
 fn fast(policy: &Arc<Policy>, subject: &PeerIdentity, target: &PeerIdentity, op: Op) -> Decision {
-    let snap = policy.snapshot(subject);
+    fast_on(&policy.snapshot(subject), target, op)
+}
+
+/// [`fast`] on a snapshot already compiled.
+fn fast_on(snap: &PeerPolicy, target: &PeerIdentity, op: Op) -> Decision {
     match op {
         Op::Own(name) => snap.own(name),
         Op::See(name) => {
@@ -183,6 +187,22 @@ fn run(policy: &Arc<Policy>, text: &str, rows: &[Row]) {
             let first = &explained.candidates[0];
             assert!(first.deciding && first.rule == *rule, "row {i}: candidates");
         }
+        // The policy as the one layer of a stack decides and explains
+        // exactly as the plain policy.
+        let layers = PolicyLayers::global(Arc::clone(policy));
+        let layered = fast_on(&layers.snapshot(&subject), &target, r.op);
+        assert_eq!(layered, decision, "row {i} {r:?}: one layer differs");
+        let layered_explained = layers.explain(&subject, &operation(r.op, &target));
+        assert_eq!(
+            layered_explained.decision, decision,
+            "row {i}: layered explain"
+        );
+        assert_eq!(layered_explained.memfd_limit, explained.memfd_limit);
+        assert_eq!(
+            layered_explained.to_string(),
+            explained.to_string(),
+            "row {i}: layered explain text"
+        );
     }
 }
 
@@ -1111,7 +1131,7 @@ fn parse_errors() {
         ),
         (
             "[[rule]]\nallow = [\"talk\"]\nsubject = { anyone = true }\nmember = \"Get-x\"\n",
-            &[(4, 14, "`member`: character outside A-Z a-z 0-9 _")],
+            &[(4, 14, "`member`: has a character outside A-Z a-z 0-9 _")],
         ),
         (
             "[[rule]]\nallow = [\"file\"]\nsubject = { anyone = true }\npath = \"srv\"\naccess = \"read\"\n",

@@ -18,6 +18,12 @@
 //!
 //! Each type has an `from_unchecked` escape hatch for values the daemon itself
 //! produced; it is named so that misuse is visible in review.
+//!
+//! This module is the one implementation of the name grammar: the policy
+//! parser checks the names and name prefixes of its rules with
+//! [`WellKnownName::check_located`], [`WellKnownName::check_prefix`] and
+//! [`MemberName::check_located`], which say where in the text a name breaks
+//! a rule (wildcards in rule patterns are the policy's own syntax).
 
 use std::fmt;
 
@@ -56,14 +62,35 @@ fn is_member_char(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_'
 }
 
+/// Where and why a text breaks the name grammar: the located form of a
+/// [`NameError`], for tools that point at the offending character.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocatedNameError {
+    /// Byte offset into the text checked of the first problem.
+    pub offset: usize,
+    /// What rule it broke (the same text as [`NameError::reason`]).
+    pub reason: &'static str,
+}
+
+impl LocatedNameError {
+    fn at(offset: usize, reason: &'static str) -> Self {
+        Self { offset, reason }
+    }
+
+    /// The unlocated error about `value` as a `kind`.
+    fn into_name_error(self, kind: &'static str, value: &str) -> NameError {
+        NameError::new(kind, value, self.reason)
+    }
+}
+
 /// The checks every dotted name shares: not empty, at most
 /// [`MAX_NAME_LEN`] bytes.
-fn check_name_len(kind: &'static str, value: &str) -> Result<(), NameError> {
+fn check_name_len(value: &str) -> Result<(), LocatedNameError> {
     if value.is_empty() {
-        return Err(NameError::new(kind, value, "empty"));
+        return Err(LocatedNameError::at(0, "empty"));
     }
     if value.len() > MAX_NAME_LEN {
-        return Err(NameError::new(kind, value, "longer than 255 bytes"));
+        return Err(LocatedNameError::at(MAX_NAME_LEN, "longer than 255 bytes"));
     }
     Ok(())
 }
@@ -71,58 +98,72 @@ fn check_name_len(kind: &'static str, value: &str) -> Result<(), NameError> {
 /// Checks the dot-separated elements of a well-known, member or error name:
 /// each non-empty, not starting with a digit and made of `allowed`
 /// characters (`allowed_text` says which), and at least `min_elements`
-/// of them.
+/// of them. Returns the number of elements.
 fn check_elements(
-    kind: &'static str,
     value: &str,
     allowed: fn(u8) -> bool,
     allowed_text: &'static str,
-    min_elements: usize,
-) -> Result<(), NameError> {
+    min_elements: u32,
+) -> Result<u32, LocatedNameError> {
     let mut elements = 0;
+    let mut offset = 0;
     for element in value.split('.') {
         elements += 1;
         let bytes = element.as_bytes();
         if bytes.is_empty() {
-            return Err(NameError::new(kind, value, "has an empty element"));
+            return Err(LocatedNameError::at(offset, "has an empty element"));
         }
         if bytes[0].is_ascii_digit() {
-            return Err(NameError::new(
-                kind,
-                value,
+            return Err(LocatedNameError::at(
+                offset,
                 "has an element starting with a digit",
             ));
         }
-        if !bytes.iter().all(|&c| allowed(c)) {
-            return Err(NameError::new(kind, value, allowed_text));
+        if let Some(at) = bytes.iter().position(|&c| !allowed(c)) {
+            return Err(LocatedNameError::at(offset + at, allowed_text));
         }
+        offset += element.len() + 1;
     }
     if elements < min_elements {
-        return Err(NameError::new(
-            kind,
-            value,
+        return Err(LocatedNameError::at(
+            0,
             "needs at least two dot-separated elements",
+        ));
+    }
+    Ok(elements)
+}
+
+/// Refuses a leading `:`: unique names are not well-known names.
+fn check_not_unique(value: &str) -> Result<(), LocatedNameError> {
+    if value.starts_with(':') {
+        return Err(LocatedNameError::at(
+            0,
+            "starts with ':' (unique names are assigned by the bus)",
         ));
     }
     Ok(())
 }
 
-fn check_well_known(kind: &'static str, value: &str) -> Result<(), NameError> {
-    check_name_len(kind, value)?;
-    if value.starts_with(':') {
-        return Err(NameError::new(
-            kind,
-            value,
-            "starts with ':' (unique names are assigned by the bus)",
-        ));
-    }
+/// The elements of a well-known name or of a prefix of one.
+fn check_well_known_elements(value: &str, min_elements: u32) -> Result<u32, LocatedNameError> {
     check_elements(
-        kind,
         value,
         is_name_char,
         "has a character outside A-Z a-z 0-9 _ -",
-        2,
+        min_elements,
     )
+}
+
+fn check_well_known_located(value: &str) -> Result<u32, LocatedNameError> {
+    check_name_len(value)?;
+    check_not_unique(value)?;
+    check_well_known_elements(value, 2)
+}
+
+fn check_well_known(kind: &'static str, value: &str) -> Result<(), NameError> {
+    check_well_known_located(value)
+        .map(drop)
+        .map_err(|e| e.into_name_error(kind, value))
 }
 
 fn check_unique(kind: &'static str, value: &str) -> Result<(), NameError> {
@@ -153,10 +194,9 @@ fn check_unique(kind: &'static str, value: &str) -> Result<(), NameError> {
     Ok(())
 }
 
-fn check_member(kind: &'static str, value: &str) -> Result<(), NameError> {
-    check_name_len(kind, value)?;
+fn check_member_located(value: &str) -> Result<u32, LocatedNameError> {
+    check_name_len(value)?;
     check_elements(
-        kind,
         value,
         is_member_char,
         "has a character outside A-Z a-z 0-9 _",
@@ -164,15 +204,24 @@ fn check_member(kind: &'static str, value: &str) -> Result<(), NameError> {
     )
 }
 
+fn check_member(kind: &'static str, value: &str) -> Result<(), NameError> {
+    check_member_located(value)
+        .map(drop)
+        .map_err(|e| e.into_name_error(kind, value))
+}
+
 fn check_error_name(kind: &'static str, value: &str) -> Result<(), NameError> {
-    check_name_len(kind, value)?;
-    check_elements(
-        kind,
-        value,
-        is_member_char,
-        "has a character outside A-Z a-z 0-9 _",
-        2,
-    )
+    check_name_len(value)
+        .and_then(|()| {
+            check_elements(
+                value,
+                is_member_char,
+                "has a character outside A-Z a-z 0-9 _",
+                2,
+            )
+        })
+        .map(drop)
+        .map_err(|e| e.into_name_error(kind, value))
 }
 
 fn check_path(kind: &'static str, value: &str) -> Result<(), NameError> {
@@ -308,6 +357,39 @@ name_type!(
     "error name",
     check_error_name
 );
+
+impl WellKnownName {
+    /// Checks `value` like [`validate`](Self::validate), but says where
+    /// the first problem is; on success, the number of elements.
+    pub fn check_located(value: &str) -> Result<u32, LocatedNameError> {
+        check_well_known_located(value)
+    }
+
+    /// Checks `prefix` as the leading elements of well-known names (the
+    /// `org.example` of a policy pattern `org.example.*`): one or more
+    /// elements of the well-known grammar, short enough that some name
+    /// extends it, not a unique name. On success, the number of elements.
+    pub fn check_prefix(prefix: &str) -> Result<u32, LocatedNameError> {
+        check_name_len(prefix)?;
+        // Room for `.x`: the shortest name under the prefix.
+        if prefix.len() > MAX_NAME_LEN - 2 {
+            return Err(LocatedNameError::at(
+                MAX_NAME_LEN - 2,
+                "too long for any name under it to fit in 255 bytes",
+            ));
+        }
+        check_not_unique(prefix)?;
+        check_well_known_elements(prefix, 1)
+    }
+}
+
+impl MemberName {
+    /// Checks `value` like [`validate`](Self::validate), but says where
+    /// the first problem is; on success, the number of elements.
+    pub fn check_located(value: &str) -> Result<u32, LocatedNameError> {
+        check_member_located(value)
+    }
+}
 
 impl UniqueName {
     /// The unique name the daemon gives connection number `id`: `:1.<id>`.
@@ -486,6 +568,40 @@ mod tests {
             reason(UniqueName::try_from(":1").unwrap_err()),
             ("unique name", "needs at least two dot-separated elements")
         );
+    }
+
+    #[test]
+    fn located_errors_point_at_the_offending_byte() {
+        let at = |result: Result<u32, LocatedNameError>| result.unwrap_err().offset;
+        assert_eq!(WellKnownName::check_located("org.example.Foo"), Ok(3));
+        assert_eq!(at(WellKnownName::check_located("org..Foo")), 4);
+        assert_eq!(at(WellKnownName::check_located("org.9x")), 4);
+        assert_eq!(at(WellKnownName::check_located("org.e x")), 5);
+        assert_eq!(at(WellKnownName::check_located(":1.2")), 0);
+        assert_eq!(
+            WellKnownName::check_located("org").unwrap_err(),
+            LocatedNameError {
+                offset: 0,
+                reason: "needs at least two dot-separated elements"
+            }
+        );
+        assert_eq!(MemberName::check_located("org.example.Get_2"), Ok(3));
+        assert_eq!(at(MemberName::check_located("Get-x")), 3);
+        assert_eq!(at(MemberName::check_located("a.2b")), 2);
+        assert_eq!(at(MemberName::check_located(&"m".repeat(256))), 255);
+    }
+
+    #[test]
+    fn prefixes_may_have_one_element() {
+        assert_eq!(WellKnownName::check_prefix("org"), Ok(1));
+        assert_eq!(WellKnownName::check_prefix("org.my-app"), Ok(2));
+        assert_eq!(WellKnownName::check_prefix("org.").unwrap_err().offset, 4);
+        assert!(WellKnownName::check_prefix(":1").is_err());
+        assert!(WellKnownName::check_prefix("").is_err());
+        let longest = "a".repeat(MAX_NAME_LEN - 2);
+        assert_eq!(WellKnownName::check_prefix(&longest), Ok(1));
+        WellKnownName::try_from(format!("{longest}.x")).unwrap();
+        assert!(WellKnownName::check_prefix(&format!("{longest}a")).is_err());
     }
 
     #[test]

@@ -54,7 +54,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use pbus_identity::PeerIdentity;
-use pbus_policy::{PeerPolicy, Policy, Right};
+use pbus_policy::{PeerPolicy, Policy, PolicyLayers, Right};
 use pbus_proto::frame::{Flushed, OutQueue};
 use pbus_proto::header::HeaderView;
 use pbus_proto::names::{MemberName, ObjectPath, UniqueName, WellKnownName};
@@ -134,7 +134,9 @@ pub struct Bus<Io> {
     next_job: u64,
     calls: PendingCalls,
     limits: Limits,
-    policy: Arc<Policy>,
+    /// The policy stack every peer's snapshot is compiled from: today only
+    /// the global layer (the configured policy).
+    policy: PolicyLayers,
     bus_id: String,
     started: Instant,
     next_peer: u64,
@@ -200,7 +202,7 @@ impl<Io> Bus<Io> {
     /// read yet.
     pub fn new(
         limits: Limits,
-        policy: Arc<Policy>,
+        policy: PolicyLayers,
         bus_id: String,
         daemon: DaemonFacts,
         budgets: FdBudgets,

@@ -1,14 +1,17 @@
-//! Policy reload: installing a new policy (every peer's snapshot recompiled,
-//! connections and names kept) and answering the callers of `ReloadPolicy`.
+//! Policy reload: installing a new global policy layer (every peer's
+//! snapshot recompiled, connections and names kept) and answering the
+//! callers of `ReloadPolicy`.
 
 use super::*;
 
 impl<Io> Bus<Io> {
-    /// Replaces the policy and recompiles every peer's snapshot; returns the
-    /// number of peers. Connections are kept; names already owned are kept.
+    /// Replaces the global policy layer (narrower layers are kept) and
+    /// recompiles every peer's snapshot; returns the number of peers.
+    /// Connections are kept; names already owned are kept.
     pub fn set_policy(&mut self, policy: Arc<Policy>) -> usize {
+        let layers = self.policy.with_global(policy);
         for peer in self.peers.values_mut() {
-            peer.policy = policy.snapshot(&peer.identity);
+            peer.policy = layers.snapshot(&peer.identity);
             // Eavesdropping needs the monitor right now too: a monitor that
             // lost it stops receiving copies.
             if !peer.monitor_matches.is_empty() && !peer.policy.monitor().allowed {
@@ -18,12 +21,12 @@ impl<Io> Bus<Io> {
                 }
             }
         }
-        self.policy = policy;
+        self.policy = layers;
         self.peers.len()
     }
 
-    /// The policy in force.
-    pub fn policy(&self) -> &Arc<Policy> {
+    /// The policy layers in force.
+    pub fn policy(&self) -> &PolicyLayers {
         &self.policy
     }
 

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use pbus_identity::{Container, ContainerRuntime, Namespaces, PeerIdentity};
-use pbus_policy::Policy;
+use pbus_policy::{Policy, PolicyLayers};
 use pbus_proto::frame::{Flushed, FrameLimits, FrameReader};
 use pbus_proto::v1::{
     AddMatchRequest, ContainerInfo, ErrorCode, Header, HeaderFlag, Hello, MatchRule, MessageKind,
@@ -55,7 +55,7 @@ impl Harness {
         Self {
             bus: Bus::new(
                 limits,
-                Policy::builtin(),
+                PolicyLayers::global(Policy::builtin()),
                 "test-bus".into(),
                 daemon_facts(),
                 FdBudgets {
@@ -826,7 +826,7 @@ fn fds_over_a_senders_in_flight_share_are_refused_to_the_sender_not_the_receiver
     let mut h = Harness {
         bus: Bus::new(
             Limits::default(),
-            Policy::builtin(),
+            PolicyLayers::global(Policy::builtin()),
             "test-bus".into(),
             daemon_facts(),
             FdBudgets {

@@ -26,7 +26,7 @@ use std::task::Waker;
 use std::time::Instant;
 
 use pbus_identity::HostContext;
-use pbus_policy::Policy;
+use pbus_policy::{Policy, PolicyLayers};
 use pbus_proto::frame::Flushed;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -122,12 +122,13 @@ const SCRATCH_LEN: usize = 256 << 10;
 pub struct Server {
     sockets: Vec<BoundSocket>,
     config: Config,
-    policy: Arc<Policy>,
+    policy: PolicyLayers,
 }
 
 impl Server {
-    /// Binds every listen path of `config` (or the default path).
-    pub fn bind(config: Config, policy: Arc<Policy>) -> anyhow::Result<Self> {
+    /// Binds every listen path of `config` (or the default path); peers get
+    /// snapshots of `policy`.
+    pub fn bind(config: Config, policy: PolicyLayers) -> anyhow::Result<Self> {
         let paths: Vec<PathBuf> = if config.listen.is_empty() {
             vec![listener::default_socket_path()?]
         } else {
@@ -402,7 +403,7 @@ fn spawn_job(shared: &Rc<Shared>, id: JobId, job: Job) {
         let mut bus = shared.bus.borrow_mut();
         match bus.handle_job_done(id, output) {
             JobDone::PolicyInstalled { peers } => {
-                let policy = bus.policy();
+                let policy = bus.policy().global_policy();
                 tracing::info!(
                     files = policy.origins().len(),
                     rules = policy.rule_count(),
@@ -493,7 +494,7 @@ mod memory_tests {
         let shared = Rc::new(Shared {
             bus: RefCell::new(Bus::new(
                 Config::default().limits,
-                Policy::builtin(),
+                PolicyLayers::global(Policy::builtin()),
                 "test".into(),
                 DaemonFacts {
                     uid: 0,
