@@ -51,6 +51,10 @@ pub enum Error {
     /// A name, member or path is invalid.
     #[error(transparent)]
     InvalidName(#[from] pbus_proto::names::NameError),
+    /// A match rule the bus would refuse for another reason than a name
+    /// (a path namespace without a path, an argument index above 63).
+    #[error("invalid match rule: {0}")]
+    InvalidMatchRule(pbus_proto::matches::RuleError),
     /// A message would exceed a limit the bus announced.
     #[error("{what} exceeds the bus limit {limit} ({value} > {max})")]
     TooLarge {

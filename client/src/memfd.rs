@@ -7,6 +7,9 @@
 //! threshold); [`MemfdWriter`] and [`SealedMemfd::from_fd`] let
 //! applications produce payloads directly in a memfd, and receivers map
 //! what they get read-only with [`SealedMemfd::map`] or keep the fd.
+//!
+//! Whether a memfd and range make a valid payload is
+//! `pbus_sys::memfd::check_payload`, the check the bus makes too.
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -78,22 +81,13 @@ impl SealedMemfd {
     /// Wraps a memfd received from the bus after checking, once more, that
     /// it is sealed and the range fits (so mapping it can never fault).
     pub(crate) fn received(fd: OwnedFd, offset: u64, len: u64) -> Result<Self, Error> {
-        let present = sys::seals(&fd)
-            .map_err(|e| Error::Memfd(format!("received fd is not a memfd: {e}")))?;
-        if present & seal::REQUIRED != seal::REQUIRED {
-            return Err(Error::Memfd("received memfd is not fully sealed".into()));
-        }
         Self::checked(fd, offset, len)
     }
 
+    /// Applies the payload rule (seals and range) that the bus applies.
     fn checked(fd: OwnedFd, offset: u64, len: u64) -> Result<Self, Error> {
-        let size = sys::file_size(&fd)?;
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(Self { fd, offset, len }),
-            _ => Err(Error::Memfd(format!(
-                "range {offset}+{len} does not fit in a memfd of {size} bytes"
-            ))),
-        }
+        sys::check_payload(&fd, offset, len).map_err(|error| Error::Memfd(error.to_string()))?;
+        Ok(Self { fd, offset, len })
     }
 
     /// Payload length in bytes.

@@ -388,7 +388,7 @@ mod tests {
         };
         assert!(matches!(
             Incoming::from_parts(header.clone(), b"", vec![unsealed]),
-            Err(Error::Memfd(message)) if message.contains("not fully sealed")
+            Err(Error::Memfd(message)) if message.contains("memfd is missing SEAL_SHRINK")
         ));
         let header = Header {
             memfds: vec![memfd_ref(0, 5)],
@@ -396,7 +396,7 @@ mod tests {
         };
         assert!(matches!(
             Incoming::from_parts(header, b"", vec![sealed(b"0123")]),
-            Err(Error::Memfd(message)) if message.contains("does not fit")
+            Err(Error::Memfd(message)) if message.contains("exceeds its size of 4 bytes")
         ));
     }
 

@@ -3,6 +3,10 @@
 //! wants) and checked again locally (so each stream gets only what its own
 //! rule accepts). Rules on a well-known sender follow that name's current
 //! owner, tracked through `NameOwnerChanged`.
+//!
+//! Validating a rule and matching it against a signal is
+//! `pbus_proto::matches`, the code the bus runs; this module keeps the
+//! subscription plumbing.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -10,7 +14,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::Stream;
-use pbus_proto::names::{BusName, MemberName, ObjectPath};
+use pbus_proto::matches::{Rule, RuleError, SignalView};
+use pbus_proto::names::BusName;
 use pbus_proto::v1::{self, ArgMatch};
 use pbus_proto::{BUS_NAME, BUS_PATH};
 use tokio::sync::mpsc;
@@ -99,60 +104,18 @@ impl MatchRule {
         self.rule.clone()
     }
 
-    fn validate(&self) -> Result<(), Error> {
-        if !self.rule.sender.is_empty() {
-            BusName::validate(&self.rule.sender)?;
-        }
-        if !self.rule.path.is_empty() {
-            ObjectPath::validate(&self.rule.path)?;
-        }
-        if !self.rule.member.is_empty() {
-            MemberName::validate(&self.rule.member)?;
-        }
-        Ok(())
+    /// The rule validated as the bus validates it: an invalid name is
+    /// [`Error::InvalidName`], any other fault [`Error::InvalidMatchRule`].
+    fn validate(&self) -> Result<Rule, Error> {
+        Rule::from_wire(self.rule.clone()).map_err(|error| match error {
+            RuleError::Name(error) => Error::InvalidName(error),
+            other => Error::InvalidMatchRule(other),
+        })
     }
 
     fn well_known_sender(&self) -> Option<&str> {
         let sender = self.rule.sender.as_str();
         (!sender.is_empty() && !sender.starts_with(':') && sender != BUS_NAME).then_some(sender)
-    }
-
-    fn matches(&self, signal: &Incoming, owners: &HashMap<String, TrackedOwner>) -> bool {
-        let rule = &self.rule;
-        if !rule.member.is_empty() && rule.member != signal.member() {
-            return false;
-        }
-        if !rule.path.is_empty() {
-            let path = signal.path();
-            let hit = if rule.path_namespace {
-                rule.path == "/"
-                    || path
-                        .strip_prefix(rule.path.as_str())
-                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-            } else {
-                rule.path == path
-            };
-            if !hit {
-                return false;
-            }
-        }
-        for arg in &rule.args {
-            if signal.args().get(arg.index as usize) != Some(&arg.value) {
-                return false;
-            }
-        }
-        if !rule.sender.is_empty() {
-            let sender = signal.sender().unique_name.as_str();
-            if rule.sender != sender {
-                let owner = owners
-                    .get(&rule.sender)
-                    .and_then(|tracked| tracked.owner.as_deref());
-                if owner != Some(sender) {
-                    return false;
-                }
-            }
-        }
-        true
     }
 }
 
@@ -175,7 +138,8 @@ pub(crate) struct TrackedOwner {
 
 struct Entry {
     id: u64,
-    rule: MatchRule,
+    /// The stream's rule, validated.
+    rule: Rule,
     tx: mpsc::UnboundedSender<Signal>,
 }
 
@@ -201,16 +165,30 @@ impl Subscriptions {
         }
         let copy = signal.header().flags & pbus_proto::v1::HeaderFlag::MonitorCopy as u32 != 0;
         let signal = Arc::new(signal);
+        let sender = signal.sender().unique_name.as_str();
+        let view = SignalView {
+            sender,
+            path: signal.path(),
+            member: signal.member(),
+            args: signal.args(),
+        };
+        // A rule's well-known sender matches the name's owner as last seen.
+        let sender_owns = |name: &str| {
+            self.owners
+                .get(name)
+                .and_then(|tracked| tracked.owner.as_deref())
+                == Some(sender)
+        };
         for entry in &self.entries {
             // Copies go to eavesdropping subscriptions only, and only
             // copies do: the bus delivers a broadcast because of a plain
             // rule, never an eavesdropping one, so handing it to both
             // streams of a connection that has both (pbusctl monitor) made
             // every broadcast appear twice.
-            if copy != entry.rule.rule.eavesdrop {
+            if copy != entry.rule.eavesdrop {
                 continue;
             }
-            if entry.rule.matches(&signal, &self.owners) {
+            if entry.rule.matches(&view, sender_owns) {
                 let _ = entry.tx.send(Arc::clone(&signal));
             }
         }
@@ -307,7 +285,7 @@ impl Connection {
     /// # Ok(()) }
     /// ```
     pub async fn subscribe(&self, rule: MatchRule) -> Result<SignalStream, Error> {
-        rule.validate()?;
+        let validated = rule.validate()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let track = rule.well_known_sender().map(str::to_owned);
         let (id, first_tracker) = {
@@ -327,7 +305,7 @@ impl Connection {
             };
             subscriptions.entries.push(Entry {
                 id,
-                rule: rule.clone(),
+                rule: validated,
                 tx,
             });
             (id, first_tracker)
@@ -385,5 +363,95 @@ impl NameOwnerWatch {
                 return Some(change);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pbus_proto::v1::{Header, MessageKind, SenderInfo};
+
+    fn signal(sender: &str, member: &str, args: &[&str]) -> Incoming {
+        let header = Header {
+            kind: MessageKind::Signal as i32,
+            path: "/p".into(),
+            member: member.into(),
+            args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+            sender: Some(SenderInfo {
+                unique_name: sender.into(),
+                ..SenderInfo::default()
+            }),
+            ..Header::default()
+        };
+        Incoming::from_parts(header, b"", Vec::new()).unwrap()
+    }
+
+    /// Subscriptions with one stream per rule; returns their receivers.
+    fn subscribed(rules: &[MatchRule]) -> (Subscriptions, Vec<mpsc::UnboundedReceiver<Signal>>) {
+        let mut subscriptions = Subscriptions::default();
+        let mut receivers = Vec::new();
+        for (id, rule) in rules.iter().enumerate() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            subscriptions.entries.push(Entry {
+                id: id as u64,
+                rule: rule.validate().unwrap(),
+                tx,
+            });
+            receivers.push(rx);
+        }
+        (subscriptions, receivers)
+    }
+
+    fn count(rx: &mut mpsc::UnboundedReceiver<Signal>) -> usize {
+        std::iter::from_fn(|| rx.try_recv().ok()).count()
+    }
+
+    #[test]
+    fn each_stream_gets_what_its_rule_accepts() {
+        let (mut subscriptions, mut rx) = subscribed(&[
+            MatchRule::new().member("A"),
+            MatchRule::new().member("B").arg(1, "x"),
+            MatchRule::new().sender(":1.7"),
+        ]);
+        subscriptions.deliver(signal(":1.7", "A", &[]));
+        subscriptions.deliver(signal(":1.8", "B", &["w", "x"]));
+        subscriptions.deliver(signal(":1.8", "B", &["x"]));
+        assert_eq!(count(&mut rx[0]), 1);
+        assert_eq!(count(&mut rx[1]), 1);
+        assert_eq!(count(&mut rx[2]), 1);
+    }
+
+    #[test]
+    fn a_well_known_sender_follows_its_tracked_owner() {
+        let (mut subscriptions, mut rx) = subscribed(&[MatchRule::new().sender("org.example.S")]);
+        subscriptions
+            .owners
+            .insert("org.example.S".into(), TrackedOwner::default());
+        subscriptions.deliver(signal(":1.5", "M", &[]));
+        assert_eq!(count(&mut rx[0]), 0, "nobody owns the name yet");
+        subscriptions.deliver(signal(
+            BUS_NAME,
+            "NameOwnerChanged",
+            &["org.example.S", "", ":1.5"],
+        ));
+        subscriptions.deliver(signal(":1.5", "M", &[]));
+        subscriptions.deliver(signal(":1.6", "M", &[]));
+        assert_eq!(count(&mut rx[0]), 1, "only the owner's signal");
+    }
+
+    #[test]
+    fn rules_the_bus_would_refuse_are_refused_here() {
+        assert!(matches!(
+            MatchRule::new().sender("nodots").validate(),
+            Err(Error::InvalidName(_))
+        ));
+        assert!(matches!(
+            MatchRule::new().path_namespace("").validate(),
+            Err(Error::InvalidMatchRule(RuleError::NamespaceWithoutPath))
+        ));
+        assert!(matches!(
+            MatchRule::new().arg(64, "x").validate(),
+            Err(Error::InvalidMatchRule(RuleError::ArgIndexTooHigh))
+        ));
     }
 }

@@ -1,6 +1,7 @@
 //! pbus wire protocol: the protobuf schema (`proto/pbus/v1/pbus.proto`),
-//! sans-I/O framing ([`frame`]), validated names ([`names`]) and the mapping
-//! between error codes and error names ([`errors`]).
+//! sans-I/O framing ([`frame`]), validated names ([`names`]), match rules
+//! ([`matches`]), the memfd payload rule ([`memfd`]) and the mapping between
+//! error codes and error names ([`errors`]).
 //!
 //! This crate does no I/O and knows nothing about sockets, the daemon or the
 //! client; both of those build on it.
@@ -10,6 +11,8 @@
 pub mod errors;
 pub mod frame;
 pub mod header;
+pub mod matches;
+pub mod memfd;
 pub mod names;
 
 /// Generated protobuf types of `pbus.v1`.

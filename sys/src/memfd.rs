@@ -2,33 +2,23 @@
 //!
 //! A sealed memfd is how pbus moves large payloads without copying: the
 //! sender writes the bytes once, seals the memfd so nobody can change or
-//! resize it again, and passes the fd. The daemon only checks seals and
-//! size ([`seals`], [`file_size`]); it never maps the contents. Receivers map
-//! them read-only with [`ReadOnlyMapping`].
+//! resize it again, and passes the fd. The daemon and the client check a
+//! payload memfd with [`check_payload`] (its seals and size, against the
+//! rule in `pbus_proto::memfd`); the daemon never maps the contents.
+//! Receivers map them read-only with [`ReadOnlyMapping`].
 
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
+use pbus_proto::memfd::{check_range, check_seals, MemfdError};
+
 use crate::check;
 
-/// Seal bits (`F_SEAL_*`).
-pub mod seal {
-    /// No further seals may be added.
-    pub const SEAL: u32 = libc::F_SEAL_SEAL as u32;
-    /// The file may not shrink.
-    pub const SHRINK: u32 = libc::F_SEAL_SHRINK as u32;
-    /// The file may not grow.
-    pub const GROW: u32 = libc::F_SEAL_GROW as u32;
-    /// No writes at all, and no writable shared mappings may exist.
-    pub const WRITE: u32 = libc::F_SEAL_WRITE as u32;
-    /// No new writes, but existing writable mappings keep working (not enough
-    /// for pbus: the bytes can still change under the receiver).
-    pub const FUTURE_WRITE: u32 = 0x0010;
-    /// All the seals pbus requires on a payload memfd.
-    pub const REQUIRED: u32 = SEAL | SHRINK | GROW | WRITE;
-}
+/// Seal bits (`F_SEAL_*`), as the protocol names them; a test below
+/// checks them against libc's.
+pub use pbus_proto::memfd::seal;
 
 /// Creates a memfd that allows sealing and is close-on-exec.
 pub fn memfd_create(name: &str) -> io::Result<OwnedFd> {
@@ -70,6 +60,55 @@ pub fn file_size(fd: impl AsFd) -> io::Result<u64> {
     check(unsafe { libc::fstat(fd.as_fd().as_raw_fd(), stat.as_mut_ptr()) })?;
     // SAFETY: zero-initialised and filled in by fstat.
     Ok(unsafe { stat.assume_init() }.st_size as u64)
+}
+
+/// Why [`check_payload`] refused an fd.
+#[derive(Debug)]
+pub enum PayloadError {
+    /// The fd breaks the payload rule (`pbus_proto::memfd`).
+    Invalid(MemfdError),
+    /// `F_GET_SEALS` failed for another reason than "not sealable".
+    ReadSeals(io::Error),
+    /// fstat(2) failed.
+    ReadSize(io::Error),
+}
+
+impl std::fmt::Display for PayloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Invalid(error) => error.fmt(f),
+            Self::ReadSeals(error) => write!(f, "cannot read the memfd's seals: {error}"),
+            Self::ReadSize(error) => write!(f, "cannot read the memfd's size: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for PayloadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Invalid(error) => Some(error),
+            Self::ReadSeals(error) | Self::ReadSize(error) => Some(error),
+        }
+    }
+}
+
+/// Checks that `fd` may be a memfd payload with the range
+/// `[offset, offset + length)`: it is a memfd carrying every seal pbus
+/// requires, and the range lies inside it (see `pbus_proto::memfd`). The
+/// seals are read first and the size only if they pass; `EINVAL` from
+/// `F_GET_SEALS` means the fd cannot carry seals at all.
+pub fn check_payload(fd: impl AsFd, offset: u64, length: u64) -> Result<(), PayloadError> {
+    let fd = fd.as_fd();
+    let present = match seals(fd) {
+        Ok(present) => present,
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+            return Err(PayloadError::Invalid(MemfdError::NotMemfd))
+        }
+        Err(error) => return Err(PayloadError::ReadSeals(error)),
+    };
+    check_seals(present).map_err(PayloadError::Invalid)?;
+    let size = file_size(fd).map_err(PayloadError::ReadSize)?;
+    check_range(offset, length, size).map_err(PayloadError::Invalid)
 }
 
 /// A read-only private mapping of part of a file, unmapped on drop.
@@ -198,13 +237,67 @@ mod tests {
     }
 
     #[test]
+    fn protocol_seal_bits_are_the_kernel_ones() {
+        assert_eq!(seal::SEAL, libc::F_SEAL_SEAL as u32);
+        assert_eq!(seal::SHRINK, libc::F_SEAL_SHRINK as u32);
+        assert_eq!(seal::GROW, libc::F_SEAL_GROW as u32);
+        assert_eq!(seal::WRITE, libc::F_SEAL_WRITE as u32);
+        assert_eq!(seal::FUTURE_WRITE, libc::F_SEAL_FUTURE_WRITE as u32);
+    }
+
+    fn memfd_with(bytes: usize, seals_to_add: u32) -> OwnedFd {
+        let fd = memfd_create("test").unwrap();
+        let mut file = std::fs::File::from(fd);
+        file.write_all(&vec![1u8; bytes]).unwrap();
+        let fd = OwnedFd::from(file);
+        if seals_to_add != 0 {
+            add_seals(&fd, seals_to_add).unwrap();
+        }
+        fd
+    }
+
+    fn refusal(fd: &OwnedFd, offset: u64, length: u64) -> String {
+        check_payload(fd, offset, length).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn fully_sealed_payload_in_range_is_accepted() {
+        let fd = memfd_with(100, seal::REQUIRED);
+        check_payload(&fd, 0, 100).unwrap();
+        check_payload(&fd, 50, 50).unwrap();
+        check_payload(&fd, 100, 0).unwrap();
+    }
+
+    #[test]
+    fn each_bad_payload_has_its_own_error() {
+        let unsealed = memfd_with(100, 0);
+        assert!(refusal(&unsealed, 0, 1).contains("SEAL_SHRINK, SEAL_GROW, SEAL_WRITE, SEAL_SEAL"));
+        let partly = memfd_with(100, seal::SHRINK | seal::GROW);
+        assert!(refusal(&partly, 0, 1).contains("SEAL_WRITE, SEAL_SEAL"));
+        let future = memfd_with(
+            100,
+            seal::SHRINK | seal::GROW | seal::FUTURE_WRITE | seal::SEAL,
+        );
+        assert!(refusal(&future, 0, 1).contains("FUTURE_WRITE is not enough"));
+        let sealed = memfd_with(100, seal::REQUIRED);
+        assert!(refusal(&sealed, 0, 101).contains("exceeds its size"));
+        assert!(refusal(&sealed, u64::MAX, 2).contains("overflows"));
+        let file = OwnedFd::from(tempfile_in_tmp("payload"));
+        assert!(refusal(&file, 0, 0).contains("not a memfd"));
+        let unsealable = memfd_with(100, seal::SEAL);
+        assert!(refusal(&unsealable, 0, 1).contains("not a sealable memfd"));
+    }
+
+    #[test]
     fn regular_file_has_no_seals() {
-        let file = tempfile_in_tmp();
+        let file = tempfile_in_tmp("no-seals");
         assert_eq!(seals(&file).unwrap_err().raw_os_error(), Some(libc::EINVAL));
     }
 
-    fn tempfile_in_tmp() -> std::fs::File {
-        let path = std::env::temp_dir().join(format!("pbus-sys-test-{}", std::process::id()));
+    /// A regular file, unlinked; `name` keeps tests running in parallel
+    /// apart.
+    fn tempfile_in_tmp(name: &str) -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("pbus-sys-{name}-{}", std::process::id()));
         let file = std::fs::File::create(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         file

@@ -14,13 +14,14 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
-use pbus_proto::frame::{encode_frame, FeedError, FrameLimits, FrameReader};
+use pbus_proto::frame::{encode_frame, FrameLimits, FrameReader};
 use pbus_proto::v1::{
     AddMatchRequest, ErrorCode, ErrorInfo, Feature, Header, HeaderFlag, MatchRule, MessageKind,
     PingReply, PingRequest, ReleaseNameReply, ReleaseNameRequest, ReleaseNameResult,
     RemoveMatchRequest, RequestNameReply, RequestNameRequest, RequestNameResult, Welcome,
 };
 use pbus_proto::{BUS_NAME, BUS_PATH, PROTOCOL_VERSION};
+use pbus_sys::framed::{FramedReceiver, RecvError};
 use prost::{Message, Name};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
@@ -121,7 +122,9 @@ impl From<io::Error> for RawError {
 /// A hand-driven connection to the bus.
 pub struct RawClient {
     stream: UnixStream,
-    reader: FrameReader<OwnedFd>,
+    /// The receive the daemon and the client use (MSG_CTRUNC and split fd
+    /// sets refused, fds tied to their frames).
+    receiver: FramedReceiver,
     buffer: Vec<u8>,
     /// Decoded frames not yet handed out.
     frames: VecDeque<RawMessage>,
@@ -147,10 +150,10 @@ impl RawClient {
         let stream = UnixStream::connect(path).await?;
         Ok(Self {
             stream,
-            reader: FrameReader::new(FrameLimits {
+            receiver: FramedReceiver::new(FrameReader::new(FrameLimits {
                 max_frame_bytes: 64 << 20,
                 max_header_bytes: 1 << 20,
-            }),
+            })),
             buffer: vec![0u8; 256 << 10],
             frames: VecDeque::new(),
             inbox: VecDeque::new(),
@@ -340,29 +343,33 @@ impl RawClient {
             if self.closed {
                 return Err(RawError::Closed);
             }
-            match tokio::time::timeout_at(deadline, self.stream.readable()).await {
-                Err(_) => return Err(RawError::Timeout),
-                Ok(Err(error)) => return Err(error.into()),
-                Ok(Ok(())) => {}
-            }
-            let mut fds = Vec::new();
             let Self {
                 stream,
                 buffer,
-                reader,
+                receiver,
                 frames,
                 ..
             } = self;
-            let received = stream.try_io(Interest::READABLE, || {
-                pbus_sys::fdpass::recv_with_fds(&*stream, buffer, &mut fds)
+            let before = frames.len();
+            let received = receiver.recv_frames_from(stream, buffer, |frame| {
+                let header = Header::decode(frame.header).map_err(|e| e.to_string())?;
+                frames.push_back(RawMessage {
+                    header,
+                    body: frame.body.to_vec(),
+                    fds: frame.fds,
+                });
+                Ok::<(), String>(())
             });
-            let received = match received {
-                Ok(received) => received,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            match tokio::time::timeout_at(deadline, received).await {
+                Err(_) => return Err(RawError::Timeout),
+                Ok(Ok(_)) => {}
+                Ok(Err(RecvError::Closed)) => {
+                    self.closed = true;
+                    return Err(RawError::Closed);
+                }
                 // The daemon closed while our bytes were unread: a reset
                 // instead of EOF, after everything it sent was read.
-                Err(error)
+                Ok(Err(RecvError::Io(error)))
                     if matches!(
                         error.kind(),
                         io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
@@ -371,30 +378,13 @@ impl RawClient {
                     self.closed = true;
                     return Err(RawError::Closed);
                 }
-                Err(error) => return Err(error.into()),
-            };
-            if received.bytes == 0 {
-                self.closed = true;
-                return Err(RawError::Closed);
+                Ok(Err(RecvError::Io(error))) => return Err(error.into()),
+                Ok(Err(RecvError::Ancillary(error) | RecvError::Frame(error))) => {
+                    return Err(RawError::Frame(error.to_string()))
+                }
+                Ok(Err(RecvError::Consumer(error))) => return Err(RawError::Frame(error)),
             }
-            pbus_proto::frame::check_ancillary(received.control_truncated, received.rights_sets)
-                .map_err(|error| RawError::Frame(error.to_string()))?;
-            let before = frames.len();
-            reader
-                .feed(&buffer[..received.bytes], fds, |frame| {
-                    let header = Header::decode(frame.header).map_err(|e| e.to_string())?;
-                    frames.push_back(RawMessage {
-                        header,
-                        body: frame.body.to_vec(),
-                        fds: frame.fds,
-                    });
-                    Ok::<(), String>(())
-                })
-                .map_err(|error| match error {
-                    FeedError::Frame(error) => RawError::Frame(error.to_string()),
-                    FeedError::Consumer(error) => RawError::Frame(error),
-                })?;
-            if frames.len() > before {
+            if self.frames.len() > before {
                 return Ok(());
             }
         }

@@ -1,133 +1,21 @@
-//! Match rules and their index. A broadcast signal only looks at rules that
-//! could match it: each rule is filed under its most selective field
-//! (member, else path, else sender, else the catch-all list), so the cost of
-//! a broadcast grows with the rules that share its member, path or sender,
-//! not with unrelated rules. Plain data, no I/O.
+//! The index of every peer's match rules. A broadcast signal only looks at
+//! rules that could match it: each rule is filed under its most selective
+//! field (member, else path, else sender, else the catch-all list), so the
+//! cost of a broadcast grows with the rules that share its member, path or
+//! sender, not with unrelated rules. Plain data, no I/O.
+//!
+//! The rule itself, its validation and its test against a signal are
+//! `pbus_proto::matches`, shared with the client.
 
 use std::collections::HashMap;
 
-use pbus_proto::names::{BusName, MemberName, ObjectPath};
-use pbus_proto::v1::MatchRule;
+pub use pbus_proto::matches::{Rule, SignalView};
 
 use super::PeerId;
 
 /// Identifies a stored rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MatchId(u64);
-
-/// A validated match rule. `None` fields match anything.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
-    /// Unique or well-known name of the sender.
-    pub sender: Option<String>,
-    /// Object path, exact or (with `path_namespace`) as a prefix.
-    pub path: Option<String>,
-    /// Match `path` and everything below it.
-    pub path_namespace: bool,
-    /// Signal name.
-    pub member: Option<String>,
-    /// `(index, value)` pairs that `Header.args` must equal.
-    pub args: Vec<(u32, String)>,
-    /// Also match signals unicast to other peers.
-    pub eavesdrop: bool,
-}
-
-/// Highest argument index a rule may test.
-pub const MAX_ARG_INDEX: u32 = 63;
-
-impl Rule {
-    /// Validates a wire rule.
-    pub fn from_wire(rule: MatchRule) -> Result<Self, String> {
-        let non_empty = |s: String| if s.is_empty() { None } else { Some(s) };
-        let sender = non_empty(rule.sender);
-        if let Some(sender) = &sender {
-            BusName::try_from(sender.as_str()).map_err(|e| e.to_string())?;
-        }
-        let path = non_empty(rule.path);
-        if let Some(path) = &path {
-            ObjectPath::try_from(path.as_str()).map_err(|e| e.to_string())?;
-        }
-        if rule.path_namespace && path.is_none() {
-            return Err("path_namespace needs a path".into());
-        }
-        let member = non_empty(rule.member);
-        if let Some(member) = &member {
-            MemberName::try_from(member.as_str()).map_err(|e| e.to_string())?;
-        }
-        let mut args: Vec<(u32, String)> =
-            rule.args.into_iter().map(|a| (a.index, a.value)).collect();
-        args.sort();
-        if args.iter().any(|(index, _)| *index > MAX_ARG_INDEX) {
-            return Err(format!("argument index above {MAX_ARG_INDEX}"));
-        }
-        if args.windows(2).any(|pair| pair[0].0 == pair[1].0) {
-            return Err("argument index given twice".into());
-        }
-        Ok(Self {
-            sender,
-            path,
-            path_namespace: rule.path_namespace,
-            member,
-            args,
-            eavesdrop: rule.eavesdrop,
-        })
-    }
-
-    /// Does this rule match `signal`? `sender_owns(name)` tells whether the
-    /// signal's sender currently owns a well-known name.
-    pub fn matches(&self, signal: &SignalView<'_>, sender_owns: impl Fn(&str) -> bool) -> bool {
-        if let Some(member) = &self.member {
-            if member != signal.member {
-                return false;
-            }
-        }
-        if let Some(path) = &self.path {
-            let hit = if self.path_namespace {
-                path_in_namespace(signal.path, path)
-            } else {
-                path == signal.path
-            };
-            if !hit {
-                return false;
-            }
-        }
-        for (index, value) in &self.args {
-            if signal.args.get(*index as usize).copied() != Some(value.as_str()) {
-                return false;
-            }
-        }
-        if let Some(sender) = &self.sender {
-            if sender != signal.sender && (sender.starts_with(':') || !sender_owns(sender)) {
-                return false;
-            }
-        }
-        true
-    }
-}
-
-/// `path` equals `namespace` or lies below it.
-fn path_in_namespace(path: &str, namespace: &str) -> bool {
-    if namespace == "/" {
-        return true;
-    }
-    match path.strip_prefix(namespace) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/'),
-        None => false,
-    }
-}
-
-/// The fields of a signal that rules look at.
-#[derive(Debug, Clone, Copy)]
-pub struct SignalView<'a> {
-    /// Unique name of the sender (or the bus name for bus signals).
-    pub sender: &'a str,
-    /// Path (may be empty).
-    pub path: &'a str,
-    /// Signal name.
-    pub member: &'a str,
-    /// String arguments.
-    pub args: &'a [&'a str],
-}
 
 #[derive(Debug)]
 struct Stored {
@@ -290,7 +178,7 @@ impl MatchRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pbus_proto::v1::ArgMatch;
+    use pbus_proto::v1::{ArgMatch, MatchRule};
 
     fn rule(sender: &str, path: &str, member: &str, args: &[(u32, &str)]) -> Rule {
         Rule::from_wire(MatchRule {
@@ -321,64 +209,6 @@ mod tests {
             member,
             args,
         }
-    }
-
-    #[test]
-    fn fields_filter() {
-        let args = vec!["a", "b"];
-        let signal = view(":1.5", "/x/y", "Changed", &args);
-        let nobody = |_: &str| false;
-        assert!(rule("", "", "", &[]).matches(&signal, nobody));
-        assert!(rule(":1.5", "/x/y", "Changed", &[(1, "b")]).matches(&signal, nobody));
-        assert!(!rule(":1.6", "", "", &[]).matches(&signal, nobody));
-        assert!(!rule("", "/x", "", &[]).matches(&signal, nobody));
-        assert!(!rule("", "", "Other", &[]).matches(&signal, nobody));
-        assert!(!rule("", "", "", &[(0, "b")]).matches(&signal, nobody));
-        assert!(!rule("", "", "", &[(2, "c")]).matches(&signal, nobody));
-        // A well-known sender matches while the sender owns it.
-        assert!(rule("org.example.S", "", "", &[]).matches(&signal, |n| n == "org.example.S"));
-        assert!(!rule("org.example.S", "", "", &[]).matches(&signal, nobody));
-    }
-
-    #[test]
-    fn path_namespace() {
-        let mut r = rule("", "/a/b", "", &[]);
-        r.path_namespace = true;
-        let nobody = |_: &str| false;
-        assert!(r.matches(&view(":1.1", "/a/b", "M", &[]), nobody));
-        assert!(r.matches(&view(":1.1", "/a/b/c", "M", &[]), nobody));
-        assert!(!r.matches(&view(":1.1", "/a/bc", "M", &[]), nobody));
-        assert!(!r.matches(&view(":1.1", "/a", "M", &[]), nobody));
-    }
-
-    #[test]
-    fn invalid_rules_are_refused() {
-        let bad = |rule: MatchRule| Rule::from_wire(rule).is_err();
-        assert!(bad(MatchRule {
-            sender: "nodots".into(),
-            ..MatchRule::default()
-        }));
-        assert!(bad(MatchRule {
-            path: "no/slash".into(),
-            ..MatchRule::default()
-        }));
-        assert!(bad(MatchRule {
-            path_namespace: true,
-            ..MatchRule::default()
-        }));
-        assert!(bad(MatchRule {
-            args: vec![
-                ArgMatch {
-                    index: 1,
-                    value: "x".into()
-                },
-                ArgMatch {
-                    index: 1,
-                    value: "y".into()
-                }
-            ],
-            ..MatchRule::default()
-        }));
     }
 
     #[test]

@@ -3,9 +3,13 @@
 //! then read frames straight into the bus and flush this peer's own queue
 //! when its socket becomes writable again.
 //!
-//! Why MSG_CTRUNC disconnects: the kernel has already closed the fds that
-//! did not fit, so the frame they belonged to can never be delivered as the
-//! sender meant it, and the fd bookkeeping of the stream is lost.
+//! Reads go through `pbus_sys::framed`, the receive the client shares: it
+//! refuses MSG_CTRUNC (the kernel has already closed the fds that did not
+//! fit, so the frame they belonged to can never be delivered as the sender
+//! meant it, and the fd bookkeeping of the stream is lost) and ties fds to
+//! frames. What only the daemon checks happens between the read and the
+//! split into frames: no fd may be a connection to this bus, and the fds are
+//! charged to the sender's uid while the daemon holds them.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -20,6 +24,7 @@ use std::time::Instant;
 
 use pbus_identity::PeerIdentity;
 use pbus_proto::frame::{FeedError, Flushed, FrameError, FrameLimits, FrameReader, RawFrame};
+use pbus_sys::framed::{FramedReceiver, RecvError};
 use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::io::Interest;
 use tokio::sync::OwnedSemaphorePermit;
@@ -185,11 +190,13 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
     });
     let _registration = ConnectionRegistration::register(&shared, &io);
     let limits = &shared.config.limits;
-    let mut reader = FrameReader::new(FrameLimits {
-        max_frame_bytes: limits.max_frame_bytes,
-        max_header_bytes: limits.max_header_bytes,
-    })
-    .with_first_frame_limit(MAX_HELLO_FRAME);
+    let mut receiver = FramedReceiver::new(
+        FrameReader::new(FrameLimits {
+            max_frame_bytes: limits.max_frame_bytes,
+            max_header_bytes: limits.max_header_bytes,
+        })
+        .with_first_frame_limit(MAX_HELLO_FRAME),
+    );
     let mut state = State {
         peer: None,
         identity: Some(identity),
@@ -215,7 +222,8 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
             }
             Event::Failed(error) => break Some(Close::Io(error)),
             Event::Readable(mut ready) => {
-                if let Some(close) = read_ready(&shared, &io, &mut ready, &mut reader, &mut state) {
+                if let Some(close) = read_ready(&shared, &io, &mut ready, &mut receiver, &mut state)
+                {
                     break Some(close);
                 }
                 if state.peer.is_some() {
@@ -337,7 +345,7 @@ fn read_ready(
     shared: &Rc<Shared>,
     io: &Rc<PeerIo>,
     ready: &mut AsyncFdReadyGuard<'_, UnixStream>,
-    reader: &mut FrameReader<OwnedFd>,
+    receiver: &mut FramedReceiver,
     state: &mut State,
 ) -> Option<Close> {
     let mut bus = shared.bus.borrow_mut();
@@ -345,28 +353,23 @@ fn read_ready(
     let now = Instant::now();
     let mut total = 0usize;
     let close = loop {
-        let mut fds = Vec::new();
-        let received = pbus_sys::fdpass::recv_with_fds(io.socket.get_ref(), &mut scratch, &mut fds);
-        let received = match received {
-            Ok(received) => received,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+        // MSG_CTRUNC or two fd sets in one read cannot be tied to frames:
+        // the receive refuses both, as the client's does.
+        let chunk = match receiver.recv(io.socket.get_ref(), &mut scratch) {
+            Ok(chunk) => chunk,
+            Err(RecvError::Io(error)) if error.kind() == io::ErrorKind::WouldBlock => {
                 ready.clear_ready();
                 break None;
             }
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => break Some(Close::Io(error)),
+            Err(RecvError::Io(error)) => break Some(Close::Io(error)),
+            Err(RecvError::Closed) => break Some(Close::Eof),
+            Err(RecvError::Ancillary(error) | RecvError::Frame(error)) => {
+                break Some(frame_error(error))
+            }
+            Err(RecvError::Consumer(never)) => match never {},
         };
-        if received.bytes == 0 {
-            break Some(Close::Eof);
-        }
-        // The same check as the client's: MSG_CTRUNC or two fd sets in one
-        // read cannot be tied to frames (see pbus_proto::frame).
-        if let Err(error) =
-            pbus_proto::frame::check_ancillary(received.control_truncated, received.rights_sets)
-        {
-            break Some(frame_error(error));
-        }
-        if let Some(index) = fds
+        if let Some(index) = chunk
+            .fds()
             .iter()
             .position(|fd| is_bus_connection(fd, &shared.listener_pids))
         {
@@ -375,17 +378,16 @@ fn read_ready(
                  cannot be passed (one held in a queue could keep itself alive)"
             ))));
         }
-        if received.fds > 0 {
-            if let Err(error) = bus.claim_fds(state.uid, received.fds as u64) {
+        let fd_count = chunk.fds().len() as u64;
+        if fd_count > 0 {
+            if let Err(error) = bus.claim_fds(state.uid, fd_count) {
                 break Some(Close::Refused(error));
             }
-            state.held_fds += received.fds as u64;
+            state.held_fds += fd_count;
         }
-        total += received.bytes;
-        let drained = received.bytes < scratch.len() && received.fds == 0;
-        let fed = reader.feed(&scratch[..received.bytes], fds, |frame| {
-            on_frame(&mut bus, io, state, frame, now)
-        });
+        total += chunk.len();
+        let drained = chunk.drained();
+        let fed = receiver.feed(chunk, |frame| on_frame(&mut bus, io, state, frame, now));
         match fed {
             Ok(()) => {}
             Err(FeedError::Frame(error)) => break Some(frame_error(error)),

@@ -428,8 +428,8 @@ impl<Io> Bus<Io> {
     }
 
     fn add_match(&mut self, from: PeerId, request: AddMatchRequest) -> Result<(), BusError> {
-        let rule =
-            Rule::from_wire(request.rule.unwrap_or_default()).map_err(BusError::InvalidArgs)?;
+        let rule = Rule::from_wire(request.rule.unwrap_or_default())
+            .map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         let peer = &self.peers[&from];
         if peer.matches.len() + peer.monitor_matches.len()
             >= self.limits.max_matches_per_connection as usize
@@ -494,8 +494,8 @@ impl<Io> Bus<Io> {
     }
 
     fn remove_match(&mut self, from: PeerId, request: RemoveMatchRequest) -> Result<(), BusError> {
-        let rule =
-            Rule::from_wire(request.rule.unwrap_or_default()).map_err(BusError::InvalidArgs)?;
+        let rule = Rule::from_wire(request.rule.unwrap_or_default())
+            .map_err(|e| BusError::InvalidArgs(e.to_string()))?;
         let peer = self.peers.get_mut(&from).expect("caller exists");
         let (ids, registry) = if rule.eavesdrop {
             (&mut peer.monitor_matches, &mut self.monitors)
