@@ -15,6 +15,14 @@
 //! [`ConnectionBuilder::memfd_threshold`]); [`SealedMemfd`] and
 //! [`Outgoing::from_memfd`] send a buffer or file without copying.
 //!
+//! Inside, the protocol decisions of a connection (serials, the calls
+//! waiting for replies and their deadlines, what each frame from the bus
+//! is, the handshake's frames, outgoing limits) are a sans-I/O core in
+//! `core/`, plain data tested without sockets; `connection/` is the tokio
+//! driver around it (builder, handshake, reader and writer, calls, handler
+//! dispatch, signal emission), `signals` the subscriptions, `message` and
+//! `memfd` what travels.
+//!
 //! ```no_run
 //! use pbus::proto::v1::{PingReply, PingRequest};
 //!
@@ -35,6 +43,7 @@
 pub mod address;
 mod bus_api;
 mod connection;
+mod core;
 mod error;
 pub mod memfd;
 mod message;
