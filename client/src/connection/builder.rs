@@ -114,12 +114,14 @@ impl ConnectionBuilder {
         let hello = hello_frame(self.client_name, self.fd_passing, self.memfd_payloads);
         let Handshaken {
             welcome,
-            mut reader,
+            mut receiver,
             buffer,
             early,
         } = handshake(&stream, hello).await?;
         let limits = welcome.limits.unwrap_or_default();
-        reader.set_limits(inbound_frame_limits(&limits));
+        receiver
+            .reader_mut()
+            .set_limits(inbound_frame_limits(&limits));
         let default_timeout = self
             .default_timeout
             .unwrap_or(Duration::from_millis(u64::from(
@@ -159,7 +161,7 @@ impl ConnectionBuilder {
         tokio::spawn(write_loop(Arc::clone(&connection.inner), closed_rx.clone()));
         tokio::spawn(read_loop(
             connection.downgrade(),
-            reader,
+            receiver,
             buffer,
             early,
             closed_rx,

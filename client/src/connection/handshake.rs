@@ -7,8 +7,9 @@
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use pbus_proto::frame::{FeedError, FrameReader, OutQueue};
+use pbus_proto::frame::{FrameReader, OutQueue};
 use pbus_proto::v1::{Header, Welcome};
+use pbus_sys::framed::{FramedReceiver, RecvError};
 use prost::Message;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
@@ -24,8 +25,8 @@ pub(super) type EarlyFrame = (Header, Vec<u8>, Vec<OwnedFd>);
 pub(super) struct Handshaken {
     /// The bus's answer: unique name, bus id, features, limits.
     pub(super) welcome: Welcome,
-    /// The frame reader, holding any partial frame read after WELCOME.
-    pub(super) reader: FrameReader<OwnedFd>,
+    /// The framed receiver, holding any partial frame read after WELCOME.
+    pub(super) receiver: FramedReceiver,
     /// The read buffer, reused by the reader task.
     pub(super) buffer: Vec<u8>,
     /// Whole frames read after WELCOME, in order.
@@ -57,29 +58,13 @@ pub(super) async fn handshake(
             Err(error) => return Err(error.into()),
         }
     }
-    let mut reader = FrameReader::new(HANDSHAKE_FRAME_LIMITS);
+    let mut receiver = FramedReceiver::new(FrameReader::new(HANDSHAKE_FRAME_LIMITS));
     let mut buffer = vec![0u8; READ_BUFFER];
     let mut early: Vec<EarlyFrame> = Vec::new();
     let welcome = loop {
-        stream.readable().await?;
-        let mut fds = Vec::new();
-        let received = match stream.try_io(Interest::READABLE, || {
-            pbus_sys::fdpass::recv_with_fds(stream, &mut buffer, &mut fds)
-        }) {
-            Ok(received) => received,
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(error) => return Err(error.into()),
-        };
-        if received.bytes == 0 {
-            return Err(Error::Protocol(
-                "the bus closed the connection during the handshake".into(),
-            ));
-        }
-        pbus_proto::frame::check_ancillary(received.control_truncated, received.rights_sets)
-            .map_err(|e| Error::Protocol(e.to_string()))?;
         let mut answer: Option<Result<Welcome, Error>> = None;
-        reader
-            .feed(&buffer[..received.bytes], fds, |frame| {
+        receiver
+            .recv_frames_from(stream, &mut buffer, |frame| {
                 let header =
                     Header::decode(frame.header).map_err(|e| Error::Protocol(e.to_string()))?;
                 if answer.is_some() {
@@ -89,9 +74,15 @@ pub(super) async fn handshake(
                 answer = Some(answer_to_hello(header, frame.body));
                 Ok::<(), Error>(())
             })
+            .await
             .map_err(|e| match e {
-                FeedError::Frame(e) => Error::Protocol(e.to_string()),
-                FeedError::Consumer(e) => e,
+                RecvError::Io(e) => Error::Io(e),
+                RecvError::Closed => {
+                    Error::Protocol("the bus closed the connection during the handshake".into())
+                }
+                RecvError::Ancillary(e) => Error::Protocol(e.to_string()),
+                RecvError::Frame(e) => Error::Protocol(e.to_string()),
+                RecvError::Consumer(e) => e,
             })?;
         if let Some(answer) = answer {
             break answer?;
@@ -99,7 +90,7 @@ pub(super) async fn handshake(
     };
     Ok(Handshaken {
         welcome,
-        reader,
+        receiver,
         buffer,
         early,
     })

@@ -10,8 +10,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use pbus_proto::frame::{FeedError, Flushed, FrameReader, OutQueue};
+use pbus_proto::frame::{Flushed, OutQueue};
 use pbus_proto::v1::Header;
+use pbus_sys::framed::{FramedReceiver, RecvError};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 use tokio::time::Sleep;
@@ -180,7 +181,7 @@ fn expire_calls(inner: &Inner) {
 /// calls to handlers (each in its own task), signals to subscriptions.
 pub(super) async fn read_loop(
     weak: WeakConnection,
-    mut reader: FrameReader<OwnedFd>,
+    mut receiver: FramedReceiver,
     mut buffer: Vec<u8>,
     early: Vec<EarlyFrame>,
     mut closed: watch::Receiver<bool>,
@@ -222,56 +223,45 @@ pub(super) async fn read_loop(
             }
         };
         loop {
-            let mut fds = Vec::new();
-            let received = match pbus_sys::fdpass::recv_with_fds(
-                inner.stream.get_ref(),
-                &mut buffer,
-                &mut fds,
-            ) {
-                Ok(received) => received,
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                    ready.clear_ready();
-                    break;
-                }
-                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(error) => {
-                    tracing::debug!(%error, "socket error");
-                    break 'outer ConnectionEnd::Closed;
-                }
-            };
-            // A short read that brought no fds emptied the socket: wait for
-            // the next readiness instead of a recvmsg that says EAGAIN.
-            let drained = received.bytes < buffer.len() && received.fds == 0;
-            if received.bytes == 0 {
-                tracing::debug!("the bus closed the connection");
-                break 'outer ConnectionEnd::Closed;
-            }
-            if let Err(error) =
-                pbus_proto::frame::check_ancillary(received.control_truncated, received.rights_sets)
-            {
-                break 'outer ConnectionEnd::Violation(format!(
-                    "protocol violation by the bus: {error}"
-                ));
-            }
-            let fed = reader.feed(&buffer[..received.bytes], fds, |frame| {
+            let fed = receiver.recv_frames(inner.stream.get_ref(), &mut buffer, |frame| {
                 let inbound = Inbound::from_wire(frame.header)?;
                 handle_frame(&weak, inbound, frame.body, frame.fds);
                 Ok::<(), MalformedHeader>(())
             });
             match fed {
-                Ok(()) => {}
-                Err(FeedError::Frame(error)) => {
+                // A short read that brought no fds emptied the socket: wait
+                // for the next readiness instead of a recvmsg that says
+                // EAGAIN.
+                Ok(fed) if fed.drained => {
+                    ready.clear_ready();
+                    break;
+                }
+                Ok(_) => {}
+                Err(RecvError::Io(error)) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    ready.clear_ready();
+                    break;
+                }
+                Err(RecvError::Io(error)) => {
+                    tracing::debug!(%error, "socket error");
+                    break 'outer ConnectionEnd::Closed;
+                }
+                Err(RecvError::Closed) => {
+                    tracing::debug!("the bus closed the connection");
+                    break 'outer ConnectionEnd::Closed;
+                }
+                Err(RecvError::Ancillary(error)) => {
+                    break 'outer ConnectionEnd::Violation(format!(
+                        "protocol violation by the bus: {error}"
+                    ))
+                }
+                Err(RecvError::Frame(error)) => {
                     break 'outer ConnectionEnd::Violation(format!(
                         "bad frame from the bus: {error}"
                     ))
                 }
-                Err(FeedError::Consumer(malformed)) => {
+                Err(RecvError::Consumer(malformed)) => {
                     break 'outer ConnectionEnd::Violation(malformed.to_string())
                 }
-            }
-            if drained {
-                ready.clear_ready();
-                break;
             }
         }
     };
