@@ -11,7 +11,7 @@ use serde::Deserialize;
 pub const HARD_MAX_FDS_PER_MESSAGE: u32 = 253;
 
 /// The whole daemon configuration.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Socket paths to listen on. Empty means the default path.
@@ -19,8 +19,55 @@ pub struct Config {
     /// Policy file or directory of `*.toml` files; none means the built-in
     /// default policy. Re-read on SIGHUP and `ReloadPolicy`.
     pub policy: Option<PathBuf>,
+    /// Whose namespaces are the host's: `host` (pbusd's own, the default)
+    /// or `broker` (pid 1 of the initial pid namespace). `--broker`
+    /// overrides.
+    pub mode: Mode,
+    /// The Docker Engine API socket, asked to confirm container ids that a
+    /// cgroup path only suggests (`--cgroup-parent`, `/../<id>`). Empty:
+    /// ask nobody, such peers stay `unknown`.
+    pub docker_socket: PathBuf,
     /// Resource limits.
     pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            policy: None,
+            mode: Mode::default(),
+            docker_socket: PathBuf::from(DEFAULT_DOCKER_SOCKET),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The Docker Engine's API socket, where it listens by default.
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
+/// How pbusd decides which namespaces are the host's.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// pbusd's own namespaces are the host's.
+    #[default]
+    Host,
+    /// pbusd serves containers from the host's pid namespace (on the host
+    /// or as a sidecar): the host's namespaces are those of pid 1 of the
+    /// initial pid namespace, and pbusd refuses to start where it cannot
+    /// read them.
+    Broker,
+}
+
+impl Mode {
+    /// The configuration value (`host`, `broker`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::Broker => "broker",
+        }
+    }
 }
 
 /// Every bound on what a client can make the daemon hold or do.
@@ -345,6 +392,18 @@ mod tests {
     }
 
     #[test]
+    fn mode_and_docker_socket() {
+        let config = Config::default();
+        assert_eq!(config.mode, Mode::Host);
+        assert_eq!(config.docker_socket, Path::new(DEFAULT_DOCKER_SOCKET));
+        let config: Config = toml::from_str("mode = \"broker\"\ndocker_socket = \"\"\n").unwrap();
+        assert_eq!(config.mode, Mode::Broker);
+        assert_eq!(config.mode.as_str(), "broker");
+        assert_eq!(config.docker_socket, Path::new(""));
+        assert!(toml::from_str::<Config>("mode = \"sidecar\"\n").is_err());
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_errors() {
         assert!(toml::from_str::<Config>("[limits]\nmax_fd_per_message = 8\n").is_err());
         let config: Config = toml::from_str("[limits]\nmax_fds_per_message = 300\n").unwrap();
@@ -386,6 +445,12 @@ mod documented_defaults {
         assert_eq!(config, Config::default());
         let text = std::fs::read_to_string(&path).unwrap();
         let documented: toml::Table = toml::from_str(&text).unwrap();
+        for key in ["listen", "mode", "docker_socket"] {
+            assert!(
+                documented.contains_key(key),
+                "docs/pbusd.toml does not document {key}"
+            );
+        }
         let limits = documented["limits"].as_table().unwrap();
         let defaults = toml::Table::try_from(Limits::default()).unwrap();
         for key in defaults.keys() {

@@ -1,5 +1,6 @@
 //! `pbusd`: the pbus daemon binary. Parses the command line, sets up
-//! logging, raises the fd limit, binds the listening sockets and runs the
+//! logging, raises the fd limit, decides the host reference (`--broker`),
+//! binds the listening sockets and runs the
 //! server on a single-threaded tokio runtime until SIGTERM or SIGINT.
 #![forbid(unsafe_code)]
 
@@ -27,6 +28,12 @@ struct Args {
     /// Print the bus address (`unix:path=...`) on stdout once listening.
     #[arg(long)]
     print_address: bool,
+    /// Run as a broker (`mode = "broker"`): take the host's namespaces
+    /// from pid 1 of the initial pid namespace, not from pbusd's own, and
+    /// refuse to start where they cannot be read (needs the host's pid and
+    /// cgroup namespaces and CAP_SYS_PTRACE).
+    #[arg(long)]
+    broker: bool,
 }
 
 fn main() -> ExitCode {
@@ -57,6 +64,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.policy.is_some() {
         config.policy = args.policy.clone();
+    }
+    if args.broker {
+        config.mode = pbusd::config::Mode::Broker;
     }
     // Root may go up to the kernel's per-process maximum; others to their
     // hard limit.

@@ -45,6 +45,31 @@ pub fn runtime_of(runtime: i32) -> pbus_identity::ContainerRuntime {
     }
 }
 
+/// How the daemon runs, as `pbusctl status` names it: the mode (`host`,
+/// `broker`), the host reference's short name (`own-namespaces`,
+/// `init-process`) and its description. A daemon too old to say reads as
+/// `unknown`.
+pub fn bus_mode_of(identity: &PeerIdentity) -> (&'static str, &'static str, &'static str) {
+    use pbus_proto::v1::{BusMode, HostReference};
+    let mode = match BusMode::try_from(identity.bus_mode) {
+        Ok(BusMode::Host) => "host",
+        Ok(BusMode::Broker) => "broker",
+        _ => "unknown",
+    };
+    let (reference, description) = match HostReference::try_from(identity.host_reference) {
+        Ok(HostReference::OwnNamespaces) => (
+            "own-namespaces",
+            pbus_identity::HostReference::Own.describe(),
+        ),
+        Ok(HostReference::InitProcess) => (
+            "init-process",
+            pbus_identity::HostReference::InitProcess.describe(),
+        ),
+        _ => ("unknown", "not reported by this pbusd"),
+    };
+    (mode, reference, description)
+}
+
 /// "3m 12s"-style durations.
 pub fn human_duration(duration: Duration) -> String {
     let secs = duration.as_secs();
@@ -87,6 +112,8 @@ pub fn identity_json(identity: &PeerIdentity) -> Value {
         "owned_names": identity.owned_names,
         "connected_at_unix": identity.connected_at_unix,
         "features": identity.features,
+        "bus_mode": bus_mode_of(identity).0,
+        "host_reference": bus_mode_of(identity).1,
     })
 }
 
@@ -161,6 +188,10 @@ pub fn print_identity(identity: &PeerIdentity) {
         ("Listener", identity.listener.clone()),
         ("Owns", names),
         ("Connected", format!("{} ago", human_duration(age))),
+        ("Bus mode", {
+            let (mode, _, reference) = bus_mode_of(identity);
+            format!("{mode} (host reference: {reference})")
+        }),
     ];
     for (label, value) in fields {
         println!("{:<12} {value}", format!("{label}:"));
@@ -399,6 +430,37 @@ mod tests {
         assert_eq!(value["label"], "system_u:system_r:app_t");
         assert_eq!(value["container"]["runtime"], "host");
         assert!(value["container"]["pod_uid"].is_null());
+    }
+
+    #[test]
+    fn bus_mode_and_host_reference_are_named() {
+        use pbus_proto::v1::{BusMode, HostReference};
+        let broker = PeerIdentity {
+            bus_mode: BusMode::Broker as i32,
+            host_reference: HostReference::InitProcess as i32,
+            ..PeerIdentity::default()
+        };
+        assert_eq!(
+            bus_mode_of(&broker),
+            (
+                "broker",
+                "init-process",
+                "pid 1 of the initial pid namespace"
+            )
+        );
+        let value = identity_json(&broker);
+        assert_eq!(value["bus_mode"], "broker");
+        assert_eq!(value["host_reference"], "init-process");
+        let host = PeerIdentity {
+            bus_mode: BusMode::Host as i32,
+            host_reference: HostReference::OwnNamespaces as i32,
+            ..PeerIdentity::default()
+        };
+        assert_eq!(
+            bus_mode_of(&host),
+            ("host", "own-namespaces", "pbusd's own namespaces")
+        );
+        assert_eq!(bus_mode_of(&PeerIdentity::default()).0, "unknown");
     }
 
     #[test]

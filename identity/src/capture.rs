@@ -5,31 +5,39 @@
 //! from `/proc` ([`crate::procfs`]), interprets them with
 //! [`identify_from_parts`] (pure), and confirms last, through the pidfd,
 //! that the pid still names the process that connected. [`HostContext`]
-//! holds the daemon's own namespaces and cgroup mounts to compare against.
+//! holds the host's namespaces (see [`crate::host`] for whose) and the
+//! cgroup mounts to compare against. A cgroup path that only suggests a
+//! container leaves a candidate id in the identity for the caller to
+//! confirm with the runtime ([`crate::confirm`]).
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
 use crate::cgroup::classify;
+use crate::host::HostReference;
 use crate::model::{Namespaces, PeerIdentity};
 use crate::mounts::CgroupMounts;
 use crate::pidns::align_pid_namespaces;
 use crate::procfs::{confirm_pidfd_names, read_namespaces, read_proc_facts, ProcError, ProcFacts};
 
-/// Facts about the daemon's own environment that identity capture compares
-/// peers against. Built once at daemon start.
+/// Facts about the host that identity capture compares peers against.
+/// Built once at daemon start, from the daemon's own namespaces
+/// ([`detect`](Self::detect)) or, in broker mode, from the initial pid
+/// namespace's init ([`from_init_process`](Self::from_init_process)).
 #[derive(Debug, Clone, Default)]
 pub struct HostContext {
-    /// The daemon's own namespaces: a peer in any other is not the host.
+    /// The host's namespaces: a peer in any other is not the host.
     pub namespaces: Namespaces,
     /// Where the cgroup hierarchies are mounted.
     pub cgroup_mounts: CgroupMounts,
+    /// Whose namespaces `namespaces` are.
+    pub reference: HostReference,
 }
 
 impl HostContext {
     /// Reads the daemon's own context from `/proc/self/ns/*` and
-    /// `/proc/self/mountinfo`.
+    /// `/proc/self/mountinfo` ([`HostReference::Own`]).
     pub fn detect() -> io::Result<Self> {
         let namespaces = read_namespaces(std::process::id(), Path::new("/proc/self"))
             .map_err(io::Error::other)?;
@@ -42,16 +50,18 @@ impl HostContext {
     }
 
     /// A context from known parts (tests, or a daemon that already read
-    /// them).
+    /// them), with [`HostReference::Own`].
     pub fn new(namespaces: Namespaces, cgroup_mounts: CgroupMounts) -> Self {
         Self {
             namespaces,
             cgroup_mounts,
+            reference: HostReference::Own,
         }
     }
 
     /// The daemon's own pid namespace inode: where pid namespace chains
-    /// start.
+    /// start. (With [`HostReference::InitProcess`] the daemon is in the
+    /// initial pid namespace, which is also the host's.)
     pub fn pid_namespace(&self) -> u64 {
         self.namespaces.pid
     }
@@ -140,7 +150,7 @@ pub fn identify_from_parts(
             "pid namespace chain does not line up with NSpid; keeping the provable ends"
         );
     }
-    let container = classify(&facts.cgroups, &facts.namespaces, &host.namespaces);
+    let classification = classify(&facts.cgroups, &facts.namespaces, &host.namespaces);
     Ok(PeerIdentity {
         uid: socket.uid,
         gid: socket.gid,
@@ -151,7 +161,8 @@ pub fn identify_from_parts(
         pid_namespace_chain: pids.pid_namespace_chain,
         nspids: pids.nspids,
         cgroup: facts.cgroups.primary_path(),
-        container,
+        container: classification.container,
+        container_candidate: classification.candidate,
         listener: listener.to_owned(),
     })
 }
@@ -308,6 +319,7 @@ mod tests {
                 nspids: vec![31337],
                 cgroup: "/user.slice/user-0.slice/session-3.scope".into(),
                 container: Container::default(),
+                container_candidate: None,
                 listener: "/run/pbus/system".into(),
             }
         );

@@ -31,6 +31,16 @@
 //! (CRI-O prefixes `crio-`, the retired dockershim is the only other user).
 //! A process in a pod's cgroup but in no container below it is reported as
 //! [`ContainerRuntime::Unknown`] with the pod UID.
+//!
+//! **Candidates.** A bare 64-hex component under any other parent is a
+//! *candidate* container id, never a container by itself
+//! ([`candidate_from_path`]): Docker's `--cgroup-parent` with the cgroupfs
+//! driver puts a container at `/PARENT/<id>`, and a cgroup namespace shows
+//! a sibling container as `/../<id>`, but anyone who may create cgroups can
+//! name a directory with 64 hex digits. [`classify`] reports a candidate as
+//! [`ContainerRuntime::Unknown`] (never the host) and hands its id back in
+//! [`Classification::candidate`]; only a runtime that confirms the id
+//! ([`crate::confirm`]) makes it a container of that runtime.
 
 use crate::model::{Container, ContainerRuntime, Namespaces};
 
@@ -247,6 +257,34 @@ fn recognise_component(
     }
 }
 
+/// The candidate container id in `path`: the deepest bare 64-hex
+/// component, when [`container_from_path`] recognises nothing in the path.
+/// `/PARENT/<id>` (Docker's `--cgroup-parent`, cgroupfs driver),
+/// `/../<id>` (a sibling seen through a cgroup namespace), `/<id>`, and
+/// such a directory with sub-cgroups below it (`/PARENT/<id>/init`) all
+/// qualify. `None` for a path a runtime layout explains.
+pub fn candidate_from_path(path: &str) -> Option<String> {
+    if container_from_path(path).is_some() {
+        return None;
+    }
+    path.split('/')
+        .rfind(|component| is_container_id(component))
+        .map(str::to_owned)
+}
+
+/// The candidate of the first path (in
+/// [`CgroupMembership::paths_by_preference`] order) that has one, if no
+/// path of `membership` reveals a container.
+pub fn candidate_from_membership(membership: &CgroupMembership) -> Option<String> {
+    if container_from_membership(membership).is_some() {
+        return None;
+    }
+    membership
+        .paths_by_preference()
+        .into_iter()
+        .find_map(candidate_from_path)
+}
+
 /// The pod UID (dashed) of a Kubernetes pod cgroup component:
 /// `pod<uid>` (cgroupfs) or `<prefix>-pod<uid_with_underscores>.slice`
 /// (systemd).
@@ -322,20 +360,47 @@ pub fn is_namespaced(peer: &Namespaces, host: &Namespaces) -> bool {
     pairs.iter().any(|&(peer, host)| host != 0 && peer != host)
 }
 
+/// What [`classify`] concluded about a peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Classification {
+    /// The container, as far as the cgroups and namespaces prove it.
+    pub container: Container,
+    /// A container id the cgroup path suggests but no runtime layout
+    /// explains ([`candidate_from_path`]); `container` is then
+    /// [`ContainerRuntime::Unknown`] until a runtime confirms it.
+    pub candidate: Option<String>,
+}
+
 /// The container a peer is in: what its cgroups reveal, else
-/// [`ContainerRuntime::Unknown`] when its namespaces differ from the host's
-/// ([`is_namespaced`]), else the host.
-pub fn classify(membership: &CgroupMembership, peer: &Namespaces, host: &Namespaces) -> Container {
+/// [`ContainerRuntime::Unknown`] when they hold a candidate id or its
+/// namespaces differ from the host's ([`is_namespaced`]), else the host.
+///
+/// A candidate is unknown even in the host's namespaces: a cgroup named
+/// like a container is not proof of the host either.
+pub fn classify(
+    membership: &CgroupMembership,
+    peer: &Namespaces,
+    host: &Namespaces,
+) -> Classification {
     if let Some(container) = container_from_membership(membership) {
-        return container;
-    }
-    if is_namespaced(peer, host) {
-        return Container {
-            runtime: ContainerRuntime::Unknown,
-            ..Container::default()
+        return Classification {
+            container,
+            candidate: None,
         };
     }
-    Container::default()
+    let candidate = candidate_from_membership(membership);
+    let container = if candidate.is_some() || is_namespaced(peer, host) {
+        Container {
+            runtime: ContainerRuntime::Unknown,
+            ..Container::default()
+        }
+    } else {
+        Container::default()
+    };
+    Classification {
+        container,
+        candidate,
+    }
 }
 
 #[cfg(test)]
@@ -508,6 +573,77 @@ mod tests {
     }
 
     #[test]
+    fn bare_ids_are_candidates_never_containers() {
+        let cases: Vec<(String, Option<&str>)> = vec![
+            // Docker --cgroup-parent, cgroupfs driver.
+            (format!("/pbus-parent/{DOCKER_ID}"), Some(DOCKER_ID)),
+            (format!("/a/b/{DOCKER_ID}"), Some(DOCKER_ID)),
+            (format!("/{DOCKER_ID}"), Some(DOCKER_ID)),
+            // A sibling container seen through a cgroup namespace.
+            (format!("/../{DOCKER_ID}"), Some(DOCKER_ID)),
+            (format!("/../../parent/{DOCKER_ID}"), Some(DOCKER_ID)),
+            // Sub-cgroups below the container's directory.
+            (format!("/pbus-parent/{DOCKER_ID}/init"), Some(DOCKER_ID)),
+            // The deepest id wins.
+            (format!("/{CTR_ID}/{DOCKER_ID}"), Some(DOCKER_ID)),
+            // Known layouts are containers, not candidates.
+            (format!("/docker/{DOCKER_ID}"), None),
+            (
+                format!("/../../system.slice/docker-{DOCKER_ID}.scope"),
+                None,
+            ),
+            (format!("/kubepods/burstable/pod{POD_UID}/{CTR_ID}"), None),
+            // No 64-hex component, or a look-alike.
+            ("/".into(), None),
+            ("/..".into(), None),
+            (
+                "/../../user.slice/user-0.slice/session-3.scope".into(),
+                None,
+            ),
+            (format!("/p/{}", &DOCKER_ID[..63]), None),
+            (format!("/p/{}", DOCKER_ID.to_uppercase()), None),
+            (format!("/p/{DOCKER_ID}0"), None),
+        ];
+        for (path, expected) in cases {
+            assert_eq!(
+                candidate_from_path(&path).as_deref(),
+                expected,
+                "path {path:?}"
+            );
+            if expected.is_some() {
+                assert_eq!(container_from_path(&path), None, "path {path:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_candidate_is_unknown_even_in_host_namespaces() {
+        let host = host_namespaces();
+        let membership = parse_proc_cgroup(&format!("0::/pbus-parent/{DOCKER_ID}\n"));
+        let classification = classify(&membership, &host, &host);
+        assert_eq!(classification.container.runtime, Unknown);
+        assert_eq!(classification.container.id, "");
+        assert_eq!(classification.candidate.as_deref(), Some(DOCKER_ID));
+        // A v1-only runtime on a hybrid host: the candidate is in name=systemd.
+        let hybrid = parse_proc_cgroup(&format!(
+            "4:memory:/pbus-parent/{DOCKER_ID}\n1:name=systemd:/pbus-parent/{DOCKER_ID}\n0::/\n"
+        ));
+        assert_eq!(
+            candidate_from_membership(&hybrid).as_deref(),
+            Some(DOCKER_ID)
+        );
+        // A recognised container anywhere wins over a candidate.
+        let both = parse_proc_cgroup(&format!(
+            "1:name=systemd:/p/{CTR_ID}\n0::/docker/{DOCKER_ID}\n"
+        ));
+        assert_eq!(candidate_from_membership(&both), None);
+        assert_eq!(
+            classify(&both, &host, &host).container,
+            container(Docker, DOCKER_ID, None).unwrap()
+        );
+    }
+
+    #[test]
     fn parses_v1_v2_and_hybrid_proc_cgroup() {
         let text = format!(
             "12:pids:/docker/{DOCKER_ID}\n\
@@ -663,9 +799,12 @@ mod tests {
         let mut netns_only = host;
         netns_only.net = 4026532300;
         let on_host = parse_proc_cgroup("0::/user.slice/user-0.slice/session-3.scope\n");
-        assert_eq!(classify(&on_host, &host, &host), Container::default());
         assert_eq!(
-            classify(&on_host, &netns_only, &host),
+            classify(&on_host, &host, &host).container,
+            Container::default()
+        );
+        assert_eq!(
+            classify(&on_host, &netns_only, &host).container,
             Container {
                 runtime: Unknown,
                 id: String::new(),
@@ -675,11 +814,11 @@ mod tests {
         let in_docker = parse_proc_cgroup(&format!("0::/docker/{DOCKER_ID}\n"));
         // The cgroup is enough even when the namespaces are shared.
         assert_eq!(
-            classify(&in_docker, &host, &host),
+            classify(&in_docker, &host, &host).container,
             container(Docker, DOCKER_ID, None).unwrap()
         );
         assert_eq!(
-            classify(&in_docker, &netns_only, &host),
+            classify(&in_docker, &netns_only, &host).container,
             container(Docker, DOCKER_ID, None).unwrap()
         );
     }

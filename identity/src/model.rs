@@ -173,6 +173,12 @@ pub struct PeerIdentity {
     pub cgroup: String,
     /// The container, derived from cgroup and namespaces.
     pub container: Container,
+    /// A container id the cgroup path suggests but no runtime layout
+    /// explains (see [`crate::cgroup::candidate_from_path`]); `container`
+    /// stays [`ContainerRuntime::Unknown`] until a runtime confirms it
+    /// ([`crate::confirm`]), which also clears this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_candidate: Option<String>,
     /// Path of the listening socket the peer connected through.
     pub listener: String,
 }

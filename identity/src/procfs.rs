@@ -144,12 +144,41 @@ const NAMESPACE_FILES: [&str; 7] = ["pid", "mnt", "net", "user", "ipc", "uts", "
 /// user's or a non-dumpable process) or that the kernel does not show
 /// (`ENOENT` while the process is still there) is recorded as 0.
 pub fn read_namespaces(pid: u32, dir: &Path) -> Result<Namespaces, ProcError> {
+    read_namespaces_with(pid, dir, Unreadable::RecordZero)
+}
+
+/// Reads every namespace inode under `dir`, failing with
+/// [`ProcError::Read`] (errno kept) on the first one the reader may not
+/// inspect: for the host reference, where a 0 would silently make every
+/// peer "not the host".
+pub fn read_all_namespaces(pid: u32, dir: &Path) -> Result<Namespaces, ProcError> {
+    read_namespaces_with(pid, dir, Unreadable::Fail)
+}
+
+/// What [`read_namespaces_with`] does with a namespace it may not inspect.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unreadable {
+    RecordZero,
+    Fail,
+}
+
+fn read_namespaces_with(
+    pid: u32,
+    dir: &Path,
+    unreadable: Unreadable,
+) -> Result<Namespaces, ProcError> {
     let mut inodes = [0u64; NAMESPACE_FILES.len()];
     for (inode, name) in inodes.iter_mut().zip(NAMESPACE_FILES) {
         let path = dir.join("ns").join(name);
         match std::fs::metadata(&path) {
             Ok(metadata) => *inode = metadata.ino(),
             Err(error) => match error.raw_os_error() {
+                Some(libc::EACCES | libc::EPERM) if unreadable == Unreadable::Fail => {
+                    return Err(ProcError::Read {
+                        path,
+                        source: error,
+                    });
+                }
                 Some(libc::EACCES | libc::EPERM) => {
                     tracing::debug!(pid, namespace = name, %error, "namespace not inspectable");
                 }
@@ -170,6 +199,34 @@ pub fn read_namespaces(pid: u32, dir: &Path) -> Result<Namespaces, ProcError> {
         uts,
         cgroup,
     })
+}
+
+/// Reads and parses `/proc/PID/cgroup`.
+pub fn read_cgroups(pid: u32) -> Result<CgroupMembership, ProcError> {
+    Ok(parse_proc_cgroup(&read_proc_file(
+        pid,
+        &proc_dir(pid).join("cgroup"),
+    )?))
+}
+
+/// The capability sets of the calling process, from the `CapEff:` line
+/// of `/proc/self/status` (a bit mask, bit N = capability N).
+pub fn own_effective_capabilities() -> io::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    parse_effective_capabilities(&status).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "/proc/self/status has no CapEff: line",
+        )
+    })
+}
+
+/// The `CapEff:` mask of a `/proc/PID/status` text.
+pub fn parse_effective_capabilities(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
 }
 
 /// Confirms that `pidfd` still names a live process whose pid (in the
@@ -258,6 +315,25 @@ mod tests {
         let old_kernel = parse_status("Name:\tx\nState:\tR (running)\n");
         assert!(old_kernel.nspids.is_empty());
         assert_eq!(parse_status(""), ProcStatus::default());
+    }
+
+    #[test]
+    fn parses_effective_capabilities() {
+        let status = "Name:\tx\nCapPrm:\t000001ffffffffff\nCapEff:\t000001fffeffffff\n";
+        assert_eq!(parse_effective_capabilities(status), Some(0x01ff_feff_ffff));
+        assert_eq!(parse_effective_capabilities("Name:\tx\n"), None);
+        assert!(own_effective_capabilities().is_ok());
+    }
+
+    #[test]
+    fn strict_namespace_reading_reports_what_plain_reading_zeroes() {
+        // Our own namespaces are always readable, both ways alike.
+        let own = Path::new("/proc/self");
+        let pid = std::process::id();
+        assert_eq!(
+            read_all_namespaces(pid, own).unwrap(),
+            read_namespaces(pid, own).unwrap()
+        );
     }
 
     #[test]

@@ -150,6 +150,9 @@ pub struct Bus<Io> {
     next_sweep: Instant,
     /// The daemon's own pid namespace inode: peers there see its pid.
     own_pid_namespace: u64,
+    /// How the daemon runs and whose namespaces are the host's: reported
+    /// with every identity (`GetPeerIdentity`).
+    host_facts: (crate::config::Mode, pbus_identity::HostReference),
     /// Bytes queued for all receivers, shared fairly among sender uids.
     global_bytes: FairPool,
     /// Fds the daemon holds (sockets and queued fds), shared fairly among uids.
@@ -171,6 +174,10 @@ pub struct DaemonFacts {
     pub pid: u32,
     /// The inode of the daemon's pid namespace: peers there see its pid.
     pub pid_namespace: u64,
+    /// How the daemon runs (reported with identities).
+    pub mode: crate::config::Mode,
+    /// Whose namespaces are the host's (reported with identities).
+    pub host_reference: pbus_identity::HostReference,
 }
 
 /// How many fds peers may make the daemon hold, and have in flight to
@@ -213,6 +220,8 @@ impl<Io> Bus<Io> {
             uid,
             pid,
             pid_namespace: own_pid_namespace,
+            mode,
+            host_reference,
         } = daemon;
         let FdBudgets {
             held: fd_budget,
@@ -250,6 +259,7 @@ impl<Io> Bus<Io> {
             next_sweep: now + Duration::from_millis(limits.pending_fd_timeout_ms / 4),
             fd_probe,
             own_pid_namespace,
+            host_facts: (mode, host_reference),
             // The daemon's own uid (root on a system bus, the user on a
             // session bus) owns these pools: like a receiver on its own
             // queue, it is held only to the total.

@@ -28,6 +28,8 @@ fn daemon_facts() -> DaemonFacts {
         uid: 0,
         pid: 1,
         pid_namespace: HOST_NS,
+        mode: crate::config::Mode::Host,
+        host_reference: pbus_identity::HostReference::Own,
     }
 }
 

@@ -69,6 +69,16 @@ impl<Io> Bus<Io> {
             } else {
                 0
             },
+            bus_mode: match self.host_facts.0 {
+                crate::config::Mode::Host => pbus_proto::v1::BusMode::Host,
+                crate::config::Mode::Broker => pbus_proto::v1::BusMode::Broker,
+            } as i32,
+            host_reference: match self.host_facts.1 {
+                pbus_identity::HostReference::Own => pbus_proto::v1::HostReference::OwnNamespaces,
+                pbus_identity::HostReference::InitProcess => {
+                    pbus_proto::v1::HostReference::InitProcess
+                }
+            } as i32,
         }
     }
 }

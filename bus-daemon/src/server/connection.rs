@@ -175,6 +175,9 @@ pub(super) async fn serve(shared: Rc<Shared>, stream: UnixStream, listener: Rc<s
             return;
         }
     };
+    // Boxed: only peers with a candidate container id wait here, and the
+    // task should not carry the lookup's state for its whole life.
+    let identity = Box::pin(super::runtime::confirm_container(&shared, identity)).await;
     let socket =
         match pbus_sys::reactor::register_owned(stream, Interest::READABLE | Interest::WRITABLE) {
             Ok(socket) => socket,

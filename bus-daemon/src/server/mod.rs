@@ -14,6 +14,7 @@
 
 mod connection;
 pub mod listener;
+mod runtime;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -34,7 +35,7 @@ use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 use crate::bus::services::{Job, JobDone, JobId, JobOutput};
 use crate::bus::{Action, Bus, DaemonFacts, FdBudgets};
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::memfd::SystemFdProbe;
 use listener::BoundSocket;
 
@@ -93,6 +94,9 @@ struct Shared {
     /// next await, so no connection needs a buffer of its own while idle.
     scratch: RefCell<Vec<u8>>,
     host: HostContext,
+    /// Asked to confirm candidate container ids; `None` when
+    /// `docker_socket` is empty.
+    containers: Option<runtime::DockerLookup>,
     config: Config,
     handshake_slots: Arc<Semaphore>,
     /// Incomplete handshakes per uid.
@@ -123,12 +127,33 @@ pub struct Server {
     sockets: Vec<BoundSocket>,
     config: Config,
     policy: PolicyLayers,
+    host: HostContext,
+}
+
+/// Decides, once, which namespaces are the host's (see
+/// [`pbus_identity::host`]): pbusd's own, or in broker mode those of pid 1
+/// of the initial pid namespace. A broker that cannot read them refuses to
+/// start, saying what to change.
+pub fn host_context(mode: Mode) -> anyhow::Result<HostContext> {
+    let host = match mode {
+        Mode::Host => HostContext::detect()?,
+        Mode::Broker => HostContext::from_init_process()
+            .map_err(|error| anyhow::anyhow!("cannot run as a broker: {error}"))?,
+    };
+    tracing::info!(
+        mode = mode.as_str(),
+        host_reference = host.reference.describe(),
+        "host reference"
+    );
+    Ok(host)
 }
 
 impl Server {
-    /// Binds every listen path of `config` (or the default path); peers get
-    /// snapshots of `policy`.
+    /// Decides the host reference for `config.mode` ([`host_context`]),
+    /// then binds every listen path of `config` (or the default path);
+    /// peers get snapshots of `policy`.
     pub fn bind(config: Config, policy: PolicyLayers) -> anyhow::Result<Self> {
+        let host = host_context(config.mode)?;
         let paths: Vec<PathBuf> = if config.listen.is_empty() {
             vec![listener::default_socket_path()?]
         } else {
@@ -145,6 +170,7 @@ impl Server {
             sockets,
             config,
             policy,
+            host,
         })
     }
 
@@ -156,7 +182,9 @@ impl Server {
     /// Serves until `shutdown` resolves, then closes every connection and
     /// removes the socket files. Must run inside a `LocalSet`.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-        let host = HostContext::detect()?;
+        let host = self.host;
+        let containers = (!self.config.docker_socket.as_os_str().is_empty())
+            .then(|| runtime::DockerLookup::new(self.config.docker_socket.clone()));
         let (stop_tx, stop_rx) = watch::channel(false);
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
         let bus_id = random_bus_id();
@@ -170,6 +198,8 @@ impl Server {
                 uid: pbus_sys::process::effective_uid(),
                 pid: std::process::id(),
                 pid_namespace: host.pid_namespace(),
+                mode: self.config.mode,
+                host_reference: host.reference,
             },
             FdBudgets {
                 held: fd_budget,
@@ -191,6 +221,7 @@ impl Server {
             bus: RefCell::new(bus),
             scratch: RefCell::new(vec![0u8; SCRATCH_LEN]),
             host,
+            containers,
             handshake_slots: Arc::new(Semaphore::new(
                 self.config.limits.max_incomplete_handshakes as usize,
             )),
@@ -500,6 +531,8 @@ mod memory_tests {
                     uid: 0,
                     pid: 1,
                     pid_namespace: 0,
+                    mode: crate::config::Mode::Host,
+                    host_reference: pbus_identity::HostReference::Own,
                 },
                 FdBudgets {
                     held: 1024,
@@ -510,6 +543,7 @@ mod memory_tests {
             )),
             scratch: RefCell::new(Vec::new()),
             host: HostContext::default(),
+            containers: None,
             config: Config::default(),
             handshake_slots: Arc::new(Semaphore::new(1)),
             handshakes_per_uid: RefCell::new(HashMap::new()),
